@@ -1,0 +1,244 @@
+"""``SegmentBank``: a memory-mapped, lazily opened segment store exposed as a torch ``Dataset``."""
+
+from __future__ import annotations
+
+import json
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .format import FLAG_NAMES, FLAG_UNKNOWN, INDEX_DTYPE, BankFormatError, check_files, decode_segment, read_meta
+
+SAMPLING_MODES = ("uniform", "category_balanced", "repeat_factor")
+
+
+@dataclass
+class Segment:
+    """One object segment: ``rgba`` is a (4, h, w) uint8 tensor whose alpha is the object's mask."""
+
+    rgba: torch.Tensor
+    category_id: int
+    category: str
+    text: dict = field(default_factory=dict)
+    source: str = ""
+    flags: dict = field(default_factory=dict)
+
+
+class _OpenFiles:
+    """The per-process file handles of a bank; never pickled, reopened on first use in each worker."""
+
+    def __init__(self, root: Path, meta: dict):
+        self.index = np.memmap(root / meta["index"], dtype=INDEX_DTYPE, mode="r") if meta["num_segments"] else (
+            np.zeros(0, INDEX_DTYPE)
+        )
+        self.shard_paths = [root / s["file"] for s in meta["shards"]]
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def shard(self, k: int) -> mmap.mmap:
+        if k not in self._maps:
+            with open(self.shard_paths[k], "rb") as f:
+                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[k]
+
+
+class SegmentBank(Dataset):
+    """A directory of object segments (see :mod:`sos_aug.bank.format`) as a ``Dataset``.
+
+    ``bank[i]`` decodes segment ``i`` into a :class:`Segment`. Views made by :meth:`subset` share the
+    memory map and hold only their row numbers. The object pickles cheaply (path + rows), so it can go
+    to DataLoader workers and DDP ranks; each process opens the files on first access.
+    """
+
+    def __init__(self, path: str | Path, sampling: str = "uniform"):
+        self.root = Path(path)
+        self.meta = read_meta(self.root)
+        check_files(self.root, self.meta)
+        self._rows: np.ndarray | None = None  # None means every row
+        self._files: _OpenFiles | None = None
+        self._texts: list | None = None
+        self._cdf: torch.Tensor | None = None
+        self.sampling = _check_mode(sampling)
+        self.categories = {c["id"]: c for c in self.meta["categories"]}
+
+    # -- pickling: ship the path and the rows, reopen in the worker -------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_files=None, _texts=None, _cdf=None)
+        return state
+
+    @property
+    def index(self) -> np.ndarray:
+        """The index records of this view (a memory-mapped array, or a gather of it for views)."""
+        full = self._open().index
+        return full if self._rows is None else full[self._rows]
+
+    def _open(self) -> _OpenFiles:
+        if self._files is None:
+            self._files = _OpenFiles(self.root, self.meta)
+        return self._files
+
+    def __len__(self) -> int:
+        return self.meta["num_segments"] if self._rows is None else len(self._rows)
+
+    def _row(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"segment {i} out of range for a bank view of {n}")
+        i = i % n
+        return i if self._rows is None else int(self._rows[i])
+
+    def read_rgba(self, i: int) -> tuple[np.ndarray, str]:
+        """Decode segment ``i`` of this view: ((4, h, w) uint8 array, source string)."""
+        files = self._open()
+        rec = files.index[self._row(i)]
+        shard_no = int(rec["shard"])
+        start, length = int(rec["offset"]), int(rec["length"])
+        buf = files.shard(shard_no)
+        where = f"{files.shard_paths[shard_no]} at byte {start}"
+        if start + length > len(buf):
+            raise BankFormatError(f"{files.shard_paths[shard_no]}: truncated, segment at byte {start} is cut off")
+        return decode_segment(memoryview(buf)[start : start + length], where)
+
+    def __getitem__(self, i: int) -> Segment:
+        rec = self._open().index[self._row(i)]
+        pixels, source = self.read_rgba(i)
+        cat = int(rec["category"])
+        flags = {n: int(v) for n, v in zip(FLAG_NAMES, rec["flags"]) if v != FLAG_UNKNOWN}
+        return Segment(
+            rgba=torch.from_numpy(pixels.copy()),
+            category_id=cat,
+            category=self.categories[cat]["name"],
+            text=self.text(int(rec["text"])),
+            source=source,
+            flags=flags,
+        )
+
+    def text(self, pointer: int) -> dict:
+        """The text record a segment points to (empty when it has none)."""
+        if pointer < 0:
+            return {}
+        if self._texts is None:
+            name = self.meta.get("texts")
+            self._texts = json.loads((self.root / name).read_text()) if name else []
+        return self._texts[pointer]
+
+    # -- views ------------------------------------------------------------------------------------
+    def subset(
+        self,
+        categories: Sequence[int | str] | None = None,
+        min_area: int | None = None,
+        max_area: int | None = None,
+        min_flags: dict[str, int] | None = None,
+    ) -> "SegmentBank":
+        """A view of the segments that pass every given filter; no pixel data is touched."""
+        index = self.index
+        keep = np.ones(len(index), bool)
+        if categories is not None:
+            ids = {self.category_id(c) for c in categories}
+            keep &= np.isin(index["category"], np.fromiter(ids, np.int64, len(ids)))
+        if min_area is not None:
+            keep &= index["area"] >= min_area
+        if max_area is not None:
+            keep &= index["area"] <= max_area
+        for name, level in (min_flags or {}).items():
+            if name not in FLAG_NAMES:
+                raise ValueError(f"unknown quality flag {name!r}; known: {FLAG_NAMES}")
+            col = index["flags"][:, FLAG_NAMES.index(name)]
+            keep &= (col != FLAG_UNKNOWN) & (col >= level)
+        return self._view(np.flatnonzero(keep))
+
+    def _view(self, local_rows: np.ndarray) -> "SegmentBank":
+        view = object.__new__(SegmentBank)
+        view.__dict__.update(self.__getstate__())
+        base = np.arange(self.meta["num_segments"]) if self._rows is None else self._rows
+        view._rows = base[local_rows]
+        view._files = self._files
+        return view
+
+    def category_id(self, category: int | str) -> int:
+        """Resolve a category id or name (or synonym) to this bank's id."""
+        if isinstance(category, (int, np.integer)):
+            if int(category) not in self.categories:
+                raise KeyError(f"category id {category} is not in bank {self.root}")
+            return int(category)
+        key = normalize_name(category)
+        for cid, c in self.categories.items():
+            if key == normalize_name(c["name"]) or key in {normalize_name(s) for s in c.get("synonyms", [])}:
+                return cid
+        raise KeyError(f"category {category!r} is not in bank {self.root}")
+
+    def category_counts(self) -> dict[int, int]:
+        ids, counts = np.unique(self.index["category"], return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts)}
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def sampling_weights(self, mode: str = "uniform", t: float = 0.001) -> torch.Tensor:
+        """Per-segment weights for ``WeightedRandomSampler``.
+
+        ``uniform``: every segment alike. ``category_balanced``: every category gets equal total mass.
+        ``repeat_factor``: LVIS's r_c = max(1, sqrt(t / f_c)), f_c the fraction of source images that
+        hold category c (of segments, where the source image is unknown).
+        """
+        index = self.index
+        cats = index["category"].astype(np.int64)
+        if _check_mode(mode) == "uniform" or len(index) == 0:
+            return torch.ones(len(index), dtype=torch.float64)
+        _, inverse, counts = np.unique(cats, return_inverse=True, return_counts=True)
+        if mode == "category_balanced":
+            return torch.from_numpy(1.0 / counts[inverse])
+        src = index["source_id"]
+        if (src >= 0).all():
+            pairs = np.unique(np.stack([cats, src], 1), axis=0)
+            _, per_cat_images = np.unique(pairs[:, 0], return_counts=True)
+            freq = per_cat_images / len(np.unique(src))
+        else:
+            freq = counts / len(index)
+        repeat = np.maximum(1.0, np.sqrt(t / freq))
+        return torch.from_numpy(repeat[inverse])
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``n`` view positions (with replacement) under this view's sampling mode; O(n log N)."""
+        if len(self) == 0:
+            raise ValueError(f"cannot sample from an empty view of bank {self.root}")
+        if self._cdf is None:
+            cdf = torch.cumsum(self.sampling_weights(self.sampling), 0)
+            self._cdf = cdf / cdf[-1]
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return torch.searchsorted(self._cdf, u, right=True).clamp_(max=len(self) - 1)
+
+    def with_sampling(self, mode: str) -> "SegmentBank":
+        view = self._view(np.arange(len(self)))
+        view.sampling = _check_mode(mode)
+        return view
+
+    def info(self) -> dict:
+        counts = self.category_counts()
+        return {
+            "path": str(self.root),
+            "num_segments": len(self),
+            "num_categories": len(counts),
+            "categories": [
+                {"id": cid, "name": self.categories[cid]["name"], "count": counts[cid]} for cid in sorted(counts)
+            ],
+            "bytes": sum(s["bytes"] for s in self.meta["shards"]),
+            "skipped": self.meta.get("skipped", {}),
+        }
+
+    def __repr__(self) -> str:
+        return f"SegmentBank({str(self.root)!r}, segments={len(self)}, categories={len(self.categories)})"
+
+
+def normalize_name(name: str) -> str:
+    """Compare category names the way people write them: case, '_' and '-' do not matter."""
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}")
+    return mode
