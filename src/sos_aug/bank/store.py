@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ class SegmentBank(Dataset):
         min_area: int | None = None,
         max_area: int | None = None,
         min_flags: dict[str, int] | None = None,
-    ) -> "SegmentBank":
+    ) -> SegmentBank:
         """A view of the segments that pass every given filter; no pixel data is touched."""
         index = self.index
         keep = np.ones(len(index), bool)
@@ -152,7 +152,7 @@ class SegmentBank(Dataset):
             keep &= (col != FLAG_UNKNOWN) & (col >= level)
         return self._view(np.flatnonzero(keep))
 
-    def _view(self, local_rows: np.ndarray) -> "SegmentBank":
+    def _view(self, local_rows: np.ndarray) -> SegmentBank:
         view = object.__new__(SegmentBank)
         view.__dict__.update(self.__getstate__())
         base = np.arange(self.meta["num_segments"]) if self._rows is None else self._rows
@@ -211,7 +211,7 @@ class SegmentBank(Dataset):
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         return torch.searchsorted(self._cdf, u, right=True).clamp_(max=len(self) - 1)
 
-    def with_sampling(self, mode: str) -> "SegmentBank":
+    def with_sampling(self, mode: str) -> SegmentBank:
         view = self._view(np.arange(len(self)))
         view.sampling = _check_mode(mode)
         return view

@@ -1,0 +1,196 @@
+"""``sos-aug``: build and inspect banks, preview CopyPaste, run the embedded demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _bank_build(args) -> int:
+    from .bank import build_bank, coco_source, merge_banks, rgba_tree_source, xpaste_source
+
+    chosen = [x for x in (args.coco, args.rgba_tree, args.xpaste, args.merge) if x]
+    if len(chosen) != 1:
+        raise SystemExit("bank build: give exactly one of --coco, --rgba-tree, --xpaste, --merge")
+    if args.merge:
+        report = merge_banks(args.out, args.merge, progress=not args.quiet)
+        print(json.dumps(report, indent=1))
+        return 0
+    if args.coco:
+        if not args.images:
+            raise SystemExit("bank build --coco needs --images DIR")
+        cats = args.categories.split(",") if args.categories else None
+        source = coco_source(args.coco, args.images, min_area=args.min_area, categories=cats)
+    elif args.rgba_tree:
+        source = rgba_tree_source(args.rgba_tree, metadata=args.metadata, flags=args.flags)
+    else:
+        source = xpaste_source(args.xpaste, categories_from=args.categories_from)
+    report = build_bank(args.out, source, workers=args.workers, strict=args.strict, progress=not args.quiet)
+    print(f"added {report['added']} segments to {args.out}")
+    if report["skipped"]:
+        print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(report["skipped"].items())))
+    return 0
+
+
+def _bank_info(args) -> int:
+    from .bank import SegmentBank
+
+    info = SegmentBank(args.bank).info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(f"{info['path']}: {info['num_segments']} segments, {info['num_categories']} categories, "
+              f"{info['bytes'] / 1e6:.1f} MB of shards")
+        for c in sorted(info["categories"], key=lambda c: -c["count"])[:20]:
+            print(f"  {c['count']:8d}  {c['name']} (id {c['id']})")
+        if info["skipped"]:
+            print("skipped at build: " + ", ".join(f"{k}={v}" for k, v in sorted(info["skipped"].items())))
+    return 0
+
+
+def _bank_show(args) -> int:
+    from .bank import SegmentBank
+    from .preview import contact_sheet
+
+    path = contact_sheet(SegmentBank(args.bank), args.out, n=args.n, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, int], feather: float):
+    from .layout import DatasetStatsLayout, ExistingBoxesLayout, RandomLayout, SOSLayout
+    from .transforms import CopyPaste, label_map_from_coco
+
+    layouts = {
+        "random": lambda: RandomLayout(),
+        "sos": lambda: SOSLayout(),
+        "existing": lambda: ExistingBoxesLayout(),
+        "stats": lambda: DatasetStatsLayout(ann_file),
+    }
+    label_map = label_map_from_coco(ann_file) if ann_file else None
+    return CopyPaste(bank, layout=layouts[layout](), num_pastes=num, feather_sigma=feather, label_map=label_map,
+                     open_vocabulary=label_map is None)
+
+
+def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num=(4, 10), feather=0.0) -> Path:
+    """Augment ``n`` images of a COCO set and save them side by side with the originals."""
+    from .bank import SegmentBank
+    from .coco import CocoInstances
+    from .preview import draw_instances, save_grid
+
+    bank = SegmentBank(bank_path)
+    ds = CocoInstances(ann_file, images_dir)
+    if len(ds) == 0:
+        raise SystemExit(f"{ann_file}: no annotated image to preview")
+    names = {c["id"]: c["name"] for c in ds.categories}
+    cp = _make_copy_paste(bank, layout, str(ann_file), num, feather)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(ds), generator=g)[:n].tolist()
+    images, targets = zip(*[ds[i] for i in picks])
+    out_images, out_targets = cp(list(images), list(targets), generator=g)
+    tiles = []
+    for a, ta, b, tb in zip(images, targets, out_images, out_targets):
+        tiles += [draw_instances(a, ta, names), draw_instances(b, tb, names)]
+    return save_grid(tiles, out, cols=4)
+
+
+def _preview(args) -> int:
+    path = preview(args.bank, args.coco, args.images, args.out, n=args.n, seed=args.seed, layout=args.layout,
+                   feather=args.feather)
+    print(f"wrote {path} (each original left of its augmented copy; pasted instances in magenta, marked '+')")
+    return 0
+
+
+def _demo(args) -> int:
+    from .bank import build_bank, coco_source
+    from .demo import make_synthetic_coco
+
+    out = Path(args.out)
+    if args.coco:
+        ann, images = Path(args.coco), Path(args.images)
+        print(f"using your data: {ann}")
+    else:
+        ann = make_synthetic_coco(out / "data", n_images=args.images_n, seed=args.seed)
+        images = ann.parent / "images"
+        print(f"drew a synthetic COCO-format set of {args.images_n} images in {ann.parent} (embedded default)")
+    report = build_bank(out / "bank", coco_source(ann, images), workers=args.workers, progress=not args.quiet)
+    print(f"bank: {out / 'bank'} (+{report['added']} segments)")
+    path = preview(out / "bank", ann, images, out / "preview.png", n=args.n, seed=args.seed, layout=args.layout)
+    print(f"preview: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sos-aug", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    bank = sub.add_parser("bank", help="build and inspect segment banks").add_subparsers(dest="bank_cmd", required=True)
+    b = bank.add_parser("build", help="build a bank, or add to one (resumes an interrupted build)")
+    b.add_argument("--out", required=True, help="bank directory")
+    b.add_argument("--coco", help="COCO or LVIS instances JSON")
+    b.add_argument("--images", help="image folder for --coco")
+    b.add_argument("--min-area", type=int, default=1, help="smallest mask area in pixels (--coco)")
+    b.add_argument("--categories", help="comma-separated names or ids to keep (--coco)")
+    b.add_argument("--rgba-tree", help="SOS layout: category/sub_category/ID.png")
+    b.add_argument("--metadata", help="SOS metadata JSON keyed '{category}_{sub_category}' (--rgba-tree)")
+    b.add_argument("--flags", help="per-segment quality flags JSON (--rgba-tree)")
+    b.add_argument("--xpaste", help="X-Paste/DiverGen pool JSON {category_id: [paths]}")
+    b.add_argument("--categories-from", help="COCO/LVIS JSON naming the pool's ids (--xpaste)")
+    b.add_argument("--merge", nargs="+", help="banks to add to --out")
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_bank_build)
+
+    i = bank.add_parser("info", help="segments and categories of a bank")
+    i.add_argument("bank")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_bank_info)
+
+    s = bank.add_parser("show", help="a contact sheet of random segments")
+    s.add_argument("bank")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=48)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_bank_show)
+
+    v = sub.add_parser("preview", help="a grid of augmented images with outlines, boxes and labels")
+    v.add_argument("--bank", required=True)
+    v.add_argument("--coco", required=True)
+    v.add_argument("--images", required=True)
+    v.add_argument("--out", required=True)
+    v.add_argument("--n", type=int, default=8)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos")
+    v.add_argument("--feather", type=float, default=0.0, help="alpha feathering sigma in pixels (0: hard)")
+    v.set_defaults(func=_preview)
+
+    d = sub.add_parser("demo", help="build a bank and write a preview, on embedded data or yours")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--coco", help="use this COCO JSON instead of the embedded synthetic set")
+    d.add_argument("--images", help="image folder for --coco")
+    d.add_argument("--images-n", type=int, default=24, help="synthetic images to draw")
+    d.add_argument("--n", type=int, default=8)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos")
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"sos-aug: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

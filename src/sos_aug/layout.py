@@ -1,0 +1,268 @@
+"""Layout priors: where, how large, flipped or rotated each pasted segment lands.
+
+A layout only draws parameters (from a CPU ``torch.Generator``, so a run replays exactly and the
+same seed gives the same layout on CPU and GPU); :mod:`sos_aug.composite` applies them.
+Every layout works on one image at a time, vectorised over its segments and candidate positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bank.store import normalize_name
+
+
+@dataclass
+class Placement:
+    """Where each pasted segment of one image goes, in paste order.
+
+    ``boxes`` (K, 4) are integer XYXY extents of the resized, unrotated segment; ``segment`` (K,)
+    indexes the image's fetched segments; ``flip`` (K,) and ``angle`` (K,, degrees) transform it.
+    """
+
+    boxes: torch.Tensor
+    segment: torch.Tensor
+    flip: torch.Tensor
+    angle: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.segment)
+
+
+@dataclass
+class Scene:
+    """What a layout may look at: canvas size, segments to place and the instances already there."""
+
+    height: int
+    width: int
+    segment_hw: torch.Tensor  # (k, 2) native segment sizes
+    categories: list[str]  # segment category names
+    existing_boxes: torch.Tensor  # (n, 4) XYXY, CPU
+    existing_grid: torch.Tensor | None = None  # (n, gh, gw) bool occupancy at grid resolution
+    grid_step: int = 1
+    other_boxes: torch.Tensor | None = None  # (m, 4) boxes from other images, normalised to [0, 1]
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+class Layout:
+    """Base: draws sizes (subclass), applies scale jitter, fits the canvas, draws positions,
+    flips and rotations. Subclasses override :meth:`sizes` and optionally :meth:`positions`."""
+
+    def __init__(self, flip: float = 0.5, rotation: float = 0.0, scale_jitter: tuple[float, float] = (1.0, 1.0)):
+        if not 0 <= flip <= 1:
+            raise ValueError(f"flip is a probability, got {flip}")
+        self.flip, self.rotation, self.scale_jitter = flip, rotation, scale_jitter
+
+    def __call__(self, scene: Scene, generator: torch.Generator | None = None) -> Placement:
+        k = len(scene.segment_hw)
+        sizes = self.sizes(scene, generator)
+        sizes = sizes * _uniform(k, *self.scale_jitter, generator)[:, None]
+        sizes = _fit_canvas(sizes, scene.height, scene.width)
+        tops, order = self.positions(scene, sizes, generator)
+        flip = torch.rand(k, generator=generator) < self.flip
+        angle = _uniform(k, -self.rotation, self.rotation, generator).float()
+        boxes = torch.cat([tops.flip(1), tops.flip(1) + sizes.flip(1)], 1)[order]
+        return Placement(boxes.float(), order, flip[order], angle[order])
+
+    def sizes(self, scene: Scene, g: torch.Generator | None) -> torch.Tensor:
+        """(k, 2) integer heights and widths before jitter."""
+        return scene.segment_hw.double()
+
+    def positions(self, scene: Scene, sizes: torch.Tensor, g) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-left corners (k, 2) as (y, x), and the paste order (accepted segments only)."""
+        k = len(sizes)
+        room = torch.tensor([scene.height, scene.width], dtype=torch.float64) - sizes + 1
+        tops = (torch.rand(k, 2, generator=g, dtype=torch.float64) * room).floor()
+        return tops, torch.arange(k)
+
+
+def _fit_canvas(sizes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Shrink (keeping aspect) whatever does not fit the canvas; round to at least one pixel."""
+    scale = torch.minimum(h / sizes[:, 0], w / sizes[:, 1]).clamp(max=1.0)
+    return (sizes * scale[:, None]).round().clamp(min=1)
+
+
+class RandomLayout(Layout):
+    """Random position; the segment's own size times a random scale in ``scale`` (aspect kept)."""
+
+    def __init__(self, scale: tuple[float, float] = (0.5, 1.5), **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def sizes(self, scene: Scene, g) -> torch.Tensor:
+        return scene.segment_hw.double() * _uniform(len(scene.segment_hw), *self.scale, g)[:, None]
+
+
+class SOSLayout(Layout):
+    """The SOS prior: sizes from a small/medium/large mix, placed large first, and a placement is
+    accepted only while every instance keeps ``min_visible`` of itself and the mean visibility stays
+    at least ``mean_visible`` (checked on a coarse occupancy grid, all candidates at once).
+
+    Size classes are areas at 640x480 scale, rescaled to the canvas: small up to 32², medium up to
+    96², large up to half the image.
+    """
+
+    REFERENCE_AREA = 640 * 480
+
+    def __init__(
+        self,
+        mix: tuple[float, float, float] = (0.40, 0.35, 0.25),
+        min_visible: float = 0.5,
+        mean_visible: float = 0.8,
+        candidates: int = 32,
+        smallest: float = 12.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if abs(sum(mix) - 1) > 1e-6:
+            raise ValueError(f"size mix must sum to 1, got {mix}")
+        self.mix = torch.tensor(mix, dtype=torch.float64)
+        self.min_visible, self.mean_visible, self.candidates = min_visible, mean_visible, candidates
+        self.bounds = torch.tensor([smallest**2, 32.0**2, 96.0**2, self.REFERENCE_AREA / 2], dtype=torch.float64)
+
+    def sizes(self, scene: Scene, g) -> torch.Tensor:
+        k = len(scene.segment_hw)
+        cls = torch.multinomial(self.mix, k, replacement=True, generator=g)
+        lo, hi = self.bounds[cls].log(), self.bounds[cls + 1].log()
+        area = (lo + (hi - lo) * torch.rand(k, generator=g, dtype=torch.float64)).exp()
+        area = area * (scene.height * scene.width / self.REFERENCE_AREA)
+        return _size_from_area(area, scene.segment_hw)
+
+    def positions(self, scene: Scene, sizes: torch.Tensor, g) -> tuple[torch.Tensor, torch.Tensor]:
+        k, r = len(sizes), self.candidates
+        step = scene.grid_step
+        grid = scene.existing_grid if scene.existing_grid is not None else torch.zeros(0, 1, 1, dtype=torch.bool)
+        visible = grid.clone()
+        full = grid.flatten(1).sum(1).double()
+        ys = torch.arange(grid.shape[1], dtype=torch.float64) * step
+        xs = torch.arange(grid.shape[2], dtype=torch.float64) * step
+        room = torch.tensor([scene.height, scene.width], dtype=torch.float64) - sizes + 1
+        cand = (torch.rand(k, r, 2, generator=g, dtype=torch.float64) * room[:, None]).floor()
+        tops = torch.zeros(k, 2, dtype=torch.float64)
+        accepted = []
+        for j in torch.argsort(sizes.prod(1), descending=True, stable=True).tolist():  # large first
+            c = cand[j]
+            rows = (ys[None] >= c[:, :1]) & (ys[None] < c[:, :1] + sizes[j, 0])  # (r, gh)
+            cols = (xs[None] >= c[:, 1:]) & (xs[None] < c[:, 1:] + sizes[j, 1])  # (r, gw)
+            cover = rows[:, :, None] & cols[:, None, :]  # (r, gh, gw)
+            after = (visible[None] & ~cover[:, None]).flatten(2).sum(2).double()  # (r, n)
+            counted = full > 0
+            frac = torch.where(counted, after / full.clamp(min=1), torch.ones_like(after))
+            n_counted = counted.sum()
+            ok = (frac >= self.min_visible).all(1)
+            ok &= (frac[:, counted].sum(1) + 1) / (n_counted + 1) >= self.mean_visible
+            if not ok.any():
+                continue  # bounded retries used up: this segment is not pasted
+            pick = int(ok.to(torch.uint8).argmax())
+            tops[j] = c[pick]
+            visible = torch.cat([visible & ~cover[pick], cover[pick][None]])
+            full = torch.cat([full, cover[pick].sum().double()[None]])
+            accepted.append(j)
+        return tops, torch.tensor(accepted, dtype=torch.long)
+
+
+def _size_from_area(area: torch.Tensor, segment_hw: torch.Tensor) -> torch.Tensor:
+    """Heights and widths of the given areas, keeping each segment's aspect ratio."""
+    aspect = segment_hw[:, 1].double() / segment_hw[:, 0].double()
+    h = (area / aspect).sqrt()
+    return torch.stack([h, h * aspect], 1)
+
+
+class DatasetStatsLayout(Layout):
+    """X-Paste's prior: each segment gets the area of a random real instance of its category
+    (relative to the image), from a COCO/LVIS annotation file; the segment's aspect is kept."""
+
+    def __init__(self, ann_file: str | Path | None = None, stats: dict[str, list[float]] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if stats is None:
+            if ann_file is None:
+                raise ValueError("DatasetStatsLayout needs ann_file or stats")
+            stats = area_fractions_from_coco(ann_file)
+        self.stats = {normalize_name(k): torch.tensor(v, dtype=torch.float64) for k, v in stats.items() if v}
+        if not self.stats:
+            raise ValueError("DatasetStatsLayout: the statistics hold no instance")
+        self.pooled = torch.cat(list(self.stats.values()))
+
+    def sizes(self, scene: Scene, g) -> torch.Tensor:
+        picks = torch.rand(len(scene.segment_hw), generator=g, dtype=torch.float64)
+        fracs = []
+        for name, u in zip(scene.categories, picks):
+            values = self.stats.get(normalize_name(name), self.pooled)
+            fracs.append(values[min(int(u * len(values)), len(values) - 1)])
+        area = torch.stack(fracs) * scene.height * scene.width if fracs else torch.zeros(0, dtype=torch.float64)
+        return _size_from_area(area, scene.segment_hw)
+
+
+def area_fractions_from_coco(ann_file: str | Path) -> dict[str, list[float]]:
+    """Per category name, the areas of its non-crowd instances as fractions of their image's area."""
+    with open(ann_file) as f:
+        data = json.load(f)
+    image_area = {im["id"]: im["height"] * im["width"] for im in data["images"]}
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    stats: dict[str, list[float]] = {n: [] for n in names.values()}
+    for a in data["annotations"]:
+        if not a.get("iscrowd") and a.get("area", 0) > 0 and a["image_id"] in image_area:
+            stats[names[a["category_id"]]].append(a["area"] / image_area[a["image_id"]])
+    return stats
+
+
+class ExistingBoxesLayout(Layout):
+    """Each segment fills (aspect kept, centred) a box taken from another real annotation: from
+    ``pool`` (normalised XYXY boxes, e.g. from :func:`boxes_from_coco`) or, without one, from the
+    other images of the batch. Falls back to a random layout where no box is available."""
+
+    def __init__(self, pool: torch.Tensor | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.pool = pool
+
+    def __call__(self, scene: Scene, generator: torch.Generator | None = None) -> Placement:
+        pool = self.pool if self.pool is not None else scene.other_boxes
+        if pool is None or len(pool) == 0:
+            return RandomLayout(flip=self.flip, rotation=self.rotation)(scene, generator)
+        k = len(scene.segment_hw)
+        pick = torch.randint(len(pool), (k,), generator=generator)
+        box = pool[pick].double() * torch.tensor([scene.width, scene.height] * 2, dtype=torch.float64)
+        bh, bw = box[:, 3] - box[:, 1], box[:, 2] - box[:, 0]
+        seg = scene.segment_hw.double()
+        scale = torch.minimum(bh / seg[:, 0], bw / seg[:, 1])
+        sizes = _fit_canvas((seg * scale[:, None]).clamp(min=1), scene.height, scene.width)
+        cy, cx = (box[:, 1] + box[:, 3]) / 2, (box[:, 0] + box[:, 2]) / 2
+        top = torch.stack([(cy - sizes[:, 0] / 2).round(), (cx - sizes[:, 1] / 2).round()], 1)
+        top = top.clamp(min=0)
+        top = torch.minimum(top, torch.tensor([scene.height, scene.width], dtype=torch.float64) - sizes)
+        flip = torch.rand(k, generator=generator) < self.flip
+        angle = _uniform(k, -self.rotation, self.rotation, generator).float()
+        boxes = torch.cat([top.flip(1), top.flip(1) + sizes.flip(1)], 1)
+        return Placement(boxes.float(), torch.arange(k), flip, angle)
+
+
+def boxes_from_coco(ann_file: str | Path) -> torch.Tensor:
+    """Every non-crowd box of an annotation file, normalised XYXY in [0, 1], as a pool."""
+    with open(ann_file) as f:
+        data = json.load(f)
+    size = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+    rows = []
+    for a in data["annotations"]:
+        if a.get("iscrowd") or a["image_id"] not in size:
+            continue
+        w, h = size[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        if bw > 0 and bh > 0:
+            rows.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
+
+
+LAYOUTS = {"random": RandomLayout, "sos": SOSLayout, "existing": ExistingBoxesLayout}
+
+
+def grid_step(height: int, width: int, cells: int = 64) -> int:
+    """Pixel step of the coarse occupancy grid layouts check visibility on."""
+    return max(1, math.ceil(max(height, width) / cells))

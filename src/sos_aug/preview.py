@@ -1,0 +1,81 @@
+"""Pictures a person checks by eye: augmented images with outlines, boxes and labels; bank sheets."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+PASTED_COLOR = (255, 0, 255)
+REAL_COLOR = (0, 255, 255)
+
+
+def outline(masks: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """The border pixels of (N, H, W) bool masks: mask minus its erosion."""
+    if len(masks) == 0:
+        return masks
+    m = masks.float()[:, None]
+    eroded = -nnf.max_pool2d(-m, 2 * width + 1, stride=1, padding=width)
+    return (m - eroded)[:, 0] > 0
+
+
+def draw_instances(image: torch.Tensor, target: Mapping, names: Mapping[int, str] | None = None) -> torch.Tensor:
+    """Draw mask outlines, boxes and labels; pasted instances in magenta with a '+' before the name."""
+    image = image.as_subclass(torch.Tensor).cpu()
+    if image.is_floating_point():
+        image = (image.clamp(0, 1) * 255).to(torch.uint8)
+    masks = target["masks"].as_subclass(torch.Tensor).cpu().bool()
+    pasted = target.get("is_pasted", torch.zeros(len(masks), dtype=torch.bool)).cpu()
+    labels = target["labels"].cpu().tolist()
+    text = target.get("names") or [names.get(int(x), str(x)) if names else str(x) for x in labels]
+    colors = [PASTED_COLOR if p else REAL_COLOR for p in pasted.tolist()]
+    if len(masks):
+        image = draw_segmentation_masks(image, outline(masks), alpha=1.0, colors=colors)
+        tags = [("+" if p else "") + t for t, p in zip(text, pasted.tolist())]
+        image = draw_bounding_boxes(image, target["boxes"].as_subclass(torch.Tensor).cpu().float(), labels=tags,
+                                    colors=colors, width=2)
+    return image
+
+
+def save_grid(tiles: Sequence[torch.Tensor], out: str | Path, cols: int | None = None, tile: int = 384) -> Path:
+    """Letterbox every (3, H, W) uint8 tile to ``tile`` px and save them as one PNG grid."""
+    boxed = [_letterbox(t, tile) for t in tiles]
+    cols = cols or math.ceil(math.sqrt(len(boxed)))
+    grid = make_grid(torch.stack(boxed), nrow=cols, padding=4, pad_value=255)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out)
+    return out
+
+
+def _letterbox(image: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    s = size / max(h, w)
+    small = F.resize(image, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
+    canvas = torch.full((3, size, size), 255, dtype=torch.uint8)
+    canvas[:, : small.shape[1], : small.shape[2]] = small
+    return canvas
+
+
+def contact_sheet(bank, out: str | Path, n: int = 48, seed: int = 0, tile: int = 128) -> Path:
+    """A grid of ``n`` random segments from a bank, on a checkerboard, captioned with their category."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(bank), generator=g)[:n].tolist()
+    tiles = []
+    for r in rows:
+        seg = bank[r]
+        rgb, a = seg.rgba[:3].float(), seg.rgba[3:].float() / 255
+        h, w = a.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        checker = (((yy // 8 + xx // 8) % 2) * 60 + 170).float()[None].expand(3, h, w)
+        img = (rgb * a + checker * (1 - a)).round().to(torch.uint8)
+        box = _letterbox(img, tile)
+        box = draw_bounding_boxes(box, torch.tensor([[0, 0, 1, 1]]), labels=[seg.category], colors="black", width=0)
+        tiles.append(box)
+    return save_grid(tiles, out, tile=tile)

@@ -1,0 +1,300 @@
+"""``CopyPaste``: paste bank segments into a batch of images and update their targets exactly.
+
+Like torchvision's v2 transforms, random parameters are drawn first and then applied:
+:meth:`CopyPaste.fetch` draws how many and which segments each image gets and decodes them (a
+DataLoader worker's job), :meth:`CopyPaste.make_params` draws the layout, and
+:meth:`CopyPaste.apply` composites on whatever device the images live on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+
+from .bank.store import SegmentBank, normalize_name
+from .composite import DropRule, paste_into
+from .layout import Layout, Placement, RandomLayout, Scene, grid_step
+
+Target = dict[str, Any]
+
+
+@dataclass
+class PasteSegments:
+    """Decoded segments for a batch: ``rgba[i]`` is a (4, h, w) uint8 tensor for image ``image[i]``."""
+
+    rgba: list[torch.Tensor]
+    image: torch.Tensor  # (M,) which image each segment is for
+    labels: torch.Tensor  # (M,) dataset label (-1 for open-vocabulary names without one)
+    names: list[str]
+    bank_rows: torch.Tensor  # (M,) positions in the bank view, for provenance
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteSegments:
+        return PasteSegments([r.to(device, non_blocking=non_blocking) for r in self.rgba], self.image,
+                             self.labels, self.names, self.bank_rows)
+
+    def pin_memory(self) -> PasteSegments:
+        return PasteSegments([r.pin_memory() for r in self.rgba], self.image, self.labels, self.names,
+                             self.bank_rows)
+
+    def for_image(self, b: int) -> list[int]:
+        return (self.image == b).nonzero().flatten().tolist()
+
+
+class CopyPaste:
+    """Paste segments from a :class:`~sos_aug.SegmentBank` into images, keeping targets exact.
+
+    Call it as ``cp(images, targets, generator=None)`` with a list of (3, H, W) images (any sizes) or
+    a (B, 3, H, W) batch, and torchvision-style targets (``boxes`` XYXY, ``labels``, ``masks``,
+    optional ``iscrowd``/``area``; plain tensors or tv_tensors). It returns new images and targets
+    with pasted instances appended and marked in ``is_pasted``. A single image and target work too.
+
+    Args:
+        bank: where segments come from; sampled under the bank view's sampling mode.
+        layout: a :class:`~sos_aug.layout.Layout` (default :class:`RandomLayout`).
+        num_pastes: (low, high) segments per image, inclusive.
+        p: probability that an image gets pasted into at all.
+        feather_sigma: 0 for hard alpha; otherwise Gaussian feathering of the alpha, in pixels.
+        drop: a :class:`DropRule`, or its mode name.
+        label_map: bank category (name or id) -> dataset label; None keeps the bank's ids as labels.
+        open_vocabulary: keep segments whose category has no label (label -1, names in ``names``).
+    """
+
+    def __init__(
+        self,
+        bank: SegmentBank,
+        layout: Layout | None = None,
+        num_pastes: tuple[int, int] = (1, 10),
+        p: float = 1.0,
+        feather_sigma: float = 0.0,
+        drop: DropRule | str = "visible_fraction",
+        label_map: Mapping[str | int, int] | None = None,
+        open_vocabulary: bool = False,
+    ):
+        if num_pastes[0] < 0 or num_pastes[1] < num_pastes[0]:
+            raise ValueError(f"num_pastes must be (low, high) with 0 <= low <= high, got {num_pastes}")
+        self.layout = layout or RandomLayout()
+        self.num_pastes, self.p, self.feather_sigma = num_pastes, p, feather_sigma
+        self.drop = drop if isinstance(drop, DropRule) else DropRule(drop)
+        self.open_vocabulary = open_vocabulary
+        self.label_of = _resolve_labels(bank, label_map, open_vocabulary)
+        usable = [c for c, lab in self.label_of.items() if lab >= 0 or open_vocabulary]
+        self.bank = bank.subset(categories=usable) if len(usable) < len(bank.categories) else bank
+        if len(self.bank) == 0:
+            raise ValueError(
+                f"no usable segment in {bank!r}: none of its categories maps to a dataset label "
+                "(check label_map, or pass open_vocabulary=True)"
+            )
+        max_cat = max(self.label_of) + 1
+        self._label_table = torch.full((max_cat,), -1, dtype=torch.long)
+        for c, lab in self.label_of.items():
+            self._label_table[c] = lab
+        self._cats = torch.from_numpy(self.bank.index["category"].astype("int64"))
+
+    # -- draw --------------------------------------------------------------------------------------
+    def fetch(self, num_images: int, generator: torch.Generator | None = None) -> PasteSegments:
+        """Draw how many and which segments each image gets, and decode them (CPU work)."""
+        lo, hi = self.num_pastes
+        counts = torch.randint(lo, hi + 1, (num_images,), generator=generator)
+        counts *= torch.rand(num_images, generator=generator) < self.p
+        rows = self.bank.sample(int(counts.sum()), generator)
+        rgba = [torch.from_numpy(self.bank.read_rgba(int(r))[0].copy()) for r in rows]
+        cats = self._cats[rows]
+        names = [self.bank.categories[int(c)]["name"] for c in cats]
+        image = torch.repeat_interleave(torch.arange(num_images), counts)
+        return PasteSegments(rgba, image, self._label_table[cats], names, rows)
+
+    def make_params(
+        self, sizes: Sequence[tuple[int, int]], targets: Sequence[Target], segments: PasteSegments,
+        generator: torch.Generator | None = None,
+    ) -> list[Placement]:
+        """Draw one placement per image (on the CPU, so CPU and GPU runs replay the same layout)."""
+        placements = []
+        norm_boxes = [_normalised_boxes(t, h, w) for t, (h, w) in zip(targets, sizes)]
+        for b, ((h, w), target) in enumerate(zip(sizes, targets)):
+            idx = segments.for_image(b)
+            seg_hw = torch.tensor([list(segments.rgba[i].shape[-2:]) for i in idx], dtype=torch.long).reshape(-1, 2)
+            step = grid_step(h, w)
+            masks = target.get("masks")
+            grid = None if masks is None else masks[:, ::step, ::step].bool().cpu()
+            others = [nb for i, nb in enumerate(norm_boxes) if i != b]
+            scene = Scene(h, w, seg_hw, [segments.names[i] for i in idx], _xyxy(target).cpu(), grid, step,
+                          torch.cat(others) if others else None)
+            placement = self.layout(scene, generator)
+            placement.segment = torch.tensor(idx, dtype=torch.long)[placement.segment] if idx else placement.segment
+            placements.append(placement)
+        return placements
+
+    # -- apply -------------------------------------------------------------------------------------
+    def __call__(self, images, targets, segments: PasteSegments | None = None,
+                 generator: torch.Generator | None = None):
+        single = isinstance(images, torch.Tensor) and images.ndim == 3
+        if single:
+            images, targets = [images], [targets]
+        batch = list(images)
+        if segments is None:
+            segments = self.fetch(len(batch), generator)
+        sizes = [tuple(im.shape[-2:]) for im in batch]
+        params = self.make_params(sizes, targets, segments, generator)
+        out_images, out_targets = self.apply(batch, targets, segments, params)
+        if single:
+            return out_images[0], out_targets[0]
+        if isinstance(images, torch.Tensor):
+            return torch.stack(out_images), out_targets
+        return out_images, out_targets
+
+    def apply(self, images: Sequence[torch.Tensor], targets: Sequence[Target], segments: PasteSegments,
+              params: Sequence[Placement]) -> tuple[list[torch.Tensor], list[Target]]:
+        """Composite every image with its placement and rewrite its target."""
+        if len(images) != len(targets) or len(images) != len(params):
+            raise ValueError(f"{len(images)} images, {len(targets)} targets and {len(params)} placements")
+        out_images, out_targets = [], []
+        for image, target, placement in zip(images, targets, params):
+            img, tgt = self._apply_one(image, target, segments, placement)
+            out_images.append(img)
+            out_targets.append(tgt)
+        return out_images, out_targets
+
+    def _apply_one(self, image: torch.Tensor, target: Target, segments: PasteSegments, placement: Placement):
+        _check_target(image, target)
+        device = image.device
+        boxes = _xyxy(target).to(device)
+        masks = target["masks"].to(device).bool()
+        labels = target["labels"].to(device)
+        crowd = target.get("iscrowd", torch.zeros(len(labels), dtype=torch.long)).to(device).bool()
+        rgba = [segments.rgba[int(i)].to(device) for i in placement.segment] if len(placement) else []
+        local = Placement(placement.boxes, torch.arange(len(placement)), placement.flip, placement.angle)
+        res = paste_into(torch.as_tensor(image), masks, boxes, crowd, rgba, local, self.drop, self.feather_sigma)
+        kept_src = placement.segment[res.piece_segment][res.pasted_kept.cpu()]
+        new_labels = segments.labels[kept_src].to(device)
+        keep = res.keep_existing
+        n_old, n_new = int(keep.sum()), len(kept_src)
+        out = {k: v for k, v in target.items() if k not in _INSTANCE_KEYS}
+        out["labels"] = torch.cat([labels[keep], new_labels.to(labels.dtype)])
+        out["boxes"] = _wrap_boxes(target["boxes"], res.boxes, image.shape[-2:])
+        out["masks"] = _wrap_like(target["masks"], res.masks.to(target["masks"].dtype))
+        out["iscrowd"] = torch.cat([crowd[keep].long(), torch.zeros(n_new, dtype=torch.long, device=device)])
+        old_area = target.get("area")
+        area = res.area.float()
+        if old_area is not None:
+            area[:n_old] = torch.where(area[:n_old] < 0, old_area.to(device)[keep].float(), area[:n_old])
+        else:
+            area[:n_old] = torch.where(area[:n_old] < 0, masks[keep].flatten(1).sum(1).float(), area[:n_old])
+        out["area"] = area
+        out["is_pasted"] = torch.cat([torch.zeros(n_old, dtype=torch.bool), torch.ones(n_new, dtype=torch.bool)]).to(device)
+        if self.open_vocabulary or "names" in target:
+            old_names = target.get("names") or [str(int(x)) for x in labels]
+            out["names"] = [nm for nm, k in zip(old_names, keep.tolist()) if k] + [
+                segments.names[int(i)] for i in kept_src]
+        out["pasted_rows"] = segments.bank_rows[kept_src]
+        img = res.image
+        if isinstance(image, tv_tensors.Image):
+            img = tv_tensors.wrap(img, like=image)
+        return img, out
+
+
+_INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows"}
+
+
+def _check_target(image: torch.Tensor, target: Target) -> None:
+    for key in ("boxes", "labels", "masks"):
+        if key not in target:
+            raise ValueError(f"CopyPaste needs target[{key!r}] (torchvision detection format); got {sorted(target)}")
+    n = len(target["labels"])
+    if target["masks"].shape[0] != n or target["boxes"].shape[0] != n:
+        raise ValueError(f"target has {n} labels, {len(target['boxes'])} boxes and {len(target['masks'])} masks")
+    if tuple(target["masks"].shape[-2:]) != tuple(image.shape[-2:]):
+        raise ValueError(f"masks are {tuple(target['masks'].shape[-2:])} but the image is {tuple(image.shape[-2:])}")
+
+
+def _xyxy(target: Target) -> torch.Tensor:
+    boxes = target["boxes"]
+    if isinstance(boxes, tv_tensors.BoundingBoxes) and boxes.format != tv_tensors.BoundingBoxFormat.XYXY:
+        return box_convert(boxes.as_subclass(torch.Tensor), boxes.format.name.lower(), "xyxy")
+    return torch.as_tensor(boxes).as_subclass(torch.Tensor).reshape(-1, 4)
+
+
+def _normalised_boxes(target: Target, h: int, w: int) -> torch.Tensor:
+    boxes = _xyxy(target).cpu().double()
+    crowd = target.get("iscrowd")
+    if crowd is not None:
+        boxes = boxes[~crowd.cpu().bool()]
+    return boxes / torch.tensor([w, h, w, h], dtype=torch.float64)
+
+
+def _wrap_boxes(like, boxes: torch.Tensor, canvas) -> torch.Tensor:
+    if isinstance(like, tv_tensors.BoundingBoxes):
+        fmt = like.format.name.lower()
+        data = boxes if fmt == "xyxy" else box_convert(boxes, "xyxy", fmt)
+        return tv_tensors.BoundingBoxes(data.to(like.dtype), format=like.format, canvas_size=tuple(canvas))
+    return boxes.to(like.dtype) if like.is_floating_point() else boxes
+
+
+def _wrap_like(like, tensor: torch.Tensor) -> torch.Tensor:
+    return tv_tensors.Mask(tensor) if isinstance(like, tv_tensors.Mask) else tensor
+
+
+def _resolve_labels(bank: SegmentBank, label_map, open_vocabulary: bool) -> dict[int, int]:
+    """Bank category id -> dataset label (-1 where none), by id, name or synonym."""
+    if label_map is None:
+        return {cid: cid for cid in bank.categories}
+    by_name = {normalize_name(str(k)): v for k, v in label_map.items() if isinstance(k, str)}
+    out = {}
+    for cid, cat in bank.categories.items():
+        label = label_map.get(cid) if cid in label_map else None
+        for name in [cat["name"], *cat.get("synonyms", [])]:
+            if label is None:
+                label = by_name.get(normalize_name(name))
+        out[cid] = -1 if label is None else int(label)
+    return out
+
+
+def label_map_from_coco(ann_file: str | Path) -> dict[str, int]:
+    """Category name (and LVIS synonyms) -> category id, from a COCO/LVIS instances file."""
+    with open(ann_file) as f:
+        cats = json.load(f)["categories"]
+    out = {}
+    for c in cats:
+        for name in [c["name"], *c.get("synonyms", [])]:
+            out.setdefault(name, int(c["id"]))
+    return out
+
+
+class CopyPasteCollate:
+    """A DataLoader ``collate_fn`` that runs a :class:`CopyPaste` in the workers.
+
+    Each worker draws from its own generator, seeded from the worker's torch seed, so two runs with
+    the same DataLoader seed replay exactly and different workers draw differently. With
+    ``defer=True`` the workers only fetch and decode segments; the batch then carries them as a
+    third element so ``cp(images.cuda(), targets, segments=segments.to("cuda"))`` pastes on the GPU.
+    """
+
+    def __init__(self, copy_paste: CopyPaste, collate_fn: Callable | None = None, defer: bool = False):
+        self.cp, self.collate_fn, self.defer = copy_paste, collate_fn, defer
+        self._generator: torch.Generator | None = None
+        self._seed: int | None = None
+
+    def generator(self) -> torch.Generator:
+        seed = torch.initial_seed()
+        if self._generator is None or self._seed != seed:
+            self._generator, self._seed = torch.Generator().manual_seed(seed), seed
+        return self._generator
+
+    def __call__(self, batch: list[tuple[torch.Tensor, Target]]):
+        images, targets = [b[0] for b in batch], [b[1] for b in batch]
+        if self.defer:
+            segments = self.cp.fetch(len(images), self.generator())
+            return self._collate(images, targets) + (segments,)
+        images, targets = self.cp(images, targets, generator=self.generator())
+        return self._collate(images, targets)
+
+    def _collate(self, images, targets) -> tuple:
+        if self.collate_fn is not None:
+            return tuple(self.collate_fn(list(zip(images, targets))))
+        return tuple(images), tuple(targets)
