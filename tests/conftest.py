@@ -1,0 +1,53 @@
+"""Shared fixtures: the real COCO subset (``SOS_AUG_TEST_DATA``, default ``../shared/data``) and
+banks built from it once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sos_aug.bank import SegmentBank, build_bank, coco_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("SOS_AUG_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    root = data_root() / "coco-mini"
+    if not (root / "annotations" / "instances_train2017.json").is_file():
+        pytest.fail(
+            f"the real COCO subset is expected at {root} (with annotations/ and train2017/, val2017/); "
+            "set SOS_AUG_TEST_DATA to the folder that holds coco-mini/",
+            pytrace=False,
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_ann(coco_mini) -> Path:
+    return coco_mini / "annotations" / "instances_train2017.json"
+
+
+@pytest.fixture(scope="session")
+def val_ann(coco_mini) -> Path:
+    return coco_mini / "annotations" / "instances_val2017.json"
+
+
+@pytest.fixture(scope="session")
+def train_bank(tmp_path_factory, coco_mini, train_ann) -> SegmentBank:
+    out = tmp_path_factory.mktemp("banks") / "train"
+    build_bank(out, coco_source(train_ann, coco_mini / "train2017", min_area=1), workers=2, progress=False)
+    return SegmentBank(out)
+
+
+@pytest.fixture(scope="session")
+def val_set(coco_mini, val_ann):
+    from sos_aug import CocoInstances
+
+    return CocoInstances(val_ann, coco_mini / "val2017")

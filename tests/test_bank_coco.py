@@ -1,0 +1,146 @@
+"""The COCO builder against pycocotools: one segment per usable instance, alpha = the mask."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from sos_aug.bank import SegmentBank
+
+
+@pytest.fixture(scope="module")
+def coco(train_ann):
+    return COCO(str(train_ann))
+
+
+def usable_annotations(coco):
+    out = {}
+    for ann in coco.dataset["annotations"]:
+        if ann["iscrowd"]:
+            continue
+        mask = coco.annToMask(ann)
+        if mask.sum() > 0:
+            out[ann["id"]] = (ann, int(mask.sum()))
+    return out
+
+
+def test_one_segment_per_usable_instance_with_exact_alpha(train_bank, coco):
+    expected = usable_annotations(coco)
+    assert len(train_bank) == len(expected)
+    seen = set()
+    for i in range(len(train_bank)):
+        seg = train_bank[i]
+        ann_id = int(seg.source.rsplit("#", 1)[1])
+        ann, pixels = expected[ann_id]
+        seen.add(ann_id)
+        assert seg.category_id == ann["category_id"]
+        assert seg.category == coco.cats[ann["category_id"]]["name"]
+        assert int((seg.rgba[3] > 0).sum()) == pixels
+        assert set(seg.rgba[3].unique().tolist()) <= {0, 255}
+        assert int(train_bank.index["area"][i]) == pixels
+    assert seen == set(expected)
+
+
+def test_crop_pixels_are_the_image_pixels(train_bank, coco, coco_mini):
+    from PIL import Image
+
+    seg = train_bank[5]
+    name, ann_id = seg.source.removeprefix("coco:").split("#")
+    ann = coco.anns[int(ann_id)]
+    image = np.asarray(Image.open(coco_mini / "train2017" / name).convert("RGB"))
+    mask = coco.annToMask(ann)
+    ys, xs = np.nonzero(mask)
+    rgba = seg.rgba.numpy()
+    # find the crop offset from the alpha and compare the pixels under the mask
+    ay, ax = np.nonzero(rgba[3])
+    dy, dx = ys.min() - ay.min(), xs.min() - ax.min()
+    assert np.array_equal(rgba[:3, ay, ax].T, image[ay + dy, ax + dx])
+
+
+def test_min_area_and_categories_filter(tmp_path, coco_mini, train_ann, coco):
+    from sos_aug.bank import build_bank, coco_source
+
+    build_bank(tmp_path / "b", coco_source(train_ann, coco_mini / "train2017", min_area=2000,
+                                           categories=["person", "dog"]), progress=False)
+    bank = SegmentBank(tmp_path / "b")
+    expected = [a for a, px in usable_annotations(coco).values()
+                if px >= 2000 and coco.cats[a["category_id"]]["name"] in ("person", "dog")]
+    assert len(bank) == len(expected) > 0
+    assert set(bank.index["category"].tolist()) <= {1, 18}
+
+
+def test_views_filter_without_copying_pixels(train_bank):
+    people = train_bank.subset(categories=["person"])
+    assert len(people) == int((train_bank.index["category"] == 1).sum())
+    assert all(people[i].category == "person" for i in range(0, len(people), 17))
+    big = train_bank.subset(min_area=5000, max_area=20000)
+    assert ((big.index["area"] >= 5000) & (big.index["area"] <= 20000)).all()
+    both = people.subset(min_area=5000)
+    assert len(both) == int(((train_bank.index["category"] == 1) & (train_bank.index["area"] >= 5000)).sum())
+    assert np.shares_memory(train_bank.index, train_bank._open().index)
+
+
+def test_sampling_weights(train_bank):
+    cats = train_bank.index["category"]
+    counts = Counter(cats.tolist())
+    balanced = train_bank.sampling_weights("category_balanced")
+    per_cat = Counter()
+    for c, w in zip(cats.tolist(), balanced.tolist()):
+        per_cat[c] += w
+    assert all(abs(v - 1.0) < 1e-9 for v in per_cat.values())
+    rf = train_bank.sampling_weights("repeat_factor", t=0.05)
+    # a category in every image would get 1; rare categories get sqrt(t / f) > 1
+    src = train_bank.index["source_id"]
+    n_images = len(np.unique(src))
+    for c in list(counts)[:10]:
+        f = len(np.unique(src[cats == c])) / n_images
+        assert np.allclose(rf[cats == c].numpy(), max(1.0, (0.05 / f) ** 0.5))
+    with pytest.raises(ValueError, match="unknown sampling mode"):
+        train_bank.sampling_weights("nope")
+    sampler = WeightedRandomSampler(balanced, 64, generator=torch.Generator().manual_seed(0))
+    assert len(list(sampler)) == 64
+
+
+def test_sample_is_reproducible_and_follows_the_mode(train_bank):
+    a = train_bank.sample(1000, torch.Generator().manual_seed(3))
+    b = train_bank.sample(1000, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.max() < len(train_bank)
+    balanced = train_bank.with_sampling("category_balanced")
+    draws = balanced.sample(20000, torch.Generator().manual_seed(0))
+    drawn_cats = Counter(balanced.index["category"][draws.numpy()].tolist())
+    share_person_uniform = (train_bank.index["category"] == 1).mean()
+    assert drawn_cats[1] / 20000 < share_person_uniform / 4  # person is no longer dominant
+
+
+def test_bank_pickles_into_dataloader_workers(train_bank):
+    blob = pickle.dumps(train_bank.subset(categories=["dog", "cat"]))
+    assert len(blob) < 100_000  # path, meta and row numbers; no pixels, no open files
+    loader = DataLoader(train_bank, batch_size=None, num_workers=2, sampler=range(0, len(train_bank), 50))
+    got = [seg.rgba.shape for seg in loader]
+    want = [train_bank[i].rgba.shape for i in range(0, len(train_bank), 50)]
+    assert got == want
+
+
+def test_cli_info_json_and_show(train_bank, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sos_aug.cli", "bank", "info", str(train_bank.root), "--json"],
+                         capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["num_segments"] == len(train_bank)
+    counts = Counter(train_bank.index["category"].tolist())
+    assert info["num_categories"] == len(counts)
+    assert {(c["id"], c["count"]) for c in info["categories"]} == set(counts.items())
+    sheet = tmp_path / "sheet.png"
+    subprocess.run([sys.executable, "-m", "sos_aug.cli", "bank", "show", str(train_bank.root), "--out", str(sheet),
+                    "--n", "12"], check=True, capture_output=True)
+    from PIL import Image
+
+    assert Image.open(sheet).size[0] > 200
