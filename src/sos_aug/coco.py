@@ -17,8 +17,9 @@ from .composite import tight_boxes
 
 class CocoInstances(Dataset):
     """``(image, target)`` pairs: a uint8 (3, H, W) ``tv_tensors.Image`` and a dict with ``boxes``
-    (tight pixel-edge XYXY boxes of the rasterised masks), ``labels`` (category ids), ``masks``
-    (N, H, W) bool, ``iscrowd``, ``area`` (mask pixels) and ``image_id``.
+    (``BoundingBoxes``: tight pixel-edge XYXY boxes of the rasterised masks), ``labels`` (category
+    ids), ``masks`` (``Mask``, N x H x W bool), ``iscrowd``, ``area`` (mask pixels) and ``image_id``,
+    so torchvision v2 transforms apply to the whole sample.
 
     Instances whose segmentation is empty or degenerate are left out and counted in ``skipped``.
     """
@@ -66,9 +67,9 @@ class CocoInstances(Dataset):
             crowd.append(int(a.get("iscrowd", 0)))
         mask_t = torch.stack(masks).bool() if masks else torch.zeros(0, h, w, dtype=torch.bool)
         target = {
-            "boxes": tight_boxes(mask_t),
+            "boxes": tv_tensors.BoundingBoxes(tight_boxes(mask_t), format="XYXY", canvas_size=(h, w)),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "masks": mask_t,
+            "masks": tv_tensors.Mask(mask_t),
             "iscrowd": torch.tensor(crowd, dtype=torch.long),
             "area": mask_t.flatten(1).sum(1).float(),
             "image_id": info["id"],

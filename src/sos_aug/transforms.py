@@ -187,7 +187,7 @@ class CopyPaste:
         else:
             area[:n_old] = torch.where(area[:n_old] < 0, masks[keep].flatten(1).sum(1).float(), area[:n_old])
         out["area"] = area
-        out["is_pasted"] = torch.cat([torch.zeros(n_old, dtype=torch.bool), torch.ones(n_new, dtype=torch.bool)]).to(device)
+        out["is_pasted"] = torch.arange(n_old + n_new, device=device) >= n_old
         if self.open_vocabulary or "names" in target:
             old_names = target.get("names") or [str(int(x)) for x in labels]
             out["names"] = [nm for nm, k in zip(old_names, keep.tolist()) if k] + [

@@ -149,7 +149,8 @@ class _Partial:
             self.shard.write(item.blob)
             rec["offset"], rec["length"], rec["shard"] = shard["bytes"], len(item.blob), k
             shard["bytes"] += len(item.blob)
-            rec["height"], rec["width"], rec["category"], rec["area"] = item.height, item.width, item.category, item.area
+            rec["height"], rec["width"] = item.height, item.width
+            rec["category"], rec["area"] = item.category, item.area
             rec["source_id"], rec["flags"] = item.source_id, item.flags
             rec["text"] = self._text_pointer(item)
         self.records.write(recs.tobytes())

@@ -277,7 +277,7 @@ def xpaste_source(pool: str | Path, categories_from: str | Path | None = None, c
         for p in paths:
             entries.append((p, cid))
     for i in range(0, len(entries), chunk):
-        units.append([(str(p) if isinstance(p, str) else p, cid, str(pool.parent)) for p, cid in entries[i : i + chunk]])
+        units.append([(p, cid, str(pool.parent)) for p, cid in entries[i : i + chunk]])
     if bad:
         units.insert(0, [("__skip__", r, w) for r, w in bad])
     return Source(kind="xpaste", description={"pool": str(pool)}, categories=cats, units=units,

@@ -1,0 +1,134 @@
+"""CopyPaste's interface: input kinds, tv_tensors, layouts' priors, reproducibility, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from sos_aug import (
+    CopyPaste,
+    DatasetStatsLayout,
+    ExistingBoxesLayout,
+    RandomLayout,
+    SOSLayout,
+    label_map_from_coco,
+)
+from sos_aug.layout import Scene
+
+
+def test_same_seed_same_output_and_different_seed_differs(train_bank, val_set):
+    cp = CopyPaste(train_bank, layout=SOSLayout(rotation=15), num_pastes=(3, 8))
+    images, targets = zip(*[val_set[i] for i in range(3)])
+    a = cp(list(images), list(targets), generator=torch.Generator().manual_seed(5))
+    b = cp(list(images), list(targets), generator=torch.Generator().manual_seed(5))
+    c = cp(list(images), list(targets), generator=torch.Generator().manual_seed(6))
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert all(torch.equal(x["masks"], y["masks"]) for x, y in zip(a[1], b[1]))
+    assert not all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[1], c[1]))
+
+
+def test_stacked_batch_float_images_and_empty_targets(train_bank, val_set):
+    cp = CopyPaste(train_bank, num_pastes=(2, 4))
+    resize = v2.Resize((256, 256), antialias=True)
+    images, targets = zip(*[resize(*val_set[i]) for i in range(2)])
+    batch = torch.stack([im.as_subclass(torch.Tensor).float() / 255 for im in images])
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "masks": torch.zeros(0, 256, 256, dtype=torch.bool)}
+    out, out_targets = cp(batch, [targets[0], empty], generator=torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert out_targets[1]["is_pasted"].all() and len(out_targets[1]["labels"]) >= 2
+
+
+def test_tv_tensors_in_and_out_with_other_box_formats(train_bank, val_set):
+    image, target = val_set[0]
+    h, w = image.shape[-2:]
+    boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w))
+    cxcywh = v2.ConvertBoundingBoxFormat("CXCYWH")(boxes)
+    tgt = {**target, "boxes": cxcywh, "masks": tv_tensors.Mask(target["masks"])}
+    out_image, out = CopyPaste(train_bank, num_pastes=(3, 3))(image, tgt, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out_image, tv_tensors.Image)
+    assert isinstance(out["boxes"], tv_tensors.BoundingBoxes) and out["boxes"].format.name == "CXCYWH"
+    assert isinstance(out["masks"], tv_tensors.Mask)
+    back = v2.ConvertBoundingBoxFormat("XYXY")(out["boxes"])
+    from sos_aug.composite import tight_boxes
+
+    assert torch.allclose(back.as_subclass(torch.Tensor), tight_boxes(out["masks"].as_subclass(torch.Tensor).bool()))
+
+
+def test_open_vocabulary_keeps_unmapped_names(train_bank, val_set):
+    cp = CopyPaste(train_bank, label_map={"person": 1}, open_vocabulary=True, num_pastes=(6, 6))
+    image, target = val_set[1]
+    _, out = cp(image, target, generator=torch.Generator().manual_seed(2))
+    pasted = out["is_pasted"]
+    names = [n for n, p in zip(out["names"], pasted.tolist()) if p]
+    labels = out["labels"][pasted].tolist()
+    assert len(names) == len(labels) > 0
+    assert all((lab == 1) == (n == "person") for n, lab in zip(names, labels))
+    assert all(lab in (1, -1) for lab in labels)
+
+
+def test_bad_targets_fail_clearly(train_bank, val_set):
+    cp = CopyPaste(train_bank)
+    image, target = val_set[0]
+    with pytest.raises(ValueError, match="masks"):
+        cp(image, {"boxes": target["boxes"], "labels": target["labels"]})
+    with pytest.raises(ValueError, match="num_pastes"):
+        CopyPaste(train_bank, num_pastes=(5, 2))
+
+
+def _scene(h=480, w=640, k=40, existing=None):
+    seg = torch.randint(20, 200, (k, 2), generator=torch.Generator().manual_seed(0))
+    boxes = torch.zeros(0, 4) if existing is None else existing
+    return Scene(h, w, seg, ["person"] * k, boxes)
+
+
+def test_sos_layout_size_mix_and_visibility():
+    layout = SOSLayout(flip=0.0)
+    scene = _scene(k=4000)
+    sizes = layout.sizes(scene, torch.Generator().manual_seed(0))
+    area = sizes.prod(1)
+    small, medium = (area <= 32**2).double().mean(), ((area > 32**2) & (area <= 96**2)).double().mean()
+    assert abs(small - 0.40) < 0.03 and abs(medium - 0.35) < 0.03
+    aspect = sizes[:, 1] / sizes[:, 0]
+    assert torch.allclose(aspect, scene.segment_hw[:, 1] / scene.segment_hw[:, 0].double(), rtol=1e-6)
+    # placed large first, and with enough visibility everything it accepted stays >= 50% visible
+    placement = layout(_scene(k=12), torch.Generator().manual_seed(1))
+    areas = (placement.boxes[:, 2:] - placement.boxes[:, :2]).prod(1)
+    assert len(placement) >= 1
+    boxes = placement.boxes
+    for j in range(len(boxes)):
+        m = torch.zeros(480, 640, dtype=torch.bool)
+        x0, y0, x1, y1 = boxes[j].int().tolist()
+        m[y0:y1, x0:x1] = True
+        for later in boxes[j + 1 :]:
+            a, b, c, d = later.int().tolist()
+            m[b:d, a:c] = False
+        assert m.sum() >= 0.4 * areas[j]  # grid approximation of the 50% rule
+    assert bool((areas[:-1] >= areas[1:] * 0.5).all()) or len(areas) < 2
+
+
+def test_dataset_stats_layout_sizes_like_the_category(train_ann):
+    layout = DatasetStatsLayout(train_ann)
+    person = layout.stats["person"]
+    scene = _scene(h=400, w=600, k=2000)
+    sizes = layout.sizes(scene, torch.Generator().manual_seed(0))
+    fracs = sizes.prod(1) / (400 * 600)
+    assert abs(fracs.median() - person.median()) / person.median() < 0.15
+
+
+def test_existing_boxes_layout_uses_the_pool():
+    pool = torch.tensor([[0.1, 0.1, 0.3, 0.5]], dtype=torch.float64)
+    placement = ExistingBoxesLayout(pool=pool, flip=0)(_scene(h=100, w=200, k=5), torch.Generator().manual_seed(0))
+    b = placement.boxes
+    assert ((b[:, 0] >= 19) & (b[:, 2] <= 61) & (b[:, 1] >= 9) & (b[:, 3] <= 51)).all()
+
+
+def test_random_layout_keeps_boxes_on_canvas_and_label_map_from_coco(val_ann):
+    placement = RandomLayout(scale=(0.5, 4.0))(_scene(h=100, w=120, k=50), torch.Generator().manual_seed(0))
+    b = placement.boxes
+    assert (b[:, :2] >= 0).all() and (b[:, 2] <= 120).all() and (b[:, 3] <= 100).all()
+    mapping = label_map_from_coco(val_ann)
+    assert mapping["person"] == 1 and mapping["toothbrush"] == 90
