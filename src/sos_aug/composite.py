@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -111,6 +112,9 @@ def composite(image: torch.Tensor, pieces: list[PastedPiece], feather_sigma: flo
         rgb = piece.rgb if out.dtype == torch.uint8 else piece.rgb.to(out.dtype) / 255
         if feather_sigma > 0:
             window.copy_(_blend(window, rgb, piece.alpha, feather_sigma))
+        elif out.dtype == torch.uint8:  # bit select: ~20x faster than torch.where on CPU
+            keep = piece.mask.view(torch.uint8) - 1  # 0 under the mask, 255 elsewhere
+            window.bitwise_and_(keep).bitwise_or_(rgb & ~keep)
         else:
             window.copy_(torch.where(piece.mask, rgb, window))
     return out
@@ -126,22 +130,46 @@ def _blend(window: torch.Tensor, rgb: torch.Tensor, alpha: torch.Tensor, sigma: 
     return mixed.round().to(window.dtype) if window.dtype == torch.uint8 else mixed.to(window.dtype)
 
 
+def _zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A zeroed bool tensor; on CPU from calloc (via NumPy), so pages never written cost nothing."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.zeros(shape, dtype=bool))
+    return torch.zeros(shape, dtype=torch.bool, device=device)
+
+
+def _compact(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``rows[keep]`` without a new allocation: kept rows slide down in place; returns a view."""
+    kept = keep.nonzero().flatten().tolist()
+    for dst, src in enumerate(kept):
+        if dst != src:
+            rows[dst].copy_(rows[src])
+    return rows[: len(kept)]
+
+
 def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Pixel-edge XYXY boxes of (N, H, W) masks (x1 = last column + 1); all zeros for an empty mask.
+    """Pixel-edge XYXY boxes of (N, H, W) bool masks (x1 = last column + 1); zeros for an empty mask.
 
     torchvision's ``masks_to_boxes`` returns inclusive corners and loops per mask; this is one
-    reduction per axis.
+    max-reduction per axis on a uint8 view (bool reductions are many times slower on CPU).
     """
     n, h, w = masks.shape
     if n == 0:
         return torch.zeros(0, 4, device=masks.device)
-    rows, cols = masks.any(2), masks.any(1)
-    y0 = rows.to(torch.uint8).argmax(1)
-    y1 = h - rows.flip(1).to(torch.uint8).argmax(1)
-    x0 = cols.to(torch.uint8).argmax(1)
-    x1 = w - cols.flip(1).to(torch.uint8).argmax(1)
+    as_bytes = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
+    rows, cols = as_bytes.amax(2), as_bytes.amax(1)
+    y0, y1 = rows.argmax(1), h - rows.flip(1).argmax(1)
+    x0, x1 = cols.argmax(1), w - cols.flip(1).argmax(1)
     boxes = torch.stack([x0, y0, x1, y1], 1).float()
-    return boxes * rows.any(1, keepdim=True)
+    return boxes * rows.amax(1, keepdim=True)
+
+
+def count_pixels(masks: torch.Tensor) -> torch.Tensor:
+    """Pixels set in each (..., H, W) bool mask, as int64; NumPy's popcount path on CPU."""
+    if masks.device.type == "cpu":  # per-mask count_nonzero is ~8x faster than an axis reduction
+        flat = masks.numpy().reshape(-1, *masks.shape[-2:])
+        counts = np.fromiter((np.count_nonzero(m) for m in flat), np.int64, len(flat))
+        return torch.from_numpy(counts.reshape(masks.shape[:-2]))
+    return masks.flatten(-2).sum(-1)
 
 
 @dataclass
@@ -178,47 +206,53 @@ def paste_into(
             pieces.append(piece)
             piece_segment.append(int(placement.segment[k]))
     out_image = composite(image, pieces, feather_sigma)
+    device = image.device
     n, k = len(masks), len(pieces)
-    all_masks = torch.empty((n + k, height, width), dtype=torch.bool, device=image.device)
-    all_masks[:n] = masks
-    all_masks[n:] = False
-    lost = torch.zeros(n, dtype=torch.long, device=image.device)
-    for piece in pieces:  # existing instances lose what any piece covers
-        window = all_masks[(slice(0, n), *piece.window)]
-        lost += (window & piece.mask).flatten(1).sum(1)
-        window &= ~piece.mask
-    covered = torch.zeros((height, width), dtype=torch.bool, device=image.device)
-    pasted_full = torch.zeros(k, dtype=torch.long, device=image.device)
-    pasted_visible = torch.zeros(k, dtype=torch.long, device=image.device)
-    pasted_boxes = torch.zeros(k, 4, device=image.device)
-    pasted_full_boxes = torch.zeros(k, 4, device=image.device)
+    all_masks = _zeros((n + k, height, width), device)
+    all_masks[:n].view(torch.uint8).copy_(masks.view(torch.uint8))
+    # bool ops run through uint8 views (0/1): several times faster on CPU, same bits
+    bytes_ = all_masks.view(torch.uint8)
+    touched = torch.zeros(n, dtype=torch.uint8, device=device)
+    for piece in pieces:  # existing instances lose what any piece covers (in place, window only)
+        window = bytes_[(slice(0, n), *piece.window)]
+        m = piece.mask.view(torch.uint8)
+        if n:
+            touched |= (window & m).amax((1, 2))
+        window &= m ^ 1
+    covered = _zeros((height, width), device).view(torch.uint8)
+    pasted_full = torch.zeros(k, dtype=torch.long)
+    pasted_visible = torch.zeros(k, dtype=torch.long)
+    pasted_boxes = torch.zeros(k, 4, device=device)
+    pasted_full_boxes = torch.zeros(k, 4, device=device)
     for j in range(k - 1, -1, -1):  # a piece loses what later pieces cover
         piece = pieces[j]
         under = covered[piece.window]
-        visible = piece.mask & ~under
-        all_masks[(n + j, *piece.window)] = visible
-        under |= piece.mask
-        offset = torch.tensor([piece.x0, piece.y0, piece.x0, piece.y0], device=image.device)
-        pasted_boxes[j] = tight_boxes(visible[None])[0] + offset * visible.any()
+        m = piece.mask.view(torch.uint8)
+        visible = (m & (under ^ 1)).view(torch.bool)
+        bytes_[(n + j, *piece.window)] = visible.view(torch.uint8)
+        under |= m
+        offset = torch.tensor([piece.x0, piece.y0, piece.x0, piece.y0], device=device)
+        pasted_visible[j], pasted_full[j] = int(count_pixels(visible)), int(count_pixels(piece.mask))
+        if pasted_visible[j]:
+            pasted_boxes[j] = tight_boxes(visible[None])[0] + offset
         pasted_full_boxes[j] = tight_boxes(piece.mask[None])[0] + offset
-        pasted_full[j] = piece.mask.sum()
-        pasted_visible[j] = visible.sum()
-    touched = (lost > 0).nonzero().flatten()
-    before = torch.zeros(n, dtype=torch.long, device=image.device)
+    pasted_visible, pasted_full = pasted_visible.to(device), pasted_full.to(device)
+    touched_idx = touched.nonzero().flatten()
+    before = torch.zeros(n, dtype=torch.long, device=device)
+    after = torch.zeros(n, dtype=torch.long, device=device)
     new_boxes = boxes.clone().float()
-    if len(touched):
-        before[touched] = masks[touched].flatten(1).sum(1)
-        new_boxes[touched] = tight_boxes(all_masks[touched])
-    visible_existing = before - lost
-    keep_existing = torch.ones(n, dtype=torch.bool, device=image.device)
-    if len(touched):
-        keep_existing[touched] = drop.keep(visible_existing[touched], before[touched], boxes[touched].float(),
-                                           new_boxes[touched], crowd[touched])
-    no_crowd = torch.zeros(k, dtype=torch.bool, device=image.device)
+    keep_existing = torch.ones(n, dtype=torch.bool, device=device)
+    if len(touched_idx):  # full-canvas work, only for the instances a piece covered
+        for i in touched_idx.tolist():
+            before[i], after[i] = int(count_pixels(masks[i])), int(count_pixels(all_masks[i]))
+        new_boxes[touched_idx] = tight_boxes(all_masks[:n])[touched_idx]
+        keep_existing[touched_idx] = drop.keep(after[touched_idx], before[touched_idx], boxes[touched_idx].float(),
+                                               new_boxes[touched_idx], crowd[touched_idx])
+    no_crowd = torch.zeros(k, dtype=torch.bool, device=device)
     pasted_kept = drop.keep(pasted_visible, pasted_full, pasted_full_boxes, pasted_boxes, no_crowd)
     keep = torch.cat([keep_existing, pasted_kept])
-    out_masks = all_masks if bool(keep.all()) else all_masks[keep]
-    area_existing = torch.where(lost > 0, visible_existing, -torch.ones_like(lost))  # -1: unchanged
+    out_masks = _compact(all_masks, keep)
+    area_existing = torch.where(touched.bool(), after, -torch.ones_like(after))  # -1: unchanged
     return PasteResult(
         image=out_image,
         masks=out_masks,

@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
 from .bank.store import SegmentBank, normalize_name
-from .composite import DropRule, paste_into
+from .composite import DropRule, count_pixels, paste_into
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
 
 Target = dict[str, Any]
@@ -185,7 +185,7 @@ class CopyPaste:
         if old_area is not None:
             area[:n_old] = torch.where(area[:n_old] < 0, old_area.to(device)[keep].float(), area[:n_old])
         else:
-            area[:n_old] = torch.where(area[:n_old] < 0, masks[keep].flatten(1).sum(1).float(), area[:n_old])
+            area[:n_old] = torch.where(area[:n_old] < 0, count_pixels(masks[keep]).float().to(device), area[:n_old])
         out["area"] = area
         out["is_pasted"] = torch.arange(n_old + n_new, device=device) >= n_old
         if self.open_vocabulary or "names" in target:
