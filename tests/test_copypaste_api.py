@@ -86,7 +86,7 @@ def _scene(h=480, w=640, k=40, existing=None):
 
 
 def test_sos_layout_size_mix_and_visibility():
-    layout = SOSLayout(flip=0.0)
+    layout = SOSLayout(flip=0.0, max_upscale=None)
     scene = _scene(k=4000)
     sizes = layout.sizes(scene, torch.Generator().manual_seed(0))
     area = sizes.prod(1)
@@ -132,3 +132,11 @@ def test_random_layout_keeps_boxes_on_canvas_and_label_map_from_coco(val_ann):
     assert (b[:, :2] >= 0).all() and (b[:, 2] <= 120).all() and (b[:, 3] <= 100).all()
     mapping = label_map_from_coco(val_ann)
     assert mapping["person"] == 1 and mapping["toothbrush"] == 90
+
+
+def test_max_upscale_caps_enlargement():
+    scene = _scene(k=200)
+    placement = SOSLayout(max_upscale=1.5)(scene, torch.Generator().manual_seed(0))
+    size = torch.stack([placement.boxes[:, 3] - placement.boxes[:, 1], placement.boxes[:, 2] - placement.boxes[:, 0]], 1)
+    native = scene.segment_hw[placement.segment].float()
+    assert (size <= native * 1.5 + 1).all()

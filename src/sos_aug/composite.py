@@ -233,9 +233,11 @@ def paste_into(
         under |= m
         offset = torch.tensor([piece.x0, piece.y0, piece.x0, piece.y0], device=device)
         pasted_visible[j], pasted_full[j] = int(count_pixels(visible)), int(count_pixels(piece.mask))
-        if pasted_visible[j]:
-            pasted_boxes[j] = tight_boxes(visible[None])[0] + offset
         pasted_full_boxes[j] = tight_boxes(piece.mask[None])[0] + offset
+        if pasted_visible[j] == pasted_full[j]:  # nothing later covers it
+            pasted_boxes[j] = pasted_full_boxes[j]
+        elif pasted_visible[j]:
+            pasted_boxes[j] = tight_boxes(visible[None])[0] + offset
     pasted_visible, pasted_full = pasted_visible.to(device), pasted_full.to(device)
     touched_idx = touched.nonzero().flatten()
     before = torch.zeros(n, dtype=torch.long, device=device)
@@ -245,7 +247,7 @@ def paste_into(
     if len(touched_idx):  # full-canvas work, only for the instances a piece covered
         for i in touched_idx.tolist():
             before[i], after[i] = int(count_pixels(masks[i])), int(count_pixels(all_masks[i]))
-        new_boxes[touched_idx] = tight_boxes(all_masks[:n])[touched_idx]
+            new_boxes[i] = tight_boxes(all_masks[i : i + 1])[0]
         keep_existing[touched_idx] = drop.keep(after[touched_idx], before[touched_idx], boxes[touched_idx].float(),
                                                new_boxes[touched_idx], crowd[touched_idx])
     no_crowd = torch.zeros(k, dtype=torch.bool, device=device)

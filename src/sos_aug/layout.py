@@ -56,15 +56,19 @@ class Layout:
     """Base: draws sizes (subclass), applies scale jitter, fits the canvas, draws positions,
     flips and rotations. Subclasses override :meth:`sizes` and optionally :meth:`positions`."""
 
-    def __init__(self, flip: float = 0.5, rotation: float = 0.0, scale_jitter: tuple[float, float] = (1.0, 1.0)):
+    def __init__(self, flip: float = 0.5, rotation: float = 0.0, scale_jitter: tuple[float, float] = (1.0, 1.0),
+                 max_upscale: float | None = None):
         if not 0 <= flip <= 1:
             raise ValueError(f"flip is a probability, got {flip}")
         self.flip, self.rotation, self.scale_jitter = flip, rotation, scale_jitter
+        self.max_upscale = max_upscale
 
     def __call__(self, scene: Scene, generator: torch.Generator | None = None) -> Placement:
         k = len(scene.segment_hw)
         sizes = self.sizes(scene, generator)
         sizes = sizes * _uniform(k, *self.scale_jitter, generator)[:, None]
+        if self.max_upscale is not None:  # a small crop blown up far past its resolution looks blurred
+            sizes = torch.minimum(sizes, scene.segment_hw.double() * self.max_upscale)
         sizes = _fit_canvas(sizes, scene.height, scene.width)
         tops, order = self.positions(scene, sizes, generator)
         flip = torch.rand(k, generator=generator) < self.flip
@@ -107,7 +111,8 @@ class SOSLayout(Layout):
     at least ``mean_visible`` (checked on a coarse occupancy grid, all candidates at once).
 
     Size classes are areas at 640x480 scale, rescaled to the canvas: small up to 32², medium up to
-    96², large up to half the image.
+    96², large up to half the image. ``max_upscale`` (default 3) caps how far a segment is enlarged
+    beyond its own resolution; ``None`` keeps the mix exact.
     """
 
     REFERENCE_AREA = 640 * 480
@@ -119,9 +124,10 @@ class SOSLayout(Layout):
         mean_visible: float = 0.8,
         candidates: int = 32,
         smallest: float = 12.0,
+        max_upscale: float | None = 3.0,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(max_upscale=max_upscale, **kwargs)
         if abs(sum(mix) - 1) > 1e-6:
             raise ValueError(f"size mix must sum to 1, got {mix}")
         self.mix = torch.tensor(mix, dtype=torch.float64)

@@ -188,18 +188,19 @@ class SegmentBank(Dataset):
         cats = index["category"].astype(np.int64)
         if _check_mode(mode) == "uniform" or len(index) == 0:
             return torch.ones(len(index), dtype=torch.float64)
-        _, inverse, counts = np.unique(cats, return_inverse=True, return_counts=True)
+        counts = np.bincount(cats)  # category ids are small non-negative ints
         if mode == "category_balanced":
-            return torch.from_numpy(1.0 / counts[inverse])
-        src = index["source_id"]
-        if (src >= 0).all():
-            pairs = np.unique(np.stack([cats, src], 1), axis=0)
-            _, per_cat_images = np.unique(pairs[:, 0], return_counts=True)
-            freq = per_cat_images / len(np.unique(src))
+            return torch.from_numpy(1.0 / counts[cats])
+        src = index["source_id"].astype(np.int64)
+        if (src >= 0).all():  # f_c over source images: distinct (category, image) pairs, as one int64 key
+            pairs = _distinct(cats * (int(src.max()) + 1) + src)
+            per_cat_images = np.bincount(pairs // (int(src.max()) + 1), minlength=len(counts))
+            freq = per_cat_images / len(_distinct(src))
         else:
             freq = counts / len(index)
-        repeat = np.maximum(1.0, np.sqrt(t / freq))
-        return torch.from_numpy(repeat[inverse])
+        with np.errstate(divide="ignore"):
+            repeat = np.maximum(1.0, np.sqrt(t / freq))
+        return torch.from_numpy(repeat[cats])
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` view positions (with replacement) under this view's sampling mode; O(n log N)."""
@@ -231,6 +232,12 @@ class SegmentBank(Dataset):
 
     def __repr__(self) -> str:
         return f"SegmentBank({str(self.root)!r}, segments={len(self)}, categories={len(self.categories)})"
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (sort + compare: several times faster than np.unique on 1M ints)."""
+    v = np.sort(values)
+    return v[np.concatenate([[True], v[1:] != v[:-1]])] if len(v) else v
 
 
 def normalize_name(name: str) -> str:

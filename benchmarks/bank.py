@@ -1,0 +1,123 @@
+"""Segment bank: random-access reads vs one PNG per segment (the X-Paste layout), index size, and
+how fast a synthetic 1M-segment index opens. One run, the same real COCO segments for both stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import coco_mini, machine  # noqa: E402
+
+from sos_aug.bank import SegmentBank, build_bank, coco_source  # noqa: E402
+from sos_aug.bank.format import FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, atomic_write_json  # noqa: E402
+
+
+def png_pool(bank: SegmentBank, folder: Path) -> list[Path]:
+    """Write every segment as its own RGBA PNG, as X-Paste and DiverGen keep their pools."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(len(bank)):
+        path = folder / f"{i:07d}.png"
+        if not path.exists():
+            Image.fromarray(bank[i].rgba.permute(1, 2, 0).numpy()).save(path)
+        paths.append(path)
+    return paths
+
+
+def reads_per_second(read, order: np.ndarray) -> float:
+    for i in order[:50]:
+        read(int(i))  # warm the page cache and code paths alike
+    start = time.perf_counter()
+    for i in order:
+        read(int(i))
+    return len(order) / (time.perf_counter() - start)
+
+
+def read_png(paths):
+    def read(i):
+        with Image.open(paths[i]) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGBA")).copy()).permute(2, 0, 1)
+    return read
+
+
+def synthetic_million(folder: Path, n: int = 1_000_000) -> Path:
+    """An index of ``n`` records over one shard (enough to time open/len/sampling, not reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    index = np.zeros(n, INDEX_DTYPE)
+    index["length"] = 1
+    index["offset"] = np.arange(n)
+    index["category"] = rng.integers(1, 1204, n)
+    index["area"] = rng.integers(1, 10**5, n)
+    index["source_id"] = rng.integers(0, 10**5, n)
+    index["text"] = -1
+    index["flags"] = 255
+    index.tofile(folder / "index-0001.bin")
+    (folder / "shard-0001-0000.bin").write_bytes(b"\0" * n)
+    cats = [{"id": i, "name": f"cat{i}", "synonyms": [], "frequency": "r"} for i in range(1, 1204)]
+    atomic_write_json(folder / "meta.json", {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "generation": 1, "num_segments": n,
+        "index": "index-0001.bin", "texts": None, "index_record_bytes": INDEX_DTYPE.itemsize,
+        "shards": [{"file": "shard-0001-0000.bin", "bytes": n}], "categories": cats, "skipped": {},
+        "provenance": []})
+    return folder
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--work", default="bench_out")
+    p.add_argument("--reads", type=int, default=3000)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    root, work = coco_mini(), Path(args.work)
+    bank_dir = work / "bank-all"
+    if not (bank_dir / "meta.json").exists():
+        for split in ("train2017", "val2017"):
+            build_bank(bank_dir, coco_source(root / "annotations" / f"instances_{split}.json", root / split),
+                       workers=2, progress=False)
+    bank = SegmentBank(bank_dir)
+    paths = png_pool(bank, work / "png-pool")
+    order = np.random.default_rng(0).integers(0, len(bank), args.reads)
+    bank_rate = reads_per_second(lambda i: bank[i].rgba, order)
+    png_rate = reads_per_second(read_png(paths), order)
+    png_bytes = sum(p.stat().st_size for p in paths)
+    shard_bytes = sum(s["bytes"] for s in bank.meta["shards"])
+
+    million = synthetic_million(work / "bank-1m")
+    start = time.perf_counter()
+    big = SegmentBank(million)
+    n = len(big)
+    _ = big.index["category"][-1]
+    open_s = time.perf_counter() - start
+    start = time.perf_counter()
+    big.with_sampling("repeat_factor").sample(1024, torch.Generator().manual_seed(0))
+    sample_s = time.perf_counter() - start
+    rows = {
+        "segments": len(bank), "bank_reads_per_s": bank_rate, "png_reads_per_s": png_rate,
+        "read_speedup": bank_rate / png_rate, "index_bytes_per_segment": INDEX_DTYPE.itemsize,
+        "shard_bytes": shard_bytes, "png_pool_bytes": png_bytes, "million_open_s": open_s, "million_len": n,
+        "million_first_repeat_factor_sample_s": sample_s,
+    }
+    print(f"machine: {machine()}")
+    print(f"{len(bank)} real COCO segments (coco-mini train+val), {args.reads} random reads each, decode included")
+    print(f"  bank     {bank_rate:9.0f} reads/s   shards {shard_bytes / 1e6:6.1f} MB")
+    print(f"  PNG pool {png_rate:9.0f} reads/s   files  {png_bytes / 1e6:6.1f} MB   -> bank is {rows['read_speedup']:.1f}x")
+    print(f"  index: {INDEX_DTYPE.itemsize} bytes per segment")
+    print(f"  synthetic 1M-segment bank: opened in {open_s * 1e3:.1f} ms; first repeat-factor sample "
+          f"(weights + CDF over 1M) {sample_s * 1e3:.0f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), **rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
