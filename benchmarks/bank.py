@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}")
     print(f"{len(bank)} real COCO segments (coco-mini train+val), {args.reads} random reads each, decode included")
     print(f"  bank     {bank_rate:9.0f} reads/s   shards {shard_bytes / 1e6:6.1f} MB")
-    print(f"  PNG pool {png_rate:9.0f} reads/s   files  {png_bytes / 1e6:6.1f} MB   -> bank is {rows['read_speedup']:.1f}x")
+    print(f"  PNG pool {png_rate:9.0f} reads/s   files  {png_bytes / 1e6:6.1f} MB   "
+          f"-> bank is {rows['read_speedup']:.1f}x")
     print(f"  index: {INDEX_DTYPE.itemsize} bytes per segment")
     print(f"  synthetic 1M-segment bank: opened in {open_s * 1e3:.1f} ms; first repeat-factor sample "
           f"(weights + CDF over 1M) {sample_s * 1e3:.0f} ms")

@@ -137,6 +137,7 @@ def test_random_layout_keeps_boxes_on_canvas_and_label_map_from_coco(val_ann):
 def test_max_upscale_caps_enlargement():
     scene = _scene(k=200)
     placement = SOSLayout(max_upscale=1.5)(scene, torch.Generator().manual_seed(0))
-    size = torch.stack([placement.boxes[:, 3] - placement.boxes[:, 1], placement.boxes[:, 2] - placement.boxes[:, 0]], 1)
+    boxes = placement.boxes
+    size = torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1)
     native = scene.segment_hw[placement.segment].float()
     assert (size <= native * 1.5 + 1).all()
