@@ -98,3 +98,18 @@ def test_merge_and_add_keep_old_shards_and_unify_categories(tmp_path, crops, tra
     for i in range(0, len(train_bank), 97):
         assert np.array_equal(bank[i].rgba.numpy(), train_bank[i].rgba.numpy())
     assert len(list(merged.glob("index-*.bin"))) == 1
+
+
+def test_adding_a_split_to_an_existing_bank(tmp_path, train_bank, coco_mini, val_ann):
+    from sos_aug.bank import coco_source
+
+    out = tmp_path / "bank"
+    merge_banks(out, [train_bank.root])
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.bin")}
+    report = build_bank(out, coco_source(val_ann, coco_mini / "val2017"), progress=False)
+    bank = SegmentBank(out)
+    assert len(bank) == len(train_bank) + report["added"] and report["added"] > 500
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.bin") if p.name in before} == before
+    assert [p["kind"] for p in bank.meta["provenance"]] == ["merge", "coco"]
+    assert np.array_equal(bank.index[: len(train_bank)]["category"], train_bank.index["category"])
+    assert bank[len(bank) - 1].source.startswith("coco:")
