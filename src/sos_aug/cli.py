@@ -61,6 +61,20 @@ def _bank_show(args) -> int:
     return 0
 
 
+def make_relighter(name: str | None, weights: str | None = None):
+    """A relighter chain by name: none, net, lab, reinhard, net+lab."""
+    from .relight import LabBlend, ReinhardTransfer, RelightNet
+
+    if name in (None, "none"):
+        return None
+    net = (lambda: RelightNet.load(weights) if weights else RelightNet.pretrained())
+    chains = {"net": lambda: net(), "lab": lambda: LabBlend(), "reinhard": lambda: ReinhardTransfer(),
+              "net+lab": lambda: [net(), LabBlend()]}
+    if name not in chains:
+        raise ValueError(f"unknown relighter {name!r}; choose from none, {', '.join(chains)}")
+    return chains[name]()
+
+
 def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, int], feather: float):
     from .layout import DatasetStatsLayout, ExistingBoxesLayout, RandomLayout, SOSLayout
     from .transforms import CopyPaste, label_map_from_coco
@@ -76,8 +90,10 @@ def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, in
                      open_vocabulary=label_map is None)
 
 
-def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num=(4, 10), feather=0.0) -> Path:
-    """Augment ``n`` images of a COCO set and save them side by side with the originals."""
+def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num=(4, 10), feather=0.0,
+            relight: str | None = None, weights: str | None = None) -> Path:
+    """Augment ``n`` images of a COCO set and save each beside its original; with ``relight``, the
+    same augmented batch is shown without and with relighting instead."""
     from .bank import SegmentBank
     from .coco import CocoInstances
     from .preview import draw_instances, save_grid
@@ -91,8 +107,16 @@ def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(ds), generator=g)[:n].tolist()
     images, targets = zip(*[ds[i] for i in picks])
+    state = g.get_state()
     out_images, out_targets = cp(list(images), list(targets), generator=g)
     tiles = []
+    if relight not in (None, "none"):
+        cp.relight = make_relighter(relight, weights)
+        g.set_state(state)
+        relit, _ = cp(list(images), list(targets), generator=g)
+        for a, b, tb in zip(out_images, relit, out_targets):
+            tiles += [draw_instances(a, tb, names, outlines=False), draw_instances(b, tb, names, outlines=False)]
+        return save_grid(tiles, out, cols=4)
     for a, ta, b, tb in zip(images, targets, out_images, out_targets):
         tiles += [draw_instances(a, ta, names), draw_instances(b, tb, names)]
     return save_grid(tiles, out, cols=4)
@@ -100,8 +124,10 @@ def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num
 
 def _preview(args) -> int:
     path = preview(args.bank, args.coco, args.images, args.out, n=args.n, seed=args.seed, layout=args.layout,
-                   feather=args.feather)
-    print(f"wrote {path} (each original left of its augmented copy; pasted instances in magenta, marked '+')")
+                   feather=args.feather, relight=args.relight, weights=args.weights)
+    what = ("each augmented image without (left) and with relighting (right)" if args.relight not in (None, "none")
+            else "each original left of its augmented copy")
+    print(f"wrote {path} ({what}; pasted instances in magenta, marked '+')")
     return 0
 
 
@@ -121,6 +147,36 @@ def _demo(args) -> int:
     print(f"bank: {out / 'bank'} (+{report['added']} segments)")
     path = preview(out / "bank", ann, images, out / "preview.png", n=args.n, seed=args.seed, layout=args.layout)
     print(f"preview: {path}")
+    return 0
+
+
+def _relight_train(args) -> int:
+    from .relight.train import train_relight_net
+
+    torch.set_num_threads(args.threads)
+    teacher = None
+    if args.teacher:
+        from .relight.teacher import ICLightTeacher
+
+        teacher = ICLightTeacher.from_local(args.teacher)
+    report = train_relight_net(args.coco, args.images, args.out, minutes=args.minutes, seed=args.seed,
+                               teacher=teacher, progress=not args.quiet)
+    print(f"saved {args.out} (best held-out fMSE {report.best_val_fmse * 255**2:.1f} at step {report.best_step} "
+          f"of {report.steps}); loss curve {Path(args.out).with_suffix('.png')}")
+    return 0
+
+
+def _relight_eval(args) -> int:
+    from .relight.evaluate import evaluate, format_table
+    from .relight.net import RelightNet
+
+    torch.set_num_threads(args.threads)
+    net = RelightNet.load(args.weights) if args.weights else RelightNet.pretrained()
+    result = evaluate(args.coco, args.images, net=net, min_area=args.min_area, seed=args.seed,
+                      limit=args.limit, with_oracle=not args.no_oracle, progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -167,7 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos")
     v.add_argument("--feather", type=float, default=0.0, help="alpha feathering sigma in pixels (0: hard)")
+    v.add_argument("--relight", choices=["none", "net", "lab", "reinhard", "net+lab"], default="none",
+                   help="show the batch without and with this relighting")
+    v.add_argument("--weights", help="relighting net weights (default: the shipped ones)")
     v.set_defaults(func=_preview)
+
+    rl = sub.add_parser("relight", help="train and evaluate the relighting net").add_subparsers(
+        dest="relight_cmd", required=True)
+    t = rl.add_parser("train", help="perturb-and-recover training (or teacher distillation) on COCO instances")
+    t.add_argument("--coco", required=True)
+    t.add_argument("--images", required=True)
+    t.add_argument("--out", required=True, help="weights file (.pt); the loss curve goes beside it as .png")
+    t.add_argument("--minutes", type=float, default=10.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--teacher", help="local IC-Light directory (diffusers layout) to distil from")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_relight_train)
+    e = rl.add_parser("eval", help="parametric and transfer suites at 256², five methods")
+    e.add_argument("--coco", required=True)
+    e.add_argument("--images", required=True)
+    e.add_argument("--weights", help="weights to evaluate (default: the shipped ones)")
+    e.add_argument("--json")
+    e.add_argument("--min-area", type=int, default=400)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--limit", type=int, help="evaluate only the first N instances")
+    e.add_argument("--no-oracle", action="store_true", help="skip the (slow) fitted ceiling")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_relight_eval)
 
     d = sub.add_parser("demo", help="build a bank and write a preview, on embedded data or yours")
     d.add_argument("--out", default="demo_out")

@@ -25,8 +25,10 @@ def outline(masks: torch.Tensor, width: int = 2) -> torch.Tensor:
     return (m - eroded)[:, 0] > 0
 
 
-def draw_instances(image: torch.Tensor, target: Mapping, names: Mapping[int, str] | None = None) -> torch.Tensor:
-    """Draw mask outlines, boxes and labels; pasted instances in magenta with a '+' before the name."""
+def draw_instances(image: torch.Tensor, target: Mapping, names: Mapping[int, str] | None = None,
+                   outlines: bool = True) -> torch.Tensor:
+    """Draw mask outlines, boxes and labels; pasted instances in magenta with a '+' before the name.
+    Without ``outlines`` only pasted instances get a box, so their pixels stay visible."""
     image = image.as_subclass(torch.Tensor).cpu()
     if image.is_floating_point():
         image = (image.clamp(0, 1) * 255).to(torch.uint8)
@@ -35,6 +37,12 @@ def draw_instances(image: torch.Tensor, target: Mapping, names: Mapping[int, str
     labels = target["labels"].cpu().tolist()
     text = target.get("names") or [names.get(int(x), str(x)) if names else str(x) for x in labels]
     colors = [PASTED_COLOR if p else REAL_COLOR for p in pasted.tolist()]
+    if not outlines:
+        keep = pasted.nonzero().flatten()
+        boxes = target["boxes"].as_subclass(torch.Tensor).cpu().float()[keep]
+        if len(keep):
+            image = draw_bounding_boxes(image, boxes, colors=[PASTED_COLOR] * len(keep), width=1)
+        return image
     if len(masks):
         image = draw_segmentation_masks(image, outline(masks), alpha=1.0, colors=colors)
         tags = [("+" if p else "") + t for t, p in zip(text, pasted.tolist())]

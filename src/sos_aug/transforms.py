@@ -64,6 +64,9 @@ class CopyPaste:
         drop: a :class:`DropRule`, or its mode name.
         label_map: bank category (name or id) -> dataset label; None keeps the bank's ids as labels.
         open_vocabulary: keep segments whose category has no label (label -1, names in ``names``).
+        relight: a relighter or a list of them (:mod:`sos_aug.relight`), run on the pasted segments
+            after compositing, e.g. ``[RelightNet.pretrained(), LabBlend()]``; background pixels and
+            targets are unchanged by it.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class CopyPaste:
         drop: DropRule | str = "visible_fraction",
         label_map: Mapping[str | int, int] | None = None,
         open_vocabulary: bool = False,
+        relight=None,
     ):
         if num_pastes[0] < 0 or num_pastes[1] < num_pastes[0]:
             raise ValueError(f"num_pastes must be (low, high) with 0 <= low <= high, got {num_pastes}")
@@ -83,6 +87,7 @@ class CopyPaste:
         self.num_pastes, self.p, self.feather_sigma = num_pastes, p, feather_sigma
         self.drop = drop if isinstance(drop, DropRule) else DropRule(drop)
         self.open_vocabulary = open_vocabulary
+        self.relight = relight
         self.label_of = _resolve_labels(bank, label_map, open_vocabulary)
         usable = [c for c, lab in self.label_of.items() if lab >= 0 or open_vocabulary]
         self.bank = bank.subset(categories=usable) if len(usable) < len(bank.categories) else bank
@@ -159,7 +164,24 @@ class CopyPaste:
             img, tgt = self._apply_one(image, target, segments, placement)
             out_images.append(img)
             out_targets.append(tgt)
+        if self.relight is not None:
+            out_images = self._relight(out_images, out_targets)
         return out_images, out_targets
+
+    def _relight(self, images: list[torch.Tensor], targets: list[Target]) -> list[torch.Tensor]:
+        """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
+        from .relight.classical import RelightBatch, relight
+
+        plain = [_to_unit(im) for im in images]
+        masks = [t["masks"].as_subclass(torch.Tensor).bool()[t["is_pasted"]] for t in targets]
+        relit = relight(self.relight, RelightBatch(list(plain), plain, masks))
+        out = []
+        for image, new, m in zip(images, relit, masks):
+            covered = m.any(0) if len(m) else torch.zeros(image.shape[-2:], dtype=torch.bool, device=image.device)
+            values = (new * 255).round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else new
+            result = torch.where(covered, values.to(image.dtype), image.as_subclass(torch.Tensor))
+            out.append(tv_tensors.wrap(result, like=image) if isinstance(image, tv_tensors.Image) else result)
+        return out
 
     def _apply_one(self, image: torch.Tensor, target: Target, segments: PasteSegments, placement: Placement):
         _check_target(image, target)
@@ -197,6 +219,11 @@ class CopyPaste:
         if isinstance(image, tv_tensors.Image):
             img = tv_tensors.wrap(img, like=image)
         return img, out
+
+
+def _to_unit(image: torch.Tensor) -> torch.Tensor:
+    image = image.as_subclass(torch.Tensor)
+    return image.float() / 255 if image.dtype == torch.uint8 else image.float()
 
 
 _INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows"}

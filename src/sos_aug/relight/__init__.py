@@ -1,0 +1,7 @@
+"""Relighting pasted segments: SOS's Lab blending, Reinhard transfer toward the surroundings, and a
+small distilled net that runs batched inside CopyPaste (``CopyPaste(..., relight=...)``)."""
+
+from .classical import LabBlend, ReinhardTransfer, RelightBatch, relight
+from .net import RelightNet
+
+__all__ = ["LabBlend", "ReinhardTransfer", "RelightBatch", "RelightNet", "relight"]

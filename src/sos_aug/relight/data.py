@@ -1,0 +1,142 @@
+"""Training and evaluation samples for relighting, from real photos and real instance masks.
+
+A sample is a context window (a mask's box grown 2x) of a real photo, the mask in it, and the
+window with its foreground perturbed; the net learns to undo the perturbation from the context.
+Data is multiplied the way harmonization needs: masks transplanted onto other images and places
+(the region under a transplanted mask is real content, consistent with its surroundings), random
+scales and flips, and a global colour jitter of the whole window so that only foreground-vs-context
+consistency can be learned.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from PIL import Image
+
+from ..bank.sources import segmentation_to_mask
+from .color import rgb_to_lab
+from .perturb import masked_stats
+
+
+@dataclass
+class Instance:
+    image: int  # index into the pool's images
+    mask: torch.Tensor  # (h, w) bool at pool resolution
+    category: int
+    lab_stats: torch.Tensor  # (6,) foreground Lab mean and std in its own photo
+
+
+class InstancePool:
+    """Images (long side ``side``) and their non-crowd instance masks above ``min_area`` pixels."""
+
+    def __init__(self, ann_file: str | Path, images: str | Path, side: int = 320, min_area: int = 400,
+                 image_ids: list[int] | None = None):
+        data = json.loads(Path(ann_file).read_text())
+        infos = sorted(data["images"], key=lambda im: im["id"])
+        if image_ids is not None:
+            keep = set(image_ids)
+            infos = [im for im in infos if im["id"] in keep]
+        by_image: dict[int, list] = {}
+        for a in data["annotations"]:
+            if not a.get("iscrowd"):
+                by_image.setdefault(a["image_id"], []).append(a)
+        self.images: list[torch.Tensor] = []
+        self.instances: list[Instance] = []
+        self.image_ids: list[int] = []
+        for info in infos:
+            anns = by_image.get(info["id"], [])
+            if not anns:
+                continue
+            with Image.open(Path(images) / info["file_name"]) as im:
+                rgb = np.asarray(im.convert("RGB"))
+            h, w = rgb.shape[:2]
+            scale = side / max(h, w)
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()[None] / 255
+            img = nnf.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            idx = len(self.images)
+            self.images.append(img.clamp(0, 1))
+            self.image_ids.append(info["id"])
+            for a in anns:
+                try:
+                    m = torch.from_numpy(segmentation_to_mask(a["segmentation"], h, w)).float()[None, None]
+                except ValueError:
+                    continue
+                m = nnf.interpolate(m, size=size, mode="area")[0, 0] >= 0.5
+                if int(m.sum()) < min_area * scale * scale:
+                    continue
+                mean, std = masked_stats(rgb_to_lab(img[None]), m[None, None].float())
+                self.instances.append(Instance(idx, m, a["category_id"], torch.cat([mean, std], 1).flatten()))
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+
+def crop_window(image: torch.Tensor, mask: torch.Tensor, size: int, context: float = 2.0):
+    """The context window of ``mask`` (its box grown ``context`` x) resized to ``size``: (3+1, s, s)."""
+    ys, xs = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+    y0, y1, x0, x1 = ys[0].item(), ys[-1].item() + 1, xs[0].item(), xs[-1].item() + 1
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    hh, hw = max(1.0, (y1 - y0) * context / 2), max(1.0, (x1 - x0) * context / 2)
+    h, w = mask.shape
+    ya, yb = max(0, int(cy - hh)), min(h, int(np.ceil(cy + hh)))
+    xa, xb = max(0, int(cx - hw)), min(w, int(np.ceil(cx + hw)))
+    stack = torch.cat([image[:, ya:yb, xa:xb], mask[None, ya:yb, xa:xb].float()])[None]
+    out = nnf.interpolate(stack, size=(size, size), mode="bilinear", align_corners=False)[0]
+    out[3] = (out[3] >= 0.5).float()
+    return out
+
+
+def training_batch(pool: InstancePool, n: int, size: int, g: torch.Generator,
+                   transplant: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` windows: (images (n, 3, s, s), alphas (n, 1, s, s), reference Lab stats (n, 6) of other
+    real objects for the transfer perturbation)."""
+    images, alphas, refs = [], [], []
+    while len(images) < n:
+        inst = pool.instances[int(torch.randint(len(pool), (1,), generator=g))]
+        image = pool.images[inst.image]
+        mask = inst.mask
+        if torch.rand(1, generator=g).item() < transplant:  # the mask's shape over another photo's content
+            image = pool.images[int(torch.randint(len(pool.images), (1,), generator=g))]
+            mask = _transplant(mask, image.shape[-2:], g)
+            if mask is None:
+                continue
+        window = crop_window(image, mask, size)
+        if window[3].sum() < 16:
+            continue
+        if torch.rand(1, generator=g).item() < 0.5:
+            window = window.flip(-1)
+        images.append(_global_jitter(window[:3], g))
+        alphas.append(window[3:])
+        other = pool.instances[int(torch.randint(len(pool), (1,), generator=g))]
+        refs.append(other.lab_stats)
+    return torch.stack(images), torch.stack(alphas), torch.stack(refs)
+
+
+def _transplant(mask: torch.Tensor, size, g: torch.Generator) -> torch.Tensor | None:
+    ys, xs = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+    shape = mask[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1].float()
+    scale = float(torch.empty(1).uniform_(0.5, 1.5, generator=g))
+    h, w = size
+    sh, sw = max(4, int(shape.shape[0] * scale)), max(4, int(shape.shape[1] * scale))
+    if sh >= h or sw >= w:
+        return None
+    shape = nnf.interpolate(shape[None, None], size=(sh, sw), mode="bilinear", align_corners=False)[0, 0] >= 0.5
+    y = int(torch.randint(0, h - sh + 1, (1,), generator=g))
+    x = int(torch.randint(0, w - sw + 1, (1,), generator=g))
+    out = torch.zeros(h, w, dtype=torch.bool)
+    out[y : y + sh, x : x + sw] = shape
+    return out
+
+
+def _global_jitter(rgb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The same colour change over the whole window: context and foreground stay consistent."""
+    gain = torch.exp(0.1 * torch.randn(3, 1, 1, generator=g))
+    gamma = float(torch.exp(0.15 * torch.randn(1, generator=g)))
+    return (rgb * gain).clamp(0, 1) ** gamma

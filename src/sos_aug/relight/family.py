@@ -1,0 +1,65 @@
+"""The relighting transform family: what a relighter may do to a segment's pixels.
+
+A segment's colours go through ``x -> shade(curve(A x + b))``: an affine colour matrix, monotone
+per-channel piecewise-linear curves, and a coarse multiplicative shading grid spread over the
+segment's context window. All-zero parameters are the identity. The net predicts these parameters
+at low resolution; they are applied at full resolution to the segment's pixels only, and the same
+family is what the oracle and the teacher distillation fit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as nnf
+
+KNOTS = 8  # curve segments per channel
+GRID = 4  # shading grid is GRID x GRID
+N_AFFINE = 12
+N_CURVE = 3 * KNOTS
+N_SHADE = GRID * GRID
+N_PARAMS = N_AFFINE + N_CURVE + N_SHADE
+
+
+def identity(n: int, device=None) -> torch.Tensor:
+    return torch.zeros(n, N_PARAMS, device=device)
+
+
+def apply_family(params: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+    """Apply per-sample parameters (S, P) to (S, 3, h, w) RGB in [0, 1]; the shading grid spans the
+    whole (h, w) window. Returns unclamped values (callers clamp after alpha compositing)."""
+    s = params.shape[0]
+    matrix = torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :9].view(s, 3, 3)
+    bias = params[:, 9:12].view(s, 3, 1, 1)
+    x = torch.einsum("sij,sjhw->sihw", matrix, rgb) + bias
+    x = _curves(params[:, N_AFFINE : N_AFFINE + N_CURVE].view(s, 3, KNOTS), x)
+    grid = params[:, N_AFFINE + N_CURVE :].view(s, 1, GRID, GRID)
+    shade = nnf.interpolate(grid, size=rgb.shape[-2:], mode="bilinear", align_corners=True)
+    return x * torch.exp(shade)
+
+
+def _curves(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Monotone piecewise-linear curves on [0, 1] with KNOTS equal segments, slopes exp(raw)
+    (identity at raw = 0); linear extrapolation outside [0, 1]."""
+    slope = torch.exp(raw.clamp(-4, 4))  # (s, 3, K)
+    knots = torch.cat([torch.zeros_like(slope[..., :1]), torch.cumsum(slope, -1) / KNOTS], -1)  # (s, 3, K+1)
+    t = x * KNOTS
+    idx = t.floor().clamp(0, KNOTS - 1).long()
+    s, c, h, w = x.shape
+    base = torch.gather(knots, 2, idx.view(s, c, -1)).view(s, c, h, w)
+    sl = torch.gather(slope, 2, idx.view(s, c, -1)).view(s, c, h, w)
+    return base + (t - idx) * sl / KNOTS
+
+
+def fit_family(rgb: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor, steps: int = 150,
+               lr: float = 0.05) -> torch.Tensor:
+    """The family's best parameters per sample for ``target`` inside ``alpha`` (least squares by Adam):
+    the oracle ceiling in evaluation and the fitted targets in teacher distillation."""
+    params = identity(rgb.shape[0], rgb.device).requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=lr)
+    weight = alpha / alpha.flatten(1).sum(1).clamp(min=1).view(-1, 1, 1, 1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (((apply_family(params, rgb) - target) ** 2) * weight).sum()
+        loss.backward()
+        opt.step()
+    return params.detach()

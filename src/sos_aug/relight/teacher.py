@@ -1,0 +1,79 @@
+"""A heavier teacher for distillation: IC-Light (foreground-conditioned SD 1.5) through diffusers.
+
+IC-Light's UNet takes 8 latent channels: the noisy latent and the VAE latent of the foreground on a
+grey background. The teacher runs img2img from the composite's latent, conditioned on that
+foreground latent, and returns the relit composite. Nothing is downloaded: every component is
+loaded from a local directory in diffusers layout (``unet/``, ``vae/``, ``scheduler/``, and either
+``text_encoder/`` + ``tokenizer/`` or a ``prompt_embeds.pt`` tensor). Distillation fits the
+student's transform family to each teacher output inside the mask (:func:`.family.fit_family`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+
+
+class ICLightTeacher:
+    """``teacher(composite, alpha) -> relit`` on (S, 3, h, w) RGB in [0, 1] and (S, 1, h, w) alpha."""
+
+    def __init__(self, unet, vae, scheduler, prompt_embeds: torch.Tensor, steps: int = 20,
+                 strength: float = 0.7, seed: int = 0):
+        if unet.config.in_channels != 2 * vae.config.latent_channels:
+            raise ValueError(f"IC-Light's UNet takes {2 * vae.config.latent_channels} input channels "
+                             f"(noisy + foreground latents); this one takes {unet.config.in_channels}")
+        self.unet, self.vae, self.scheduler = unet.eval(), vae.eval(), scheduler
+        self.prompt_embeds, self.steps, self.strength, self.seed = prompt_embeds, steps, strength, seed
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_local(cls, path: str | Path, prompt: str = "natural lighting", **kwargs) -> ICLightTeacher:
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: IC-Light directory not found (diffusers layout, local only)")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+        scheduler = DDIMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+        if (path / "prompt_embeds.pt").is_file():
+            embeds = torch.load(path / "prompt_embeds.pt", map_location="cpu", weights_only=True)
+        else:
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+            encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+            ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                            return_tensors="pt").input_ids
+            with torch.no_grad():
+                embeds = encoder(ids)[0]
+        return cls(unet, vae, scheduler, embeds, **kwargs)
+
+    def _encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        latent = self.vae.encode(rgb * 2 - 1).latent_dist.mode()
+        return latent * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def __call__(self, composite: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        h, w = composite.shape[-2:]
+        f = self.factor * 8
+        size = (max(f, round(h / f) * f), max(f, round(w / f) * f))
+        x = nnf.interpolate(composite, size=size, mode="bilinear", align_corners=False)
+        a = nnf.interpolate(alpha, size=size, mode="bilinear", align_corners=False)
+        foreground = self._encode(x * a + 0.5 * (1 - a))
+        latent = self._encode(x)
+        self.scheduler.set_timesteps(self.steps)
+        start = int(self.steps * (1 - self.strength))
+        timesteps = self.scheduler.timesteps[start:]
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(latent.shape, generator=g)
+        latent = self.scheduler.add_noise(latent, noise, timesteps[:1])
+        embeds = self.prompt_embeds.expand(len(x), -1, -1).to(latent.dtype)
+        for t in timesteps:
+            eps = self.unet(torch.cat([latent, foreground], 1), t, encoder_hidden_states=embeds).sample
+            latent = self.scheduler.step(eps, t, latent).prev_sample
+        out = self.vae.decode(latent / self.vae.config.scaling_factor).sample
+        out = ((out + 1) / 2).clamp(0, 1)
+        return nnf.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)

@@ -1,0 +1,184 @@
+"""Training ``RelightNet``: self-supervised perturb-and-recover, or distillation from a teacher.
+
+Perturb-and-recover (the protocol image-harmonization datasets use): take a real photo and a real
+instance mask, perturb colour and lighting inside the mask, and train the net to recover the
+original. With a ``teacher`` (e.g. IC-Light through :mod:`.teacher`), the targets are instead the
+student's transform family fitted to the teacher's output inside the mask.
+A held-out split of the images stops training at its best validation fMSE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from .data import InstancePool, training_batch
+from .family import apply_family, fit_family
+from .net import INPUT, RelightNet
+from .perturb import training_perturbation
+
+Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (composite, alpha) -> relit
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    best_val_fmse: float = float("inf")
+    best_step: int = 0
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+
+
+def split_ids(ids: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ids), generator=g).tolist()
+    n_val = max(1, int(round(len(ids) * val_fraction)))
+    val = sorted(ids[i] for i in order[:n_val])
+    return sorted(set(ids) - set(val)), val
+
+
+def fmse(pred: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Foreground MSE on the 0-1 scale, averaged per sample then over the batch."""
+    err = ((pred - target) ** 2 * alpha).sum((1, 2, 3)) / (3 * alpha.sum((1, 2, 3)).clamp(min=1))
+    return err.mean()
+
+
+def predict(net: RelightNet, composite: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Relight windows as deployment does: the net sees them at INPUT², the transform runs at full size."""
+    small = nnf.interpolate(torch.cat([composite, alpha], 1), size=(INPUT, INPUT), mode="bilinear",
+                            align_corners=False)
+    small[:, 3:] = (small[:, 3:] >= 0.5).float()
+    params = net.forward(small)
+    out = apply_family(params, composite).clamp(0, 1)
+    return composite * (1 - alpha) + out * alpha
+
+
+def train_relight_net(
+    ann_file: str | Path,
+    images: str | Path,
+    out: str | Path,
+    minutes: float = 10.0,
+    seed: int = 0,
+    batch: int = 32,
+    size: int = 96,
+    lr: float = 2e-3,
+    teacher: Teacher | None = None,
+    val_fraction: float = 0.1,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainReport:
+    """Train and save the best (by held-out fMSE) weights to ``out``; writes ``out``.png (loss curve)."""
+    torch.manual_seed(seed)
+    ids = [im["id"] for im in json.loads(Path(ann_file).read_text())["images"]]
+    train_ids, val_ids = split_ids(ids, val_fraction, seed)
+    train_pool = InstancePool(ann_file, images, image_ids=train_ids)
+    val_pool = InstancePool(ann_file, images, image_ids=val_ids)
+    if len(train_pool) == 0 or len(val_pool) == 0:
+        raise ValueError(f"{ann_file}: too few instances to train and validate on")
+    g = torch.Generator().manual_seed(seed)
+    val_g = torch.Generator().manual_seed(seed + 1)
+    val = _make_targets(*training_batch(val_pool, 128, size, val_g, transplant=0.0), val_g, teacher)
+
+    net = RelightNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    report = TrainReport()
+    best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    report.best_val_fmse = _evaluate(net, *val)
+    report.val_loss.append((0, report.best_val_fmse))
+    deadline = time.monotonic() + minutes * 60
+    bar = tqdm(total=int(minutes * 60), desc="relight train", unit="s", disable=not progress)
+    started = time.monotonic()
+    while time.monotonic() < deadline and (max_steps is None or report.steps < max_steps):
+        composite, alpha, target = _make_targets(*training_batch(train_pool, batch, size, g), g, teacher)
+        done = min(1.0, (time.monotonic() - started) / (minutes * 60))
+        for group in opt.param_groups:  # cosine decay over the time budget
+            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
+        net.train()
+        loss = fmse(predict(net, composite, alpha), target, alpha)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        report.steps += 1
+        report.train_loss.append(loss.item())
+        if report.steps % 25 == 0:
+            v = _evaluate(net, *val)
+            report.val_loss.append((report.steps, v))
+            if v < report.best_val_fmse:
+                report.best_val_fmse, report.best_step = v, report.steps
+                best_state = {k: t.clone() for k, t in net.state_dict().items()}
+            bar.set_postfix(train=f"{loss.item() * 255**2:.0f}", val=f"{v * 255**2:.0f}",
+                            best=f"{report.best_val_fmse * 255**2:.0f}")
+        bar.n = min(int(time.monotonic() - started), bar.total)
+        bar.refresh()
+    bar.close()
+    net.load_state_dict(best_state)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    net.save(out)
+    save_loss_curve(report, out.with_suffix(".png"))
+    return report
+
+
+def _make_targets(images, alphas, refs, g, teacher: Teacher | None):
+    """(perturbed composite, alpha, target): the original (perturb-and-recover) or the family fitted
+    to the teacher's relit composite (distillation)."""
+    perturbed = training_perturbation(images, alphas, refs, g)
+    if teacher is None:
+        return perturbed, alphas, images
+    with torch.no_grad():
+        relit = teacher(perturbed, alphas)
+    params = fit_family(perturbed, relit, alphas)
+    with torch.no_grad():
+        fitted = apply_family(params, perturbed).clamp(0, 1)
+    return perturbed, alphas, perturbed * (1 - alphas) + fitted * alphas
+
+
+@torch.no_grad()
+def _evaluate(net: RelightNet, composite, alpha, target) -> float:
+    net.eval()
+    return float(fmse(predict(net, composite, alpha), target, alpha))
+
+
+def save_loss_curve(report: TrainReport, path: Path, size=(640, 360)) -> None:
+    """Training loss (grey, smoothed) and held-out fMSE (blue) in 0-255² units, log scale."""
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    pad = 40
+    train = report.train_loss
+    smooth, acc = [], None
+    for v in train:
+        acc = v if acc is None else 0.95 * acc + 0.05 * v
+        smooth.append(acc)
+    values = [v for v in smooth] + [v for _, v in report.val_loss]
+    if not values:
+        img.save(path)
+        return
+    lo, hi = math.log10(max(min(values), 1e-8) * 255**2), math.log10(max(max(values), 1e-8) * 255**2)
+    hi = hi if hi > lo else lo + 1
+    steps = max(report.steps, 1)
+
+    def xy(step, v):
+        x = pad + (size[0] - 2 * pad) * step / steps
+        y = size[1] - pad - (size[1] - 2 * pad) * (math.log10(max(v, 1e-8) * 255**2) - lo) / (hi - lo)
+        return x, y
+
+    if len(smooth) > 1:
+        draw.line([xy(i + 1, v) for i, v in enumerate(smooth)], fill=(150, 150, 150), width=1)
+    if len(report.val_loss) > 1:
+        draw.line([xy(s, v) for s, v in report.val_loss], fill=(30, 90, 200), width=2)
+    draw.rectangle([pad, pad, size[0] - pad, size[1] - pad], outline="black")
+    draw.text((pad, 10), f"fMSE (0-255², log) train grey, held-out blue; best {report.best_val_fmse * 255**2:.0f} "
+              f"at step {report.best_step}", fill="black")
+    draw.text((pad, size[1] - pad + 8), f"0 .. {report.steps} steps   range {10**lo:.0f} .. {10**hi:.0f}",
+              fill="black")
+    img.save(path)

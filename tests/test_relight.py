@@ -1,0 +1,147 @@
+"""Relighting: identity start, untouched background, determinism, shipped weights, metrics on a
+hand-computed case, the distillation plumbing with a tiny random teacher, and CopyPaste integration."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+
+from sos_aug import CopyPaste
+from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch, RelightNet, relight
+from sos_aug.relight.evaluate import metrics
+from sos_aug.relight.family import N_PARAMS, apply_family, fit_family, identity
+from sos_aug.relight.perturb import parametric
+
+
+@pytest.fixture(scope="module")
+def pasted(train_bank, val_set):
+    """Two real val images with real bank segments pasted (hard alpha), as float batches."""
+    cp = CopyPaste(train_bank, num_pastes=(5, 5))
+    images, targets = zip(*[val_set[i] for i in range(2)])
+    out, out_targets = cp(list(images), list(targets), generator=torch.Generator().manual_seed(0))
+    plain = [im.as_subclass(torch.Tensor).float() / 255 for im in out]
+    masks = [t["masks"].as_subclass(torch.Tensor)[t["is_pasted"]] for t in out_targets]
+    return RelightBatch(plain, plain, masks), images, targets
+
+
+def test_family_identity_and_net_starts_as_identity(pasted):
+    x = torch.rand(3, 3, 20, 30)
+    assert torch.allclose(apply_family(identity(3), x), x, atol=1e-6)
+    batch = pasted[0]
+    out = relight(RelightNet(), batch)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out, batch.images))
+    assert sum(p.numel() for p in RelightNet().parameters()) < 1_000_000
+
+
+@pytest.mark.parametrize("make", [lambda: ReinhardTransfer(), lambda: LabBlend(), lambda: RelightNet.pretrained(),
+                                  lambda: [RelightNet.pretrained(), LabBlend()]])
+def test_background_untouched_foreground_changed_and_deterministic(pasted, make):
+    batch = pasted[0]
+    a, b = relight(make(), batch), relight(make(), batch)
+    for out, again, plain, masks in zip(a, b, batch.plain, batch.masks):
+        covered = masks.any(0)
+        assert torch.equal(out[:, ~covered], plain[:, ~covered])
+        assert torch.equal(out, again)
+        assert (out[:, covered] - plain[:, covered]).abs().mean() > 1e-4
+
+
+def test_lab_blend_weights_follow_the_area_rank():
+    w = LabBlend.weights(torch.tensor([500, 10, 2000, 90]))
+    order = torch.argsort(torch.tensor([500, 10, 2000, 90]))
+    r = torch.linspace(0, 1, 4)
+    expected = 0.3 + 0.6 * torch.sigmoid(-10 * (r - 0.5))
+    assert torch.allclose(w[order], expected)
+    assert w[1] > w[0] > w[2]  # the smallest segment takes the most relit lighting
+
+
+def test_shipped_weights_load_without_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    net = RelightNet.pretrained()
+    assert not all(float(p.abs().sum()) == 0 for p in net.head[-1].parameters())  # trained, not identity
+
+
+def test_metrics_on_a_hand_computed_case():
+    truth = torch.zeros(3, 2, 2)
+    pred = truth.clone()
+    pred[:, 0, 0] = 10 / 255  # one foreground pixel off by 10 levels in every channel
+    mask = torch.tensor([[True, True], [False, False]])
+    m = metrics(pred, truth, mask)
+    assert math.isclose(m["mse"], 100 / 4, rel_tol=1e-5)
+    assert math.isclose(m["fmse"], 100 / 2, rel_tol=1e-5)
+    assert math.isclose(m["psnr"], 10 * math.log10(255**2 / 25), rel_tol=1e-5)
+    assert m["de2000"] > 0 and metrics(truth, truth, mask)["de2000"] == 0
+
+
+def test_oracle_fit_recovers_a_perturbation_of_its_own_family():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 24, generator=g)
+    truth = torch.zeros(2, N_PARAMS)
+    truth[:, :9] = 0.05 * torch.randn(2, 9, generator=g)
+    target = apply_family(truth, x)
+    alpha = torch.ones(2, 1, 24, 24)
+    fitted = fit_family(x, target, alpha, steps=300)
+    assert ((apply_family(fitted, x) - target) ** 2).mean() < 1e-4 * ((x - target) ** 2).mean() + 1e-6
+
+
+def test_parametric_perturbation_leaves_background(pasted):
+    x = torch.rand(2, 3, 16, 16)
+    alpha = torch.zeros(2, 1, 16, 16)
+    alpha[:, :, 4:10, 4:10] = 1
+    y = parametric(x, alpha, torch.Generator().manual_seed(0))
+    assert torch.equal(y[:, :, alpha[0, 0] == 0], x[:, :, alpha[0, 0] == 0])
+
+
+def test_copypaste_relight_keeps_targets_and_background(train_bank, pasted):
+    _, images, targets = pasted
+    plain_cp = CopyPaste(train_bank, num_pastes=(5, 5))
+    relit_cp = CopyPaste(train_bank, num_pastes=(5, 5), relight=[RelightNet.pretrained(), LabBlend()])
+    a, ta = plain_cp(list(images), list(targets), generator=torch.Generator().manual_seed(0))
+    b, tb = relit_cp(list(images), list(targets), generator=torch.Generator().manual_seed(0))
+    for x, y, t, u in zip(a, b, ta, tb):
+        assert torch.equal(t["masks"], u["masks"]) and torch.equal(t["boxes"], u["boxes"])
+        covered = t["masks"][t["is_pasted"]].any(0)
+        assert torch.equal(x[:, ~covered], y[:, ~covered])
+        assert not torch.equal(x[:, covered], y[:, covered])
+
+
+def _tiny_iclight(path):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install '.[diffusers]')")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), latent_channels=4,
+        norm_num_groups=8, sample_size=32)
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    diffusers.DDIMScheduler(num_train_timesteps=100).save_pretrained(path / "scheduler")
+    torch.save(torch.zeros(1, 77, 32), path / "prompt_embeds.pt")
+    return path
+
+
+def test_distillation_plumbing_with_a_tiny_random_teacher(tmp_path, train_ann, coco_mini):
+    from sos_aug.relight.teacher import ICLightTeacher
+    from sos_aug.relight.train import _make_targets, train_relight_net
+
+    teacher = ICLightTeacher.from_local(_tiny_iclight(tmp_path / "iclight"), steps=3)
+    images = torch.rand(2, 3, 32, 32)
+    alpha = torch.zeros(2, 1, 32, 32)
+    alpha[:, :, 8:24, 8:24] = 1
+    refs = torch.tensor([[50.0, 10, 10, 20, 10, 10]] * 2)
+    composite, a, target = _make_targets(images, alpha, refs, torch.Generator().manual_seed(0), teacher)
+    assert torch.equal(target[:, :, alpha[0, 0] == 0], composite[:, :, alpha[0, 0] == 0])
+    assert not torch.allclose(target, composite)  # the teacher's fitted relighting, not the identity
+    out = tmp_path / "student.pt"
+    report = train_relight_net(train_ann, coco_mini / "train2017", out, minutes=5, teacher=teacher, batch=2,
+                               size=32, max_steps=2, progress=False)
+    assert report.steps == 2 and out.is_file() and out.with_suffix(".png").is_file()
+    assert isinstance(RelightNet.load(out), RelightNet)
