@@ -67,9 +67,10 @@ def make_relighter(name: str | None, weights: str | None = None):
 
     if name in (None, "none"):
         return None
-    net = (lambda: RelightNet.load(weights) if weights else RelightNet.pretrained())
-    chains = {"net": lambda: net(), "lab": lambda: LabBlend(), "reinhard": lambda: ReinhardTransfer(),
-              "net+lab": lambda: [net(), LabBlend()]}
+    def net():
+        return RelightNet.load(weights) if weights else RelightNet.pretrained()
+
+    chains = {"net": net, "lab": LabBlend, "reinhard": ReinhardTransfer, "net+lab": lambda: [net(), LabBlend()]}
     if name not in chains:
         raise ValueError(f"unknown relighter {name!r}; choose from none, {', '.join(chains)}")
     return chains[name]()
