@@ -53,3 +53,6 @@ def test_gpu_matches_cpu(train_bank, val_set):
     for a, b, ta, tb in zip(cpu_images, gpu_images, cpu_targets, gpu_targets):
         assert (a.int() - b.cpu().int()).abs().float().mean() < 1.0
         assert ta["labels"].tolist() == tb["labels"].cpu().tolist()
+    # the same seed draws the same layout from GPU targets as from CPU ones
+    gpu_params = cp.make_params(sizes, gpu_targets_in, segments, torch.Generator().manual_seed(1))
+    assert all(torch.equal(p.boxes, q.boxes) for p, q in zip(params, gpu_params))

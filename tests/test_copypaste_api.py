@@ -141,3 +141,27 @@ def test_max_upscale_caps_enlargement():
     size = torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1)
     native = scene.segment_hw[placement.segment].float()
     assert (size <= native * 1.5 + 1).all()
+
+
+def test_damaged_segment_is_skipped_and_counted_not_fatal(tmp_path, train_bank, val_set):
+    import shutil
+
+    from sos_aug import SegmentBank
+
+    copy = tmp_path / "bank"
+    shutil.copytree(train_bank.root, copy)
+    bank = SegmentBank(copy)
+    rec = bank.index[0]
+    category = bank[0].category
+    shard = copy / bank.meta["shards"][int(rec["shard"])]["file"]
+    data = bytearray(shard.read_bytes())
+    start = int(rec["offset"])
+    data[start : start + 4] = b"XXXX"  # break the first segment's header in place
+    shard.write_bytes(bytes(data))
+    people = SegmentBank(copy).subset(categories=[category])
+    cp = CopyPaste(people, num_pastes=(20, 20))
+    image, target = val_set[0]
+    with pytest.warns(UserWarning, match="unreadable segment"):
+        for seed in range(10):
+            cp(image, target, generator=torch.Generator().manual_seed(seed))
+    assert cp.skipped > 0

@@ -9,6 +9,7 @@ DataLoader worker's job), :meth:`CopyPaste.make_params` draws the layout, and
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
+from .bank.format import BankFormatError
 from .bank.store import SegmentBank, normalize_name
 from .composite import DropRule, count_pixels, paste_into
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
@@ -88,6 +90,7 @@ class CopyPaste:
         self.drop = drop if isinstance(drop, DropRule) else DropRule(drop)
         self.open_vocabulary = open_vocabulary
         self.relight = relight
+        self.skipped = 0  # segments that could not be read (counted, warned about)
         self.label_of = _resolve_labels(bank, label_map, open_vocabulary)
         usable = [c for c, lab in self.label_of.items() if lab >= 0 or open_vocabulary]
         self.bank = bank.subset(categories=usable) if len(usable) < len(bank.categories) else bank
@@ -109,10 +112,20 @@ class CopyPaste:
         counts = torch.randint(lo, hi + 1, (num_images,), generator=generator)
         counts *= torch.rand(num_images, generator=generator) < self.p
         rows = self.bank.sample(int(counts.sum()), generator)
-        rgba = [torch.from_numpy(self.bank.read_rgba(int(r))[0].copy()) for r in rows]
+        image = torch.repeat_interleave(torch.arange(num_images), counts)
+        rgba, ok = [], torch.ones(len(rows), dtype=torch.bool)
+        for k, r in enumerate(rows.tolist()):
+            try:
+                rgba.append(torch.from_numpy(self.bank.read_rgba(r)[0].copy()))
+            except BankFormatError as err:  # a damaged segment is skipped and counted, never fatal mid-epoch
+                ok[k] = False
+                self.skipped += 1
+                if self.skipped == 1 or self.skipped % 1000 == 0:
+                    warnings.warn(f"CopyPaste skipped {self.skipped} unreadable segment(s); latest: {err}",
+                                  stacklevel=2)
+        rows, image = rows[ok], image[ok]
         cats = self._cats[rows]
         names = [self.bank.categories[int(c)]["name"] for c in cats]
-        image = torch.repeat_interleave(torch.arange(num_images), counts)
         return PasteSegments(rgba, image, self._label_table[cats], names, rows)
 
     def make_params(
@@ -230,6 +243,8 @@ _INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "n
 
 
 def _check_target(image: torch.Tensor, target: Target) -> None:
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"CopyPaste needs (3, H, W) RGB images, got shape {tuple(image.shape)}")
     for key in ("boxes", "labels", "masks"):
         if key not in target:
             raise ValueError(f"CopyPaste needs target[{key!r}] (torchvision detection format); got {sorted(target)}")

@@ -94,6 +94,8 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
     """Relight every pasted segment of a :class:`RelightBatch` with ``net``; background untouched."""
     out = []
     for image, masks in zip(batch.images, batch.masks):
+        if next(net.parameters()).device != image.device:  # follow the batch (e.g. onto the GPU)
+            net.to(image.device)
         if len(masks) == 0:
             out.append(image)
             continue
