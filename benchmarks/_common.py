@@ -17,6 +17,17 @@ def coco_mini() -> Path:
     return path
 
 
+def train_bank(root: Path, work: Path):
+    """The bank of coco-mini train2017 segments the CopyPaste benchmarks paste from (built once)."""
+    from sos_aug import SegmentBank, build_bank, coco_source
+
+    bank_dir = work / "bank-train2017"
+    if not (bank_dir / "meta.json").exists():
+        build_bank(bank_dir, coco_source(root / "annotations" / "instances_train2017.json", root / "train2017"),
+                   progress=False)
+    return SegmentBank(bank_dir)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

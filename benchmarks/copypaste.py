@@ -33,9 +33,9 @@ import torch
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import coco_mini, machine  # noqa: E402
+from _common import coco_mini, machine, train_bank  # noqa: E402
 
-from sos_aug import CocoInstances, CopyPaste, RandomLayout, SegmentBank, build_bank, coco_source  # noqa: E402
+from sos_aug import CocoInstances, CopyPaste, RandomLayout  # noqa: E402
 from sos_aug.composite import tight_boxes  # noqa: E402
 
 
@@ -229,11 +229,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root = coco_mini()
-    bank_dir = Path(args.work) / "bank-train2017"
-    if not (bank_dir / "meta.json").exists():
-        build_bank(bank_dir, coco_source(root / "annotations" / "instances_train2017.json", root / "train2017"),
-                   progress=False)
-    bank = SegmentBank(bank_dir)
+    bank = train_bank(root, Path(args.work))
     data = load_images(root, args.images, args.size)
     rows = {}
     rows["sos_aug hard alpha, 10/img, B=8"] = bench_sos(bank, data, 8, (10, 10), args.repeats)

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import coco_mini, machine  # noqa: E402
+from _common import coco_mini, machine, train_bank  # noqa: E402
 from copypaste import load_images  # noqa: E402
 
-from sos_aug import CopyPaste, RandomLayout, SegmentBank, build_bank, coco_source  # noqa: E402
+from sos_aug import CopyPaste, RandomLayout  # noqa: E402
 from sos_aug.relight import LabBlend, ReinhardTransfer, RelightNet  # noqa: E402
 
 
@@ -43,11 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     root = coco_mini()
-    bank_dir = Path(args.work) / "bank-train2017"
-    if not (bank_dir / "meta.json").exists():
-        build_bank(bank_dir, coco_source(root / "annotations" / "instances_train2017.json", root / "train2017"),
-                   progress=False)
-    bank = SegmentBank(bank_dir)
+    bank = train_bank(root, Path(args.work))
     data = load_images(root, args.images, args.size)
     chains = {"off": None, "reinhard": ReinhardTransfer(), "lab_blend": LabBlend(), "net": RelightNet.pretrained(),
               "net+lab_blend": [RelightNet.pretrained(), LabBlend()]}
