@@ -165,3 +165,9 @@ def test_damaged_segment_is_skipped_and_counted_not_fatal(tmp_path, train_bank, 
         for seed in range(10):
             cp(image, target, generator=torch.Generator().manual_seed(seed))
     assert cp.skipped > 0
+
+
+@pytest.mark.parametrize("layout", [RandomLayout(), SOSLayout(), ExistingBoxesLayout()])
+def test_layouts_accept_an_image_with_nothing_to_paste(layout):
+    placement = layout(_scene(k=0), torch.Generator().manual_seed(0))
+    assert len(placement) == 0 and placement.boxes.shape == (0, 4)

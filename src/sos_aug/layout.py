@@ -65,6 +65,9 @@ class Layout:
 
     def __call__(self, scene: Scene, generator: torch.Generator | None = None) -> Placement:
         k = len(scene.segment_hw)
+        if k == 0:
+            return Placement(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
+                             torch.zeros(0))
         sizes = self.sizes(scene, generator)
         sizes = sizes * _uniform(k, *self.scale_jitter, generator)[:, None]
         if self.max_upscale is not None:  # a small crop blown up far past its resolution looks blurred

@@ -74,15 +74,21 @@ class InstancePool:
                 mean, std = masked_stats(rgb_to_lab(img[None]), m[None, None].float())
                 self.instances.append(Instance(idx, m, a["category_id"], torch.cat([mean, std], 1).flatten()))
 
+        self.by_category: dict[int, list[int]] = {}
+        for i, inst in enumerate(self.instances):
+            self.by_category.setdefault(inst.category, []).append(i)
+
     def __len__(self) -> int:
         return len(self.instances)
 
 
-def crop_window(image: torch.Tensor, mask: torch.Tensor, size: int, context: float = 2.0):
-    """The context window of ``mask`` (its box grown ``context`` x) resized to ``size``: (3+1, s, s)."""
+def crop_window(image: torch.Tensor, mask: torch.Tensor, size: int, context: float = 2.0,
+                shift: tuple[float, float] = (0.0, 0.0)):
+    """The context window of ``mask`` (its box grown ``context`` x, its centre moved by ``shift`` of
+    the box size) resized to ``size``: (3+1, s, s)."""
     ys, xs = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
     y0, y1, x0, x1 = ys[0].item(), ys[-1].item() + 1, xs[0].item(), xs[-1].item() + 1
-    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    cy, cx = (y0 + y1) / 2 + shift[0] * (y1 - y0), (x0 + x1) / 2 + shift[1] * (x1 - x0)
     hh, hw = max(1.0, (y1 - y0) * context / 2), max(1.0, (x1 - x0) * context / 2)
     h, w = mask.shape
     ya, yb = max(0, int(cy - hh)), min(h, int(np.ceil(cy + hh)))
@@ -93,8 +99,8 @@ def crop_window(image: torch.Tensor, mask: torch.Tensor, size: int, context: flo
     return out
 
 
-def training_batch(pool: InstancePool, n: int, size: int, g: torch.Generator,
-                   transplant: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_batch(pool: InstancePool, n: int, size: int, g: torch.Generator, transplant: float = 0.7,
+                   jitter: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` windows: (images (n, 3, s, s), alphas (n, 1, s, s), reference Lab stats (n, 6) of other
     real objects for the transfer perturbation)."""
     images, alphas, refs = [], [], []
@@ -107,16 +113,29 @@ def training_batch(pool: InstancePool, n: int, size: int, g: torch.Generator,
             mask = _transplant(mask, image.shape[-2:], g)
             if mask is None:
                 continue
-        window = crop_window(image, mask, size)
+        if jitter:  # the window's extent and centre vary around the deployed 2x box
+            context = float(torch.empty(1).uniform_(1.6, 3.0, generator=g))
+            shift = tuple(float(v) for v in torch.empty(2).uniform_(-0.15, 0.15, generator=g))
+            window = crop_window(image, mask, size, context, shift)
+        else:
+            window = crop_window(image, mask, size)
         if window[3].sum() < 16:
             continue
         if torch.rand(1, generator=g).item() < 0.5:
             window = window.flip(-1)
-        images.append(_global_jitter(window[:3], g))
+        images.append(_global_jitter(window[:3], g) if jitter else window[:3])
         alphas.append(window[3:])
-        other = pool.instances[int(torch.randint(len(pool), (1,), generator=g))]
-        refs.append(other.lab_stats)
+        refs.append(_reference(pool, inst.category, g).lab_stats)
     return torch.stack(images), torch.stack(alphas), torch.stack(refs)
+
+
+def _reference(pool: InstancePool, category: int, g: torch.Generator) -> Instance:
+    """Another real object for the transfer perturbation: of the same category half of the time."""
+    if torch.rand(1, generator=g).item() < 0.5:
+        same = pool.by_category.get(category, [])
+        if len(same) > 1:
+            return pool.instances[same[int(torch.randint(len(same), (1,), generator=g))]]
+    return pool.instances[int(torch.randint(len(pool), (1,), generator=g))]
 
 
 def _transplant(mask: torch.Tensor, size, g: torch.Generator) -> torch.Tensor | None:
@@ -136,7 +155,14 @@ def _transplant(mask: torch.Tensor, size, g: torch.Generator) -> torch.Tensor | 
 
 
 def _global_jitter(rgb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """The same colour change over the whole window: context and foreground stay consistent."""
+    """The same colour change over the whole window (gains, gamma, hue, saturation): context and
+    foreground stay consistent, so only their consistency can be learned."""
+    import kornia
+
     gain = torch.exp(0.1 * torch.randn(3, 1, 1, generator=g))
     gamma = float(torch.exp(0.15 * torch.randn(1, generator=g)))
-    return (rgb * gain).clamp(0, 1) ** gamma
+    out = (rgb * gain).clamp(0, 1) ** gamma
+    hue = float(torch.empty(1).uniform_(-0.3, 0.3, generator=g))
+    sat = float(torch.exp(0.2 * torch.randn(1, generator=g)))
+    out = kornia.enhance.adjust_hue(out[None], hue)[0]
+    return kornia.enhance.adjust_saturation(out[None], sat)[0].clamp(0, 1)

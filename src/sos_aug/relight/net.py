@@ -35,6 +35,7 @@ class RelightNet(nn.Module):
         w = width
         self.encoder = nn.Sequential(_block(5, w), _block(w, 2 * w), _block(2 * w, 3 * w), _block(3 * w, 4 * w))
         self.head = nn.Sequential(nn.Linear(3 * 4 * w + 12, 256), nn.SiLU(), nn.Linear(256, N_PARAMS))
+        self.dropout = nn.Dropout(0.1)  # on the pooled features, while training
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
@@ -50,7 +51,7 @@ class RelightNet(nn.Module):
         a = nn.functional.adaptive_avg_pool2d(alpha, feats.shape[-2:])
         pooled = [feats.mean((2, 3)), (feats * a).sum((2, 3)) / a.sum((2, 3)).clamp(min=1e-3),
                   (feats * (1 - a)).sum((2, 3)) / (1 - a).sum((2, 3)).clamp(min=1e-3)]
-        return self.head(torch.cat(pooled + [stats], 1))
+        return self.head(self.dropout(torch.cat(pooled + [stats], 1)))
 
     @classmethod
     def pretrained(cls) -> RelightNet:

@@ -72,13 +72,16 @@ def _masked_mean(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def training_perturbation(rgb: torch.Tensor, alpha: torch.Tensor, ref_stats: torch.Tensor,
-                          g: torch.Generator | None = None) -> torch.Tensor:
-    """The widened training family: parametric, transfer, or transfer then parametric."""
+                          g: torch.Generator | None = None, keep: float = 0.2) -> torch.Tensor:
+    """The widened training family: parametric, transfer, or transfer then parametric; a ``keep``
+    share stays unperturbed, so that a segment that already fits is left alone."""
     s, dev = rgb.shape[0], rgb.device
     kind = torch.randint(0, 3, (s,), generator=g).to(dev).view(s, 1, 1, 1)
+    unchanged = (torch.rand(s, generator=g) < keep).to(dev).view(s, 1, 1, 1)
     strength = 0.5 + _rand(1, g, dev).item()
     par = parametric(rgb, alpha, g, strength)
     amount = 0.3 + 0.7 * _rand(s, g, dev)
     tra = transfer(rgb, alpha, ref_stats, amount)
     both = parametric(tra, alpha, g, 0.6)
-    return torch.where(kind == 0, par, torch.where(kind == 1, tra, both))
+    out = torch.where(kind == 0, par, torch.where(kind == 1, tra, both))
+    return torch.where(unchanged, rgb, out)

@@ -86,10 +86,10 @@ def train_relight_net(
         raise ValueError(f"{ann_file}: too few instances to train and validate on")
     g = torch.Generator().manual_seed(seed)
     val_g = torch.Generator().manual_seed(seed + 1)
-    val = _make_targets(*training_batch(val_pool, 128, size, val_g, transplant=0.0), val_g, teacher)
+    val = _make_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
 
     net = RelightNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
     report = TrainReport()
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
     report.best_val_fmse = _evaluate(net, *val)
@@ -116,6 +116,7 @@ def train_relight_net(
             if v < report.best_val_fmse:
                 report.best_val_fmse, report.best_step = v, report.steps
                 best_state = {k: t.clone() for k, t in net.state_dict().items()}
+                _checkpoint(best_state, out)
             bar.set_postfix(train=f"{loss.item() * 255**2:.0f}", val=f"{v * 255**2:.0f}",
                             best=f"{report.best_val_fmse * 255**2:.0f}")
         bar.n = min(int(time.monotonic() - started), bar.total)
@@ -141,6 +142,17 @@ def _make_targets(images, alphas, refs, g, teacher: Teacher | None):
     with torch.no_grad():
         fitted = apply_family(params, perturbed).clamp(0, 1)
     return perturbed, alphas, perturbed * (1 - alphas) + fitted * alphas
+
+
+def _checkpoint(state: dict, out: str | Path) -> None:
+    """Keep the best weights so far on disk (atomically), so an interrupted run is not lost."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    net = RelightNet()
+    net.load_state_dict(state)
+    net.save(tmp)
+    tmp.replace(out)
 
 
 @torch.no_grad()
