@@ -185,16 +185,13 @@ class CopyPaste:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
         from .relight.classical import RelightBatch, relight
 
-        plain = [_to_unit(im) for im in images]
-        masks = [t["masks"].as_subclass(torch.Tensor).bool()[t["is_pasted"]] for t in targets]
-        relit = relight(self.relight, RelightBatch(list(plain), plain, masks))
-        out = []
-        for image, new, m in zip(images, relit, masks):
-            covered = m.any(0) if len(m) else torch.zeros(image.shape[-2:], dtype=torch.bool, device=image.device)
-            values = (new * 255).round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else new
-            result = torch.where(covered, values.to(image.dtype), image.as_subclass(torch.Tensor))
-            out.append(tv_tensors.wrap(result, like=image) if isinstance(image, tv_tensors.Image) else result)
-        return out
+        plain = [im.as_subclass(torch.Tensor) for im in images]
+        masks = [t["masks"].as_subclass(torch.Tensor)[len(t["is_pasted"]) - int(t["is_pasted"].sum()):].bool()
+                 for t in targets]  # the pasted instances are the last rows: a view, no copy
+        relit = relight(self.relight, RelightBatch(plain, plain, masks))
+        return [tv_tensors.wrap(new, like=im) if isinstance(im, tv_tensors.Image) else new
+                for im, new in zip(images, relit)]
+
 
     def _apply_one(self, image: torch.Tensor, target: Target, segments: PasteSegments, placement: Placement):
         _check_target(image, target)
@@ -232,11 +229,6 @@ class CopyPaste:
         if isinstance(image, tv_tensors.Image):
             img = tv_tensors.wrap(img, like=image)
         return img, out
-
-
-def _to_unit(image: torch.Tensor) -> torch.Tensor:
-    image = image.as_subclass(torch.Tensor)
-    return image.float() / 255 if image.dtype == torch.uint8 else image.float()
 
 
 _INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows"}

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as nnf
 
 from .color import lab_to_rgb, rgb_to_lab
 
@@ -20,46 +19,48 @@ Relighter = Callable[["RelightBatch"], list]
 
 @dataclass
 class RelightBatch:
-    images: list[torch.Tensor]  # (3, H, W) float in [0, 1]: the current composites
+    images: list[torch.Tensor]  # (3, H, W) uint8, or float in [0, 1]: the current composites
     plain: list[torch.Tensor]  # the composites before any relighting
     masks: list[torch.Tensor]  # (K, H, W) bool visible pasted masks, in paste order
 
 
 def relight(relighters: Relighter | Sequence[Relighter], batch: RelightBatch) -> list[torch.Tensor]:
-    """Run relighters in order (``[RelightNet.pretrained(), LabBlend()]`` composes); background pixels
-    are restored from the plain composite after every step, so they never change."""
+    """Run relighters in order (``[RelightNet.pretrained(), LabBlend()]`` composes). Each one works in
+    the windows of the pasted segments and writes only pixels under their masks."""
     chain = list(relighters) if isinstance(relighters, (list, tuple)) else [relighters]
     for step in chain:
-        out = step(batch)
-        images = []
-        for new, plain, masks in zip(out, batch.plain, batch.masks):
-            covered = masks.any(0) if len(masks) else torch.zeros(plain.shape[-2:], dtype=torch.bool,
-                                                                     device=plain.device)
-            images.append(torch.where(covered, new, plain))
-        batch = replace(batch, images=images)
+        batch = replace(batch, images=step(batch))
     return batch.images
 
 
-def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Square dilation, as two 1-D max-pools (a k x k pool costs k² per pixel)."""
-    k = 2 * radius + 1
-    x = nnf.max_pool2d(mask.float()[None, None], (1, k), stride=1, padding=(0, radius))
-    return nnf.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))[0, 0] > 0
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """A window as float in [0, 1], whatever the image's dtype."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
-def _window(mask: torch.Tensor, grow: int = 0) -> tuple[slice, slice]:
-    """The mask's box grown by ``grow`` pixels, clipped: every relighter works inside such windows."""
-    ys = mask.any(1).nonzero().flatten()
-    xs = mask.any(0).nonzero().flatten()
-    h, w = mask.shape
-    return (slice(max(0, int(ys[0]) - grow), min(h, int(ys[-1]) + 1 + grow)),
-            slice(max(0, int(xs[0]) - grow), min(w, int(xs[-1]) + 1 + grow)))
+def store(view: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+    """Write float [0, 1] ``values`` into ``view`` (uint8 or float) where ``mask`` is set, nowhere else."""
+    if view.dtype == torch.uint8:
+        values = (values * 255).round().clamp(0, 255).to(torch.uint8)
+    view.copy_(torch.where(mask, values.to(view.dtype), view))
+
+
+def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0) -> list[tuple[slice, slice] | None]:
+    """Each mask's box grown by ``grow`` pixels and clipped (None for an empty mask)."""
+    from ..composite import tight_boxes
+
+    h, w = masks.shape[-2:]
+    grow = torch.as_tensor(grow).expand(len(masks)).tolist()
+    out = []
+    for (x0, y0, x1, y1), g in zip(tight_boxes(masks).int().tolist(), grow):
+        out.append(None if x1 <= x0 else (slice(max(0, y0 - g), min(h, y1 + g)), slice(max(0, x0 - g), min(w, x1 + g))))
+    return out
 
 
 class ReinhardTransfer:
     """Per segment, match Lab mean and std to the background in a ring around it (not the whole
-    image), by ``strength`` in [0, 1]. The ring is ``ring`` x the segment's size wide (>= 3 px) and
-    excludes every pasted segment."""
+    image), by ``strength`` in [0, 1]. The ring is the segment's box grown by ``ring`` x its size
+    (>= 3 px), minus every pasted segment: the background right around and behind the object."""
 
     def __init__(self, strength: float = 1.0, ring: float = 0.15):
         if not 0 <= strength <= 1:
@@ -67,27 +68,26 @@ class ReinhardTransfer:
         self.strength, self.ring = strength, ring
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
+        from ..composite import count_pixels
+
         out = []
         for image, plain, masks in zip(batch.images, batch.plain, batch.masks):
             result = image.clone()
-            pasted = masks.any(0) if len(masks) else None
-            for m in masks:
-                if not m.any():
+            radii = [max(3, int(self.ring * float(a) ** 0.5)) for a in count_pixels(masks).tolist()]
+            for m, win in zip(masks, _windows(masks, torch.tensor(radii, dtype=torch.long))):
+                if win is None:
                     continue
-                radius = max(3, int(self.ring * int(m.sum()) ** 0.5))
-                win = _window(m, radius + 1)
                 mw = m[win]
-                ring = _dilate(mw, radius) & ~pasted[win]
+                ring = masks[(slice(None), *win)].view(torch.uint8).amax(0) == 0
                 if int(ring.sum()) < 8:
                     continue
-                lab = rgb_to_lab(result[(slice(None), *win)][None])[0]
-                ref = rgb_to_lab(plain[(slice(None), *win)][None])[0]
+                view = result[(slice(None), *win)]
+                lab = rgb_to_lab(to_unit(view)[None])[0]
+                ref = rgb_to_lab(to_unit(plain[(slice(None), *win)])[None])[0]
                 fg_mean, fg_std = _stats(lab, mw)
                 bg_mean, bg_std = _stats(ref, ring)
                 moved = (lab - fg_mean) / fg_std * bg_std + bg_mean
-                mixed = lab_to_rgb((lab + self.strength * (moved - lab))[None])[0]
-                view = result[(slice(None), *win)]
-                view.copy_(torch.where(mw, mixed, view))
+                store(view, lab_to_rgb((lab + self.strength * (moved - lab))[None])[0], mw)
             out.append(result)
         return out
 
@@ -126,23 +126,23 @@ class LabBlend:
         return 0.3 + 0.6 * torch.sigmoid(-10 * (r - 0.5))
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
+        from ..composite import count_pixels
+
         relit_images = batch.images
-        if all(a is b or torch.equal(a, b) for a, b in zip(batch.images, batch.plain)):
+        if all(a is b for a, b in zip(batch.images, batch.plain)):  # nothing relit yet
             relit_images = self.fallback(batch)
         out = []
         for relit, plain, masks in zip(relit_images, batch.plain, batch.masks):
             result = relit.clone()
-            weights = self.weights(masks.flatten(1).sum(1)) if len(masks) else []
-            for wk, m in zip(weights, masks):
-                if not m.any():
+            weights = self.weights(count_pixels(masks)).tolist() if len(masks) else []
+            for wk, m, win in zip(weights, masks, _windows(masks)):
+                if win is None:
                     continue
-                win = _window(m)
-                lab_r = rgb_to_lab(relit[(slice(None), *win)][None])[0]
-                lab_p = rgb_to_lab(plain[(slice(None), *win)][None])[0]
+                view = result[(slice(None), *win)]
+                lab_r = rgb_to_lab(to_unit(view)[None])[0]
+                lab_p = rgb_to_lab(to_unit(plain[(slice(None), *win)])[None])[0]
                 L = wk * lab_r[:1] + (1 - wk) * lab_p[:1]
                 ab = lab_r[1:] if self.ab == "relit" else lab_p[1:]
-                blended = lab_to_rgb(torch.cat([L, ab])[None])[0]
-                view = result[(slice(None), *win)]
-                view.copy_(torch.where(m[win], blended, view))
+                store(view, lab_to_rgb(torch.cat([L, ab])[None])[0], m[win])
             out.append(result)
         return out

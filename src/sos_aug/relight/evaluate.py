@@ -41,9 +41,13 @@ def metrics(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dict
     return {"mse": mse, "fmse": fmse, "psnr": psnr, "de2000": float(de[mask].mean())}
 
 
-def load_instances(ann_file: str | Path, images: str | Path, min_area: int = 400):
+def load_instances(ann_file: str | Path, images: str | Path, min_area: int = 400,
+                   image_ids: list[int] | None = None):
     """(image (3, 256, 256) float, mask (256, 256) bool, category, Lab stats (6,)) per usable instance."""
     data = json.loads(Path(ann_file).read_text())
+    if image_ids is not None:
+        wanted = set(image_ids)
+        data["images"] = [im for im in data["images"] if im["id"] in wanted]
     by_image: dict[int, list] = {}
     for a in data["annotations"]:
         if not a.get("iscrowd"):
@@ -94,11 +98,14 @@ def oracle(composite: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def evaluate(ann_file, images, net: RelightNet | None = None, min_area: int = 400, seed: int = 0,
-             limit: int | None = None, with_oracle: bool = True, progress: bool = True) -> dict:
+             limit: int | None = None, with_oracle: bool = True, progress: bool = True,
+             image_ids: list[int] | None = None, baselines: bool = True) -> dict:
     """Run both suites; returns {"suites": {suite: {method: {metric: mean}}}, "instances": n}."""
     net = net if net is not None else RelightNet.pretrained()
-    instances = load_instances(ann_file, images, min_area)[:limit]
+    instances = load_instances(ann_file, images, min_area, image_ids)[:limit]
     methods = {"as_is": None, "reinhard": ReinhardTransfer(), "lab_blend": LabBlend(), "net": net}
+    if not baselines:
+        methods = {"as_is": None, "net": net}
     results = {}
     for suite in ("parametric", "transfer"):
         g = torch.Generator().manual_seed(seed)

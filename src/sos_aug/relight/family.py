@@ -24,16 +24,24 @@ def identity(n: int, device=None) -> torch.Tensor:
     return torch.zeros(n, N_PARAMS, device=device)
 
 
-def apply_family(params: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
-    """Apply per-sample parameters (S, P) to (S, 3, h, w) RGB in [0, 1]; the shading grid spans the
-    whole (h, w) window. Returns unclamped values (callers clamp after alpha compositing)."""
+def apply_family(params: torch.Tensor, rgb: torch.Tensor,
+                 within: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Apply per-sample parameters (S, P) to (S, 3, h, w) RGB in [0, 1]. The shading grid spans the
+    whole (h, w) window, or, with ``within`` = (H, W, y0, x0), a window of size (H, W) of which
+    ``rgb`` is the part at (y0, x0). Returns unclamped values (callers clamp after compositing)."""
     s = params.shape[0]
     matrix = torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :9].view(s, 3, 3)
     bias = params[:, 9:12].view(s, 3, 1, 1)
     x = torch.einsum("sij,sjhw->sihw", matrix, rgb) + bias
     x = _curves(params[:, N_AFFINE : N_AFFINE + N_CURVE].view(s, 3, KNOTS), x)
     grid = params[:, N_AFFINE + N_CURVE :].view(s, 1, GRID, GRID)
-    shade = nnf.interpolate(grid, size=rgb.shape[-2:], mode="bilinear", align_corners=True)
+    h, w = rgb.shape[-2:]
+    if within is None:
+        shade = nnf.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
+    else:
+        full_h, full_w, y0, x0 = within
+        shade = nnf.interpolate(grid, size=(full_h, full_w), mode="bilinear", align_corners=True)
+        shade = shade[..., y0 : y0 + h, x0 : x0 + w]
     return x * torch.exp(shade)
 
 

@@ -12,7 +12,7 @@ from importlib import resources
 
 import torch
 import torch.nn as nn
-from torchvision.ops import roi_align
+import torch.nn.functional as nnf
 
 from .color import rgb_to_lab
 from .family import N_PARAMS, apply_family
@@ -36,6 +36,8 @@ class RelightNet(nn.Module):
         self.encoder = nn.Sequential(_block(5, w), _block(w, 2 * w), _block(2 * w, 3 * w), _block(3 * w, 4 * w))
         self.head = nn.Sequential(nn.Linear(3 * 4 * w + 12, 256), nn.SiLU(), nn.Linear(256, N_PARAMS))
         self.dropout = nn.Dropout(0.1)  # on the pooled features, while training
+        # shrinks predictions toward the identity; calibrated on held-out images after training
+        self.register_buffer("gain", torch.ones(()))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
@@ -51,7 +53,7 @@ class RelightNet(nn.Module):
         a = nn.functional.adaptive_avg_pool2d(alpha, feats.shape[-2:])
         pooled = [feats.mean((2, 3)), (feats * a).sum((2, 3)) / a.sum((2, 3)).clamp(min=1e-3),
                   (feats * (1 - a)).sum((2, 3)) / (1 - a).sum((2, 3)).clamp(min=1e-3)]
-        return self.head(self.dropout(torch.cat(pooled + [stats], 1)))
+        return self.head(self.dropout(torch.cat(pooled + [stats], 1))) * self.gain
 
     @classmethod
     def pretrained(cls) -> RelightNet:
@@ -68,6 +70,7 @@ class RelightNet(nn.Module):
     def load(cls, path) -> RelightNet:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net = cls(width=int(state.pop("_width", torch.tensor(32))))
+        state.setdefault("gain", torch.ones(()))
         net.load_state_dict(state)
         return net.eval()
 
@@ -78,12 +81,12 @@ class RelightNet(nn.Module):
         return relight_with_net(self, batch_or_context)
 
 
-def context_boxes(masks: torch.Tensor) -> torch.Tensor:
+def context_boxes(masks: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
     """(K, H, W) bool -> (K, 4) float XYXY context windows: each mask's box grown CONTEXT x, clipped."""
     from ..composite import tight_boxes
 
     h, w = masks.shape[-2:]
-    boxes = tight_boxes(masks)
+    boxes = tight_boxes(masks) if boxes is None else boxes
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1) * CONTEXT / 2
     lo = (centre - half).floor().clamp(min=0)
@@ -92,7 +95,11 @@ def context_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
-    """Relight every pasted segment of a :class:`RelightBatch` with ``net``; background untouched."""
+    """Relight every pasted segment of a :class:`RelightBatch` with ``net``, window by window: the net
+    sees each context window at INPUT², the transform is applied to the segment's box only."""
+    from ..composite import tight_boxes
+    from .classical import store, to_unit
+
     out = []
     for image, masks in zip(batch.images, batch.masks):
         if next(net.parameters()).device != image.device:  # follow the batch (e.g. onto the GPU)
@@ -100,19 +107,27 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
         if len(masks) == 0:
             out.append(image)
             continue
-        boxes = context_boxes(masks)
-        stacked = torch.cat([image, torch.zeros_like(image[:1])], 0)[None]
-        windows = []
-        for k in range(len(masks)):
-            stacked[0, 3] = masks[k]
-            windows.append(roi_align(stacked, [boxes[k : k + 1].to(stacked.dtype)], INPUT, aligned=True))
-        params = net.forward(torch.cat(windows))
+        boxes = tight_boxes(masks)
+        keep = (boxes[:, 2] > boxes[:, 0]).nonzero().flatten().tolist()
+        if not keep:
+            out.append(image)
+            continue
+        ctx = context_boxes(masks, boxes)
+        small = []
+        for k in keep:
+            x0, y0, x1, y1 = (int(v) for v in ctx[k].tolist())
+            win = torch.cat([to_unit(image[:, y0:y1, x0:x1]), masks[k, y0:y1, x0:x1][None].float()])
+            s = nnf.interpolate(win[None], size=(INPUT, INPUT), mode="bilinear", antialias=True, align_corners=False)
+            s[:, 3:] = (s[:, 3:] >= 0.5).float()
+            small.append(s)
+        params = net.forward(torch.cat(small))
         result = image.clone()
-        for k in range(len(masks)):
-            x0, y0, x1, y1 = (int(v) for v in boxes[k].tolist())
-            win = result[:, y0:y1, x0:x1]
-            relit = apply_family(params[k : k + 1], win[None])[0].clamp(0, 1)
-            m = masks[k, y0:y1, x0:x1]
-            win.copy_(torch.where(m, relit, win))
+        for row, k in enumerate(keep):
+            cx0, cy0, cx1, cy1 = (int(v) for v in ctx[k].tolist())
+            bx0, by0, bx1, by1 = (int(v) for v in boxes[k].tolist())
+            view = result[:, by0:by1, bx0:bx1]
+            within = (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0)
+            relit = apply_family(params[row : row + 1], to_unit(view)[None], within)[0].clamp(0, 1)
+            store(view, relit, masks[k, by0:by1, bx0:bx1])
         out.append(result)
     return out
