@@ -144,3 +144,27 @@ def test_cli_info_json_and_show(train_bank, tmp_path):
     from PIL import Image
 
     assert Image.open(sheet).size[0] > 200
+
+
+def test_lvis_style_file_keeps_frequency_and_synonyms(tmp_path, train_ann, coco_mini):
+    """LVIS names images by coco_url only and gives categories synonyms and a frequency (r/c/f)."""
+    from sos_aug.bank import build_bank, coco_source
+
+    data = json.loads(train_ann.read_text())
+    keep = {im["id"] for im in data["images"][:5]}
+    images = []
+    for im in data["images"]:
+        if im["id"] in keep:
+            im = {k: v for k, v in im.items() if k != "file_name"}
+            images.append(im)
+    cats = [{**c, "synonyms": [c["name"], f"{c['name']}_thing"], "frequency": "rcf"[c["id"] % 3]}
+            for c in data["categories"]]
+    anns = [a for a in data["annotations"] if a["image_id"] in keep]
+    lvis = tmp_path / "lvis.json"
+    lvis.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    report = build_bank(tmp_path / "bank", coco_source(lvis, coco_mini / "train2017"), progress=False)
+    bank = SegmentBank(tmp_path / "bank")
+    assert report["skipped"] == {} and len(bank) == sum(1 for a in anns if not a["iscrowd"])
+    person = bank.categories[1]
+    assert person["frequency"] == "rcf"[1] and "person_thing" in person["synonyms"]
+    assert bank.category_id("Person Thing") == 1
