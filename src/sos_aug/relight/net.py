@@ -74,11 +74,12 @@ class RelightNet(nn.Module):
         net.load_state_dict(state)
         return net.eval()
 
-    @torch.no_grad()
     def __call__(self, batch_or_context, *args, **kwargs):
+        """On a tensor, the module's forward (with autograd); on a RelightBatch, relight it."""
         if isinstance(batch_or_context, torch.Tensor):
             return super().__call__(batch_or_context, *args, **kwargs)
-        return relight_with_net(self, batch_or_context)
+        with torch.no_grad():
+            return relight_with_net(self, batch_or_context)
 
 
 def context_boxes(masks: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
