@@ -192,8 +192,8 @@ class CopyPaste:
         return [tv_tensors.wrap(new, like=im) if isinstance(im, tv_tensors.Image) else new
                 for im, new in zip(images, relit)]
 
-
     def _apply_one(self, image: torch.Tensor, target: Target, segments: PasteSegments, placement: Placement):
+        """Paste one image's segments and build its new target (existing instances first)."""
         _check_target(image, target)
         device = image.device
         boxes = _xyxy(target).to(device)
