@@ -122,6 +122,7 @@ class _Partial:
         self.records = open(root / "records.bin", "ab")
         self.shard = None
         self.uncommitted = 0
+        self._text_index: dict[str, int] | None = None
 
     def _truncate_to_checkpoint(self) -> None:
         with open(self.root / "records.bin", "ab") as f:
@@ -164,14 +165,16 @@ class _Partial:
         self.uncommitted += 1
 
     def _text_pointer(self, item: Item) -> int:
+        """Index of the item's text record, shared by every segment with the same key."""
         if item.text_key is None:
             return -1
         keys = self.state["texts"]
-        if not keys or keys[-1] != item.text_key:  # segments of one sub-category arrive together
-            if item.text_key in keys:
-                return keys.index(item.text_key)
+        if self._text_index is None:  # rebuilt from the checkpointed list after a resume
+            self._text_index = {k: i for i, k in enumerate(keys)}
+        if item.text_key not in self._text_index:
+            self._text_index[item.text_key] = len(keys)
             keys.append(item.text_key)
-        return len(keys) - 1
+        return self._text_index[item.text_key]
 
     def checkpoint(self) -> None:
         """Make everything written so far durable, then record it; a crash rolls back to here."""
@@ -298,12 +301,12 @@ def _merge_categories(old: list[dict], incoming: list[dict]) -> tuple[list[dict]
 
 
 def _remap(values: np.ndarray, remap: dict[int, int]) -> np.ndarray:
-    if all(k == v for k, v in remap.items()):
+    """Map category ids through ``remap`` in one pass (a lookup table, not a pass per category)."""
+    if all(k == v for k, v in remap.items()) or len(values) == 0:
         return values
-    out = values.copy()
-    for k, v in remap.items():
-        out[values == k] = v
-    return out
+    table = np.arange(max(int(values.max()), max(remap)) + 1, dtype=values.dtype)
+    table[list(remap)] = list(remap.values())
+    return table[values]
 
 
 def _old_index(out: Path, existing: dict | None) -> np.ndarray:
