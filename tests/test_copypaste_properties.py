@@ -47,20 +47,24 @@ def tight(masks):
     return masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                     HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
-    picks=st.lists(st.integers(0, 78), min_size=1, max_size=3),
+    picks=st.lists(st.integers(0, 78), min_size=1, max_size=4),
     layout=st.sampled_from(sorted(LAYOUTS)),
     num=st.tuples(st.integers(0, 6), st.integers(0, 8)).map(lambda t: (min(t), max(t))),
     drop=st.sampled_from(["visible_fraction", "mmdet"]),
     min_visible=st.floats(0.05, 0.9),
+    batched=st.booleans(),
 )
-def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, layout, num, drop, min_visible):
+def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, layout, num, drop, min_visible,
+                                     batched):
+    """Both paths: image by image (the CPU default) and batched (the accelerator default)."""
     rule = DropRule(drop, min_visible=min_visible)
     label_map = label_map_from_coco(val_ann)
-    cp = CopyPaste(train_bank, layout=LAYOUTS[layout](), num_pastes=num, drop=rule, label_map=label_map)
+    cp = CopyPaste(train_bank, layout=LAYOUTS[layout](), num_pastes=num, drop=rule, label_map=label_map,
+                   batched=batched)
     images, targets = zip(*[val_set[i % len(val_set)] for i in picks])
     g = torch.Generator().manual_seed(seed)
     segments = cp.fetch(len(images), g)

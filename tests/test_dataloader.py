@@ -40,3 +40,23 @@ def test_deferred_mode_ships_segments_and_pastes_later(train_bank, val_set):
                                  generator=torch.Generator().manual_seed(0))
     assert all(int(t["is_pasted"].sum()) <= 3 for t in out_targets)
     assert any(int(t["is_pasted"].sum()) > 0 for t in out_targets)
+    # the worker drew the layout too; pasting later (batched, as on a GPU) follows it exactly
+    assert segments.placements is not None and len(segments.placements) == 2
+    again_images, again_targets = CopyPaste(train_bank, num_pastes=(3, 3), batched=True)(
+        list(images), list(targets), segments=segments)
+    for a, b, ta, tb in zip(out_images, again_images, out_targets, again_targets):
+        assert torch.equal(a, b) and torch.equal(ta["masks"], tb["masks"]) and torch.equal(ta["boxes"], tb["boxes"])
+
+
+def test_segments_travel_as_one_buffer(train_bank):
+    import pickle
+
+    cp = CopyPaste(train_bank, num_pastes=(4, 4))
+    segments = cp.fetch(3, torch.Generator().manual_seed(5))
+    payload = sum(r.numel() for r in segments.rgba)
+    blob = pickle.dumps(segments)
+    assert len(blob) < 1.1 * payload + 20_000  # not one copy of the buffer per segment
+    back = pickle.loads(blob)
+    assert all(torch.equal(a, b) for a, b in zip(segments.rgba, back.rgba))
+    moved = segments.to("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(segments.rgba, moved.rgba))

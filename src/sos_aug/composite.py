@@ -111,7 +111,7 @@ def composite(image: torch.Tensor, pieces: list[PastedPiece], feather_sigma: flo
         window = out[(slice(None), *piece.window)]
         rgb = piece.rgb if out.dtype == torch.uint8 else piece.rgb.to(out.dtype) / 255
         if feather_sigma > 0:
-            window.copy_(_blend(window, rgb, piece.alpha, feather_sigma))
+            window.copy_(_blend(window, rgb, piece.mask, feather_sigma))
         elif out.dtype == torch.uint8:  # bit select: ~20x faster than torch.where on CPU
             keep = piece.mask.view(torch.uint8) - 1  # 0 under the mask, 255 elsewhere
             window.bitwise_and_(keep).bitwise_or_(rgb & ~keep)
@@ -120,12 +120,12 @@ def composite(image: torch.Tensor, pieces: list[PastedPiece], feather_sigma: flo
     return out
 
 
-def _blend(window: torch.Tensor, rgb: torch.Tensor, alpha: torch.Tensor, sigma: float) -> torch.Tensor:
+def _blend(window: torch.Tensor, rgb: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
     import kornia
 
     ksize = 2 * int(3 * sigma) + 1
-    hard = (alpha >= ALPHA_THRESHOLD).float()[None, None]
-    a = kornia.filters.gaussian_blur2d(hard, (ksize, ksize), (sigma, sigma), border_type="constant")[0]
+    a = kornia.filters.gaussian_blur2d(mask.float()[None, None], (ksize, ksize), (sigma, sigma),
+                                       border_type="constant")[0]
     mixed = window.float() * (1 - a) + rgb.float() * a
     return mixed.round().to(window.dtype) if window.dtype == torch.uint8 else mixed.to(window.dtype)
 
@@ -264,3 +264,139 @@ def paste_into(
         pasted_kept=pasted_kept,
         piece_segment=torch.tensor(piece_segment, dtype=torch.long),
     )
+
+
+def _clip_window(box: torch.Tensor, ph: int, pw: int, height: int, width: int):
+    """Where a (ph, pw) patch centred on ``box`` lands: (patch crop, canvas window), or None if off-canvas."""
+    bx0, by0, bx1, by1 = (int(v) for v in box.tolist())
+    y0 = by0 + ((by1 - by0) - ph) // 2
+    x0 = bx0 + ((bx1 - bx0) - pw) // 2
+    cy0, cx0 = max(0, -y0), max(0, -x0)
+    cy1, cx1 = min(ph, height - y0), min(pw, width - x0)
+    if cy1 <= cy0 or cx1 <= cx0:
+        return None
+    crop = (slice(cy0, cy1), slice(cx0, cx1))
+    return crop, (slice(y0 + cy0, y0 + cy1), slice(x0 + cx0, x0 + cx1))
+
+
+def _warp_float(rgba: torch.Tensor, height: int, width: int, flip: bool, angle: float) -> torch.Tensor:
+    """:func:`warp_segment` on a float (4, h, w) segment in 0..255, unrounded (accelerator path: one
+    interpolation kernel; rounding happens once for the whole batch)."""
+    if rgba.device.type == "cpu":  # the uint8 kernel, bit-identical to the per-image path
+        return warp_segment(rgba.round().to(torch.uint8), height, width, flip, angle).float()
+    out = rgba
+    if tuple(out.shape[-2:]) != (height, width):
+        out = torch.nn.functional.interpolate(out[None], size=(height, width), mode="bilinear", antialias=True,
+                                              align_corners=False)[0]
+    if flip:
+        out = out.flip(-1)
+    if angle:
+        out = F.rotate(out, float(angle), interpolation=InterpolationMode.BILINEAR, expand=True)
+    return out
+
+
+def paste_batch(
+    images: torch.Tensor,
+    masks: list[torch.Tensor],
+    boxes: list[torch.Tensor],
+    crowd: list[torch.Tensor],
+    segments: list[torch.Tensor],
+    placements: list[Placement],
+    drop: DropRule,
+    feather_sigma: float = 0.0,
+) -> list[PasteResult]:
+    """:func:`paste_into` for a (B, 3, H, W) batch at once, built for accelerators.
+
+    Per piece it launches only a warp and two writes (its hard mask into a (B, K, H, W) stack, its
+    pixels into the canvas) and never waits for the device; occlusion, boxes, areas and the drop
+    rule are whole-batch ops, and one device sync at the end learns which instances survive.
+    ``placements[b].segment`` indexes ``segments``. Results match :func:`paste_into`'s rules.
+    """
+    b, _, height, width = images.shape
+    device = images.device
+    kmax = max((len(p) for p in placements), default=0)
+    as_uint8 = images.dtype == torch.uint8
+    canvas = images.float() if as_uint8 else images.clone()
+    full = torch.zeros(b, kmax, height, width, dtype=torch.bool, device=device)
+    used = sorted({int(i) for p in placements for i in p.segment.tolist()})
+    source = _as_float(segments, used)
+    for i, placement in enumerate(placements):
+        for k in range(len(placement)):
+            box = placement.boxes[k]
+            patch = _warp_float(source[int(placement.segment[k])], int(box[3] - box[1]), int(box[2] - box[0]),
+                                bool(placement.flip[k]), float(placement.angle[k]))
+            where = _clip_window(box, patch.shape[-2], patch.shape[-1], height, width)
+            if where is None:
+                continue
+            crop, window = where
+            patch = patch[(slice(None), *crop)]
+            mask = full[(i, k, *window)]
+            torch.ge(patch[3], ALPHA_THRESHOLD - 0.5, out=mask)  # = round(alpha) >= 128
+            rgb = patch[:3] if as_uint8 else patch[:3] / 255
+            view = canvas[(i, slice(None), *window)]
+            if feather_sigma > 0:
+                view.copy_(_blend(view, rgb, mask, feather_sigma))
+            else:
+                torch.where(mask, rgb, view, out=view)
+    out_images = canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas
+
+    # the topmost piece at each pixel (1-based; 0 = none), then every visible mask from it
+    slot = torch.arange(1, kmax + 1, device=device, dtype=torch.int16).view(1, kmax, 1, 1)
+    top = (full * slot).amax(1) if kmax else torch.zeros(b, height, width, dtype=torch.int16, device=device)
+    visible = full & (top.unsqueeze(1) == slot)
+    n_per = [len(m) for m in masks]
+    old = torch.cat([m.bool() for m in masks]) if sum(n_per) else torch.zeros(0, height, width, dtype=torch.bool,
+                                                                              device=device)
+    owner = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(n_per, device=device))
+    old_visible = old & (top[owner] == 0)
+    before, after = old.flatten(1).sum(1), old_visible.flatten(1).sum(1)
+    touched = after < before
+    old_boxes = torch.cat([bx.float() for bx in boxes]) if sum(n_per) else torch.zeros(0, 4, device=device)
+    new_boxes = torch.where(touched[:, None], tight_boxes(old_visible), old_boxes)
+    old_crowd = torch.cat([c.bool() for c in crowd]) if sum(n_per) else torch.zeros(0, dtype=torch.bool,
+                                                                                  device=device)
+    keep_old = drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched
+    pasted_full, pasted_visible = full.flatten(2).sum(2).flatten(), visible.flatten(2).sum(2).flatten()
+    full_boxes, visible_boxes = tight_boxes(full.flatten(0, 1)), tight_boxes(visible.flatten(0, 1))
+    keep_new = drop.keep(pasted_visible, pasted_full, full_boxes, visible_boxes,
+                         torch.zeros_like(pasted_full, dtype=torch.bool))
+
+    # one sync: which rows survive, gathered image by image in a single index_select
+    keep_cpu = torch.cat([keep_old, keep_new]).cpu()
+    n_old = len(old)
+    order, counts = [], []
+    start = 0
+    for i in range(b):
+        rows = [r for r in range(start, start + n_per[i]) if keep_cpu[r]]
+        rows += [n_old + i * kmax + k for k in range(len(placements[i])) if keep_cpu[n_old + i * kmax + k]]
+        order += rows
+        counts.append(len(rows))
+        start += n_per[i]
+    order_t = torch.tensor(order, dtype=torch.long, device=device)
+    all_masks = torch.cat([old_visible, visible.flatten(0, 1)]).index_select(0, order_t)
+    all_boxes = torch.cat([new_boxes, visible_boxes]).index_select(0, order_t)
+    all_area = torch.cat([torch.where(touched, after, -1), pasted_visible]).index_select(0, order_t)
+    results, start = [], 0
+    for i, (m, bx, ar) in enumerate(zip(all_masks.split(counts), all_boxes.split(counts), all_area.split(counts))):
+        k = len(placements[i])
+        results.append(PasteResult(
+            image=out_images[i], masks=m, boxes=bx, area=ar,
+            keep_existing=keep_old[start : start + n_per[i]],
+            pasted_kept=keep_cpu[n_old + i * kmax : n_old + i * kmax + k],  # on the CPU: no further sync
+            piece_segment=torch.arange(k),
+        ))
+        start += n_per[i]
+    return results
+
+
+def _as_float(segments: list[torch.Tensor], used: list[int]) -> dict[int, torch.Tensor]:
+    """The used segments as float 0..255, converted in one kernel (one cat, one cast)."""
+    if not used:
+        return {}
+    flat = torch.cat([segments[i].flatten() for i in used]).float()
+    out, start = {}, 0
+    for i in used:
+        n = segments[i].numel()
+        out[i] = flat[start : start + n].view(segments[i].shape)
+        start += n
+    return out

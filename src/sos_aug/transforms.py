@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
 from .bank.format import BankFormatError
 from .bank.store import SegmentBank, normalize_name
-from .composite import DropRule, count_pixels, paste_into
+from .composite import DropRule, PasteResult, count_pixels, paste_batch, paste_into
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
 
 Target = dict[str, Any]
@@ -29,24 +30,74 @@ Target = dict[str, Any]
 
 @dataclass
 class PasteSegments:
-    """Decoded segments for a batch: ``rgba[i]`` is a (4, h, w) uint8 tensor for image ``image[i]``."""
+    """Decoded segments for a batch: ``rgba[i]`` is a (4, h, w) uint8 tensor for image ``image[i]``.
+
+    The segments are views into one flat buffer, so moving them to a device (or pinning them) is one
+    copy, not one per segment.
+    """
 
     rgba: list[torch.Tensor]
     image: torch.Tensor  # (M,) which image each segment is for
     labels: torch.Tensor  # (M,) dataset label (-1 for open-vocabulary names without one)
     names: list[str]
     bank_rows: torch.Tensor  # (M,) positions in the bank view, for provenance
+    placements: list[Placement] | None = None  # drawn ahead (in a worker) for the images they go with
+
+    @staticmethod
+    def pack(arrays: Sequence[Any]) -> list[torch.Tensor]:
+        """(4, h, w) uint8 arrays -> tensors that are views into one flat buffer."""
+        flat = torch.empty(sum(int(a.size) for a in arrays), dtype=torch.uint8)
+        return _views(flat, [tuple(a.shape) for a in arrays], arrays)
+
+    def _moved(self, move: Callable[[torch.Tensor], torch.Tensor]) -> PasteSegments:
+        shapes = [tuple(r.shape) for r in self.rgba]
+        flat = self.rgba[0].reshape(-1) if len(self.rgba) == 1 else _flat_base(self.rgba)
+        rgba = _views(move(flat), shapes) if self.rgba else []
+        return PasteSegments(rgba, self.image, self.labels, self.names, self.bank_rows, self.placements)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteSegments:
-        return PasteSegments([r.to(device, non_blocking=non_blocking) for r in self.rgba], self.image,
-                             self.labels, self.names, self.bank_rows)
+        return self._moved(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PasteSegments:
-        return PasteSegments([r.pin_memory() for r in self.rgba], self.image, self.labels, self.names,
-                             self.bank_rows)
+        return self._moved(lambda t: t.pin_memory())
 
     def for_image(self, b: int) -> list[int]:
         return (self.image == b).nonzero().flatten().tolist()
+
+    def __reduce__(self):  # one buffer across processes, not a storage per view
+        shapes = [tuple(r.shape) for r in self.rgba]
+        flat = _flat_base(self.rgba) if self.rgba else torch.zeros(0, dtype=torch.uint8)
+        return _unpack, (flat, shapes, self.image, self.labels, self.names, self.bank_rows, self.placements)
+
+
+def _unpack(flat, shapes, image, labels, names, bank_rows, placements) -> PasteSegments:
+    return PasteSegments(_views(flat, shapes), image, labels, names, bank_rows, placements)
+
+
+def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]], fill: Sequence[Any] | None = None) -> list[torch.Tensor]:
+    out, start = [], 0
+    for k, shape in enumerate(shapes):
+        n = int(torch.Size(shape).numel())
+        view = flat[start : start + n].view(shape)
+        if fill is not None:
+            np.copyto(view.numpy(), fill[k])
+        out.append(view)
+        start += n
+    return out
+
+
+def _flat_base(rgba: list[torch.Tensor]) -> torch.Tensor:
+    """The flat buffer the segments are consecutive views of, or a packed copy when they are not."""
+    first, total = rgba[0], sum(r.numel() for r in rgba)
+    storage = first.untyped_storage()
+    consecutive = first.storage_offset() + total <= storage.nbytes()
+    start = first.data_ptr()
+    for r in rgba:
+        same = r.untyped_storage().data_ptr() == storage.data_ptr() and r.dtype == torch.uint8
+        if not (consecutive and same and r.is_contiguous() and r.data_ptr() == start):
+            return torch.cat([t.reshape(-1) for t in rgba])
+        start += r.numel()
+    return first.as_strided((total,), (1,))
 
 
 class CopyPaste:
@@ -69,6 +120,10 @@ class CopyPaste:
         relight: a relighter or a list of them (:mod:`sos_aug.relight`), run on the pasted segments
             after compositing, e.g. ``[RelightNet.pretrained(), LabBlend()]``; background pixels and
             targets are unchanged by it.
+        batched: paste each group of same-size images in one :func:`~sos_aug.composite.paste_batch`
+            call (few device launches per segment, one sync per batch) instead of image by image.
+            None (default) batches on accelerators and goes image by image on the CPU, where the
+            ROI-local per-image path is faster.
     """
 
     def __init__(
@@ -82,6 +137,7 @@ class CopyPaste:
         label_map: Mapping[str | int, int] | None = None,
         open_vocabulary: bool = False,
         relight=None,
+        batched: bool | None = None,
     ):
         if num_pastes[0] < 0 or num_pastes[1] < num_pastes[0]:
             raise ValueError(f"num_pastes must be (low, high) with 0 <= low <= high, got {num_pastes}")
@@ -90,6 +146,7 @@ class CopyPaste:
         self.drop = drop if isinstance(drop, DropRule) else DropRule(drop)
         self.open_vocabulary = open_vocabulary
         self.relight = relight
+        self.batched = batched
         self.skipped = 0  # segments that could not be read (counted, warned about)
         self.label_of = _resolve_labels(bank, label_map, open_vocabulary)
         usable = [c for c, lab in self.label_of.items() if lab >= 0 or open_vocabulary]
@@ -113,10 +170,10 @@ class CopyPaste:
         counts *= torch.rand(num_images, generator=generator) < self.p
         rows = self.bank.sample(int(counts.sum()), generator)
         image = torch.repeat_interleave(torch.arange(num_images), counts)
-        rgba, ok = [], torch.ones(len(rows), dtype=torch.bool)
+        arrays, ok = [], torch.ones(len(rows), dtype=torch.bool)
         for k, r in enumerate(rows.tolist()):
             try:
-                rgba.append(torch.from_numpy(self.bank.read_rgba(r)[0].copy()))
+                arrays.append(self.bank.read_rgba(r)[0])
             except BankFormatError as err:  # a damaged segment is skipped and counted, never fatal mid-epoch
                 ok[k] = False
                 self.skipped += 1
@@ -124,6 +181,7 @@ class CopyPaste:
                     warnings.warn(f"CopyPaste skipped {self.skipped} unreadable segment(s); latest: {err}",
                                   stacklevel=2)
         rows, image = rows[ok], image[ok]
+        rgba = PasteSegments.pack(arrays)
         cats = self._cats[rows]
         names = [self.bank.categories[int(c)]["name"] for c in cats]
         return PasteSegments(rgba, image, self._label_table[cats], names, rows)
@@ -159,7 +217,9 @@ class CopyPaste:
         if segments is None:
             segments = self.fetch(len(batch), generator)
         sizes = [tuple(im.shape[-2:]) for im in batch]
-        params = self.make_params(sizes, targets, segments, generator)
+        params = segments.placements  # drawn in a worker (CopyPasteCollate(defer=True)), else now
+        if params is None:
+            params = self.make_params(sizes, targets, segments, generator)
         out_images, out_targets = self.apply(batch, targets, segments, params)
         if single:
             return out_images[0], out_targets[0]
@@ -172,14 +232,39 @@ class CopyPaste:
         """Composite every image with its placement and rewrite its target."""
         if len(images) != len(targets) or len(images) != len(params):
             raise ValueError(f"{len(images)} images, {len(targets)} targets and {len(params)} placements")
+        for image, target in zip(images, targets):
+            _check_target(image, target)
+        results: list[PasteResult | None] = [None] * len(images)
+        for group in self._groups(images):
+            if len(group) == 1 and not self._batch_on(images[group[0]]):
+                i = group[0]
+                results[i] = self._paste_one(images[i], targets[i], segments, params[i])
+            else:
+                whole = isinstance(images, torch.Tensor) and len(group) == len(images)  # a stacked batch as is
+                batch = images if whole else torch.stack([torch.as_tensor(images[i]) for i in group])
+                for i, res in zip(group, self._paste_group(batch, [targets[i] for i in group], segments,
+                                                           [params[i] for i in group])):
+                    results[i] = res
         out_images, out_targets = [], []
-        for image, target, placement in zip(images, targets, params):
-            img, tgt = self._apply_one(image, target, segments, placement)
+        for image, target, placement, res in zip(images, targets, params, results):
+            img, tgt = self._new_target(image, target, segments, placement, res)
             out_images.append(img)
             out_targets.append(tgt)
         if self.relight is not None:
             out_images = self._relight(out_images, out_targets)
         return out_images, out_targets
+
+    def _batch_on(self, image: torch.Tensor) -> bool:
+        return self.batched if self.batched is not None else image.device.type != "cpu"
+
+    def _groups(self, images: Sequence[torch.Tensor]) -> list[list[int]]:
+        """Indices of images pasted together: same size and device when batching, else one by one."""
+        if len(images) == 0 or not self._batch_on(images[0]):
+            return [[i] for i in range(len(images))]
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault((tuple(im.shape), im.dtype, im.device), []).append(i)
+        return list(groups.values())
 
     def _relight(self, images: list[torch.Tensor], targets: list[Target]) -> list[torch.Tensor]:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
@@ -192,21 +277,33 @@ class CopyPaste:
         return [tv_tensors.wrap(new, like=im) if isinstance(im, tv_tensors.Image) else new
                 for im, new in zip(images, relit)]
 
-    def _apply_one(self, image: torch.Tensor, target: Target, segments: PasteSegments, placement: Placement):
-        """Paste one image's segments and build its new target (existing instances first)."""
-        _check_target(image, target)
+    def _paste_one(self, image: torch.Tensor, target: Target, segments: PasteSegments,
+                   placement: Placement) -> PasteResult:
         device = image.device
-        boxes = _xyxy(target).to(device)
-        masks = target["masks"].to(device).bool()
-        labels = target["labels"].to(device)
-        crowd = target.get("iscrowd", torch.zeros(len(labels), dtype=torch.long)).to(device).bool()
+        masks, boxes, crowd = _instances(target, device)
         rgba = [segments.rgba[int(i)].to(device) for i in placement.segment] if len(placement) else []
         local = Placement(placement.boxes, torch.arange(len(placement)), placement.flip, placement.angle)
-        res = paste_into(torch.as_tensor(image), masks, boxes, crowd, rgba, local, self.drop, self.feather_sigma)
+        return paste_into(torch.as_tensor(image), masks, boxes, crowd, rgba, local, self.drop, self.feather_sigma)
+
+    def _paste_group(self, batch: torch.Tensor, targets: list[Target], segments: PasteSegments,
+                     params: list[Placement]) -> list[PasteResult]:
+        device = batch.device
+        masks, boxes, crowd = zip(*[_instances(t, device) for t in targets])
+        rgba = segments.to(device).rgba  # one transfer for all segments
+        return paste_batch(batch.as_subclass(torch.Tensor), list(masks), list(boxes), list(crowd), rgba, params,
+                           self.drop, self.feather_sigma)
+
+    def _new_target(self, image: torch.Tensor, target: Target, segments: PasteSegments, placement: Placement,
+                    res: PasteResult):
+        """The pasted image and its new target (existing instances first, then the pasted ones)."""
+        device = image.device
+        labels = target["labels"].to(device)
+        crowd = target.get("iscrowd", torch.zeros(len(labels), dtype=torch.long)).to(device).bool()
         kept_src = placement.segment[res.piece_segment][res.pasted_kept.cpu()]
         new_labels = segments.labels[kept_src].to(device)
         keep = res.keep_existing
-        n_old, n_new = int(keep.sum()), len(kept_src)
+        n_new = len(kept_src)
+        n_old = len(res.boxes) - n_new  # no device sync
         out = {k: v for k, v in target.items() if k not in _INSTANCE_KEYS}
         out["labels"] = torch.cat([labels[keep], new_labels.to(labels.dtype)])
         out["boxes"] = _wrap_boxes(target["boxes"], res.boxes, image.shape[-2:])
@@ -217,7 +314,8 @@ class CopyPaste:
         if old_area is not None:
             area[:n_old] = torch.where(area[:n_old] < 0, old_area.to(device)[keep].float(), area[:n_old])
         else:
-            area[:n_old] = torch.where(area[:n_old] < 0, count_pixels(masks[keep]).float().to(device), area[:n_old])
+            old_masks = target["masks"].to(device)[keep].bool()
+            area[:n_old] = torch.where(area[:n_old] < 0, count_pixels(old_masks).float().to(device), area[:n_old])
         out["area"] = area
         out["is_pasted"] = torch.arange(n_old + n_new, device=device) >= n_old
         if self.open_vocabulary or "names" in target:
@@ -232,6 +330,12 @@ class CopyPaste:
 
 
 _INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows"}
+
+
+def _instances(target: Target, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A target's masks (bool), XYXY boxes and crowd flags on ``device``."""
+    crowd = target.get("iscrowd", torch.zeros(len(target["labels"]), dtype=torch.long))
+    return target["masks"].to(device).bool(), _xyxy(target).to(device), crowd.to(device).bool()
 
 
 def _check_target(image: torch.Tensor, target: Target) -> None:
@@ -307,6 +411,8 @@ class CopyPasteCollate:
     the same DataLoader seed replay exactly and different workers draw differently. With
     ``defer=True`` the workers only fetch and decode segments; the batch then carries them as a
     third element so ``cp(images.cuda(), targets, segments=segments.to("cuda"))`` pastes on the GPU.
+    The layout is drawn in the worker too (``segments.placements``): the training step only
+    composites, batched, on the device.
     """
 
     def __init__(self, copy_paste: CopyPaste, collate_fn: Callable | None = None, defer: bool = False):
@@ -322,8 +428,10 @@ class CopyPasteCollate:
 
     def __call__(self, batch: list[tuple[torch.Tensor, Target]]):
         images, targets = [b[0] for b in batch], [b[1] for b in batch]
-        if self.defer:
+        if self.defer:  # draw everything here; the training step only composites
             segments = self.cp.fetch(len(images), self.generator())
+            sizes = [tuple(im.shape[-2:]) for im in images]
+            segments.placements = self.cp.make_params(sizes, targets, segments, self.generator())
             return self._collate(images, targets) + (segments,)
         images, targets = self.cp(images, targets, generator=self.generator())
         return self._collate(images, targets)
