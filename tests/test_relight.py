@@ -48,6 +48,55 @@ def test_background_untouched_foreground_changed_and_deterministic(pasted, make)
         assert (out[:, covered] - plain[:, covered]).abs().mean() > 1e-4
 
 
+def constant_net(seed: int = 0) -> RelightNet:
+    """A net whose prediction ignores its input (random last-layer bias only): both application paths
+    must then produce the same pixels."""
+    net = RelightNet().eval()
+    with torch.no_grad():
+        net.head[-1].bias.copy_(torch.randn(N_PARAMS, generator=torch.Generator().manual_seed(seed)) * 0.2)
+    return net
+
+
+@pytest.mark.parametrize("as_uint8", [False, True])
+def test_pixel_path_applies_the_same_transform_as_the_window_path(pasted, as_uint8):
+    """The accelerator path (all segments' pixels in one pass) against the CPU path (window by
+    window), run here on the CPU: same pixels up to float rounding, background identical."""
+    from sos_aug.relight.net import _relight_group, _relight_windows
+
+    batch = pasted[0]
+    if as_uint8:
+        imgs = [(im * 255).round().to(torch.uint8) for im in batch.images]
+        batch = RelightBatch(imgs, imgs, batch.masks)
+    net = constant_net()
+    windows = _relight_windows(net, batch)
+    pixels = [_relight_group(net, im[None], [m])[0] for im, m in zip(batch.images, batch.masks)]
+    for a, b, plain, masks in zip(windows, pixels, batch.images, batch.masks):
+        covered = masks.any(0)
+        assert torch.equal(b[:, ~covered], plain[:, ~covered])
+        tol = 1 if as_uint8 else 1e-5
+        assert (a.float() - b.float()).abs().max() <= tol
+        assert (b[:, covered].float() - plain[:, covered].float()).abs().mean() > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_net_relights_on_gpu_like_on_cpu(pasted):
+    batch = pasted[0]
+    net = RelightNet.pretrained()
+    cpu = relight(net, batch)
+    gpu_batch = RelightBatch([im.cuda() for im in batch.images], [im.cuda() for im in batch.plain],
+                             [m.cuda() for m in batch.masks])
+    gpu = relight(net, gpu_batch)
+    for a, b, plain, masks in zip(cpu, gpu, batch.plain, batch.masks):
+        covered = masks.any(0)
+        b = b.cpu()
+        assert torch.equal(b[:, ~covered], plain[:, ~covered])
+        # the net sees roi_align windows on the GPU and antialiased crops on the CPU: close, not equal
+        assert (a[:, covered] - b[:, covered]).abs().mean() < 0.02
+    const = constant_net(1)
+    exact_cpu, exact_gpu = relight(const, batch), relight(const, gpu_batch)
+    assert all((a - b.cpu()).abs().max() < 1e-4 for a, b in zip(exact_cpu, exact_gpu))
+
+
 def test_lab_blend_weights_follow_the_area_rank():
     w = LabBlend.weights(torch.tensor([500, 10, 2000, 90]))
     order = torch.argsort(torch.tensor([500, 10, 2000, 90]))

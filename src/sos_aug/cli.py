@@ -161,7 +161,7 @@ def _relight_train(args) -> int:
 
         teacher = ICLightTeacher.from_local(args.teacher)
     report = train_relight_net(args.coco, args.images, args.out, minutes=args.minutes, seed=args.seed,
-                               teacher=teacher, progress=not args.quiet)
+                               teacher=teacher, progress=not args.quiet, device=args.device, workers=args.workers)
     print(f"saved {args.out} (best held-out fMSE {report.best_val_fmse * 255**2:.1f} at step {report.best_step} "
           f"of {report.steps}); loss curve {Path(args.out).with_suffix('.png')}")
     return 0
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", required=True)
     t.add_argument("--out", required=True, help="weights file (.pt); the loss curve goes beside it as .png")
     t.add_argument("--minutes", type=float, default=10.0)
+    t.add_argument("--device", default="cpu", help="where the net trains, e.g. cuda")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader processes building training batches")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--teacher", help="local IC-Light directory (diffusers layout) to distil from")
     t.add_argument("--threads", type=int, default=2)

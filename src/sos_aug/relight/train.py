@@ -76,8 +76,14 @@ def train_relight_net(
     val_fraction: float = 0.1,
     progress: bool = True,
     max_steps: int | None = None,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
 ) -> TrainReport:
-    """Train and save the best (by held-out fMSE) weights to ``out``; writes ``out``.png (loss curve)."""
+    """Train and save the best (by held-out fMSE) weights to ``out``; writes ``out``.png (loss curve).
+
+    ``device`` runs the net there (e.g. "cuda"); ``workers`` > 0 builds training batches in that
+    many DataLoader processes (each with its own generator, seeded from ``seed``), which a GPU
+    needs to be kept busy."""
     torch.manual_seed(seed)
     ids = [im["id"] for im in json.loads(Path(ann_file).read_text())["images"]]
     train_ids, val_ids = split_ids(ids, val_fraction, seed)
@@ -88,8 +94,10 @@ def train_relight_net(
     g = torch.Generator().manual_seed(seed)
     val_g = torch.Generator().manual_seed(seed + 1)
     val = _make_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
+    val = tuple(t.to(device) for t in val)
+    batches = _batches(train_pool, batch, size, seed, g, workers, make_targets=teacher is None)
 
-    net = RelightNet()
+    net = RelightNet().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
     report = TrainReport()
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -99,7 +107,8 @@ def train_relight_net(
     bar = tqdm(total=int(minutes * 60), desc="relight train", unit="s", disable=not progress)
     started = time.monotonic()
     while time.monotonic() < deadline and (max_steps is None or report.steps < max_steps):
-        composite, alpha, target = _make_targets(*training_batch(train_pool, batch, size, g), g, teacher)
+        item = next(batches) if teacher is None else _make_targets(*next(batches), g, teacher)
+        composite, alpha, target = (t.to(device) for t in item)
         done = min(1.0, (time.monotonic() - started) / (minutes * 60))
         for group in opt.param_groups:  # cosine decay over the time budget
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
@@ -124,12 +133,40 @@ def train_relight_net(
         bar.refresh()
     bar.close()
     net.load_state_dict(best_state)
+    net.cpu()
     report.gain = calibrate_gain(net, ann_file, images, val_ids, progress)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     net.save(out)
     save_loss_curve(report, out.with_suffix(".png"))
     return report
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches; each DataLoader worker draws from its own seeded generator."""
+
+    def __init__(self, pool: InstancePool, batch: int, size: int, seed: int, make_targets: bool):
+        self.pool, self.batch, self.size, self.seed, self.make_targets = pool, batch, size, seed, make_targets
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        g = torch.Generator().manual_seed(self.seed * 1000 + 1 + (info.id if info else 0))
+        torch.set_num_threads(1)
+        while True:
+            item = training_batch(self.pool, self.batch, self.size, g)
+            yield _make_targets(*item, g, None) if self.make_targets else item
+
+
+def _batches(pool: InstancePool, batch: int, size: int, seed: int, g: torch.Generator, workers: int,
+             make_targets: bool):
+    """Training batches: built in this process from ``g``, or by ``workers`` DataLoader processes."""
+    if workers <= 0:
+        while True:
+            item = training_batch(pool, batch, size, g)
+            yield _make_targets(*item, g, None) if make_targets else item
+    loader = torch.utils.data.DataLoader(_BatchStream(pool, batch, size, seed, make_targets), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4, persistent_workers=True)
+    yield from loader
 
 
 def _make_targets(images, alphas, refs, g, teacher: Teacher | None):

@@ -1,0 +1,137 @@
+"""GPU timings: CopyPaste on a B=16 batch at 1024x1024 with 10 segments per image, and relighting it.
+
+The batch lives on the GPU as it would after ``.to(device)`` in a training step; the segments were
+fetched and decoded by DataLoader workers (not timed here, see ``copypaste.py``) and move with the
+batch in one copy. Timed with the device synchronised before and after, median of ``--repeats``:
+
+* ``layout``: drawing the placements (CPU, the generator's side);
+* ``paste``: compositing and every target update on the GPU, batched (the default there) and, for
+  comparison, image by image;
+* ``relight net``: ``RelightNet`` on the pasted segments of the same batch, and net + LabBlend.
+
+Also checks that the GPU and CPU paths agree on the same draws (labels, masks, pixels).
+Needs a CUDA device; prints a table and writes ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import coco_mini, machine, train_bank  # noqa: E402
+from copypaste import load_images  # noqa: E402
+
+from sos_aug import CopyPaste, RandomLayout, SOSLayout  # noqa: E402
+from sos_aug.relight import LabBlend, RelightBatch, RelightNet, relight  # noqa: E402
+
+
+def cuda_ms(fn, repeats: int) -> dict:
+    """Median and mean milliseconds of ``fn()``, the device synchronised around each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times), "min_ms": min(times)}
+
+
+def pasted_masks(targets) -> list[torch.Tensor]:
+    return [t["masks"][len(t["is_pasted"]) - int(t["is_pasted"].sum()):] for t in targets]
+
+
+def bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, dev, args, rows, checks):
+    """Time one layout's draw, transfer and paste; check the GPU result against the CPU path."""
+    n = (args.pastes, args.pastes)
+    sizes = [(args.size, args.size)] * args.batch
+    cp = CopyPaste(bank, layout=layout, num_pastes=n)
+    per_image = CopyPaste(bank, layout=layout, num_pastes=n, batched=False)
+    g = torch.Generator().manual_seed(0)
+    segments = cp.fetch(args.batch, g)
+    segments = segments.pin_memory() if dev.type == "cuda" else segments
+    params = cp.make_params(sizes, targets_cpu, segments, g)
+    seg_gpu = segments.to(dev, non_blocking=True)
+    rows[f"{name}: segments to GPU (one copy, pinned)"] = cuda_ms(lambda: segments.to(dev, non_blocking=True),
+                                                                  args.repeats)
+    redraw = torch.Generator().manual_seed(1)
+    rows[f"{name}: layout (CPU)"] = cuda_ms(lambda: cp.make_params(sizes, targets_cpu, segments, redraw),
+                                            max(3, args.repeats // 4))
+    rows[f"{name}: paste + targets, batched"] = cuda_ms(lambda: cp.apply(images, targets, seg_gpu, params),
+                                                        args.repeats)
+    rows[f"{name}: paste + targets, image by image"] = cuda_ms(
+        lambda: per_image.apply(list(images), targets, seg_gpu, params), max(3, args.repeats // 4))
+    out_images, out_targets = cp.apply(images, targets, seg_gpu, params)
+    rows[f"{name}: pasted per image"] = {"mean": sum(int(t["is_pasted"].sum()) for t in out_targets) / args.batch}
+    cpu_images, cpu_targets = cp.apply(images_cpu, targets_cpu, segments, params)  # the same draws on the CPU
+    same_labels = sum(a["labels"].tolist() == b["labels"].cpu().tolist() for a, b in zip(cpu_targets, out_targets))
+    mask_diff = sum(int((a["masks"] ^ b["masks"].cpu()).sum()) if a["masks"].shape == b["masks"].shape else -1
+                    for a, b in zip(cpu_targets, out_targets))
+    pixel_diff = statistics.fmean(float((a.int() - b.cpu().int()).abs().float().mean())
+                                  for a, b in zip(cpu_images, out_images))
+    checks[name] = {"images_with_equal_labels": same_labels, "of": args.batch, "mask_pixels_differing": mask_diff,
+                    "mean_abs_pixel_diff": pixel_diff}
+    return out_images, out_targets
+
+
+def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
+    """Relighting the pasted segments of the pasted batch: the net alone, and net + LabBlend."""
+    net = RelightNet.pretrained().to(dev)
+    plain = list(out_images)
+    masks = pasted_masks(out_targets)
+    batch = RelightBatch(plain, plain, masks)
+    rows["relight net (B images, their pasted segments)"] = cuda_ms(lambda: relight(net, batch), repeats)
+    rows["relight net + LabBlend"] = cuda_ms(lambda: relight([net, LabBlend()], batch), max(3, repeats // 4))
+    rows["segments relit"] = {"count": sum(len(m) for m in masks)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--pastes", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--work", default="bench_out", help="where the bank is built")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--device", default="cuda", help="'cpu' only to try the script out")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA device")
+    dev = torch.device(args.device)
+    root = coco_mini()
+    bank = train_bank(root, Path(args.work))
+    data = load_images(root, args.batch, args.size)
+    images_cpu = [im for im, _ in data]
+    targets_cpu = [t for _, t in data]
+    images = torch.stack(images_cpu).to(dev)
+    targets = [{k: v.to(dev) for k, v in t.items()} for t in targets_cpu]
+    rows, checks = {}, {}
+    for name, layout in (("random", RandomLayout(scale=(0.5, 2.0))), ("sos", SOSLayout())):
+        out_images, out_targets = bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, dev,
+                                               args, rows, checks)
+        if name == "random":
+            bench_relight(out_images, out_targets, dev, args.repeats, rows)
+    gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (trial run)"
+    info = {"machine": machine(), "gpu": gpu, "batch": args.batch, "size": args.size,
+            "pastes": args.pastes, "rows": rows, "cpu_vs_gpu": checks}
+    print(f"{info['gpu']}; B={args.batch} at {args.size}x{args.size}, {args.pastes} segments per image")
+    for k, v in rows.items():
+        print(f"{k:55s} " + " ".join(f"{a}={b:.2f}" for a, b in v.items()))
+    print(json.dumps(checks, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
