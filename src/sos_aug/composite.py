@@ -84,20 +84,16 @@ class PastedPiece:
 
 def place_piece(patch: torch.Tensor, box: torch.Tensor, height: int, width: int) -> PastedPiece | None:
     """Centre a warped patch on its layout box and clip it to the canvas; None when nothing is left."""
-    ph, pw = patch.shape[-2:]
-    bx0, by0, bx1, by1 = (int(v) for v in box.tolist())
-    y0 = by0 + ((by1 - by0) - ph) // 2
-    x0 = bx0 + ((bx1 - bx0) - pw) // 2
-    cy0, cx0 = max(0, -y0), max(0, -x0)
-    cy1, cx1 = min(ph, height - y0), min(pw, width - x0)
-    if cy1 <= cy0 or cx1 <= cx0:
+    where = _clip_window(box.tolist(), patch.shape[-2], patch.shape[-1], height, width)
+    if where is None:
         return None
-    patch = patch[:, cy0:cy1, cx0:cx1]
+    crop, window = where
+    patch = patch[(slice(None), *crop)]
     alpha = patch[3]
     mask = alpha >= ALPHA_THRESHOLD
     if not bool(mask.any()):
         return None
-    return PastedPiece(patch[:3], alpha, mask, y0 + cy0, x0 + cx0)
+    return PastedPiece(patch[:3], alpha, mask, window[0].start, window[1].start)
 
 
 def composite(image: torch.Tensor, pieces: list[PastedPiece], feather_sigma: float = 0.0) -> torch.Tensor:
@@ -266,9 +262,9 @@ def paste_into(
     )
 
 
-def _clip_window(box: torch.Tensor, ph: int, pw: int, height: int, width: int):
+def _clip_window(box: list[float], ph: int, pw: int, height: int, width: int):
     """Where a (ph, pw) patch centred on ``box`` lands: (patch crop, canvas window), or None if off-canvas."""
-    bx0, by0, bx1, by1 = (int(v) for v in box.tolist())
+    bx0, by0, bx1, by1 = (int(v) for v in box)
     y0 = by0 + ((by1 - by0) - ph) // 2
     x0 = bx0 + ((bx1 - bx0) - pw) // 2
     cy0, cx0 = max(0, -y0), max(0, -x0)
@@ -285,9 +281,8 @@ def _warp_float(rgba: torch.Tensor, height: int, width: int, flip: bool, angle: 
     if rgba.device.type == "cpu":  # the uint8 kernel, bit-identical to the per-image path
         return warp_segment(rgba.round().to(torch.uint8), height, width, flip, angle).float()
     out = rgba
-    if tuple(out.shape[-2:]) != (height, width):
-        out = torch.nn.functional.interpolate(out[None], size=(height, width), mode="bilinear", antialias=True,
-                                              align_corners=False)[0]
+    if tuple(out.shape[-2:]) != (height, width):  # F.interpolate's kernel, without its per-call checks
+        out = torch._C._nn._upsample_bilinear2d_aa(out[None], [height, width], False, None)[0]
     if flip:
         out = out.flip(-1)
     if angle:
@@ -320,16 +315,18 @@ def paste_batch(
     full = torch.zeros(b, kmax, height, width, dtype=torch.bool, device=device)
     used = sorted({int(i) for p in placements for i in p.segment.tolist()})
     source = _as_float(segments, used)
-    for i, placement in enumerate(placements):
-        for k in range(len(placement)):
-            box = placement.boxes[k]
-            patch = _warp_float(source[int(placement.segment[k])], int(box[3] - box[1]), int(box[2] - box[0]),
-                                bool(placement.flip[k]), float(placement.angle[k]))
+    for i, placement in enumerate(placements):  # Python numbers only: no tensor op per piece but the four
+        draws = zip(placement.boxes.tolist(), placement.segment.tolist(), placement.flip.tolist(),
+                    placement.angle.tolist())
+        for k, (box, seg, flip, angle) in enumerate(draws):
+            bx0, by0, bx1, by1 = (int(v) for v in box)
+            patch = _warp_float(source[seg], by1 - by0, bx1 - bx0, bool(flip), float(angle))
             where = _clip_window(box, patch.shape[-2], patch.shape[-1], height, width)
             if where is None:
                 continue
             crop, window = where
-            patch = patch[(slice(None), *crop)]
+            if crop[0].stop - crop[0].start != patch.shape[-2] or crop[1].stop - crop[1].start != patch.shape[-1]:
+                patch = patch[(slice(None), *crop)]
             mask = full[(i, k, *window)]
             torch.ge(patch[3], ALPHA_THRESHOLD - 0.5, out=mask)  # = round(alpha) >= 128
             rgb = patch[:3] if as_uint8 else patch[:3] / 255

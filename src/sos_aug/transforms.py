@@ -51,8 +51,7 @@ class PasteSegments:
 
     def _moved(self, move: Callable[[torch.Tensor], torch.Tensor]) -> PasteSegments:
         shapes = [tuple(r.shape) for r in self.rgba]
-        flat = self.rgba[0].reshape(-1) if len(self.rgba) == 1 else _flat_base(self.rgba)
-        rgba = _views(move(flat), shapes) if self.rgba else []
+        rgba = _views(move(_flat_base(self.rgba)), shapes) if self.rgba else []
         return PasteSegments(rgba, self.image, self.labels, self.names, self.bank_rows, self.placements)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteSegments:
@@ -245,9 +244,12 @@ class CopyPaste:
                 for i, res in zip(group, self._paste_group(batch, [targets[i] for i in group], segments,
                                                            [params[i] for i in group])):
                     results[i] = res
+        kept_src = [p.segment[r.piece_segment][r.pasted_kept.cpu()] for p, r in zip(params, results)]
+        device = images[0].device if len(images) else torch.device("cpu")
+        new_labels = segments.labels[torch.cat(kept_src)].to(device).split([len(k) for k in kept_src])  # one copy
         out_images, out_targets = [], []
-        for image, target, placement, res in zip(images, targets, params, results):
-            img, tgt = self._new_target(image, target, segments, placement, res)
+        for image, target, kept, labels, res in zip(images, targets, kept_src, new_labels, results):
+            img, tgt = self._new_target(image, target, segments, kept, labels, res)
             out_images.append(img)
             out_targets.append(tgt)
         if self.relight is not None:
@@ -293,14 +295,13 @@ class CopyPaste:
         return paste_batch(batch.as_subclass(torch.Tensor), list(masks), list(boxes), list(crowd), rgba, params,
                            self.drop, self.feather_sigma)
 
-    def _new_target(self, image: torch.Tensor, target: Target, segments: PasteSegments, placement: Placement,
-                    res: PasteResult):
-        """The pasted image and its new target (existing instances first, then the pasted ones)."""
+    def _new_target(self, image: torch.Tensor, target: Target, segments: PasteSegments, kept_src: torch.Tensor,
+                    new_labels: torch.Tensor, res: PasteResult):
+        """The pasted image and its new target (existing instances first, then the pasted ones);
+        ``kept_src`` are the segments whose pieces survived, ``new_labels`` their labels on the device."""
         device = image.device
         labels = target["labels"].to(device)
         crowd = target.get("iscrowd", torch.zeros(len(labels), dtype=torch.long)).to(device).bool()
-        kept_src = placement.segment[res.piece_segment][res.pasted_kept.cpu()]
-        new_labels = segments.labels[kept_src].to(device)
         keep = res.keep_existing
         n_new = len(kept_src)
         n_old = len(res.boxes) - n_new  # no device sync

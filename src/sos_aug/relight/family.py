@@ -53,7 +53,7 @@ def apply_family_pixels(params: torch.Tensor, rgb: torch.Tensor, sample: torch.T
     pixels that change, whatever their number of segments: the batched path on accelerators."""
     s = params.shape[0]
     matrix = torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :9].view(s, 3, 3)
-    x = torch.einsum("nij,nj->ni", matrix[sample], rgb) + params[sample, 9:12]
+    x = (matrix[sample] * rgb[:, None, :]).sum(-1) + params[sample, 9:12]  # not a batched 3x3 matmul
     slope = torch.exp(params[:, N_AFFINE : N_AFFINE + N_CURVE].view(s, 3, KNOTS).clamp(-4, 4))
     knots = torch.cat([torch.zeros_like(slope[..., :1]), torch.cumsum(slope, -1) / KNOTS], -1)
     t = x * KNOTS
