@@ -95,6 +95,29 @@ def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     rows["segments relit"] = {"count": sum(len(m) for m in masks)}
 
 
+def profile(bank, layout, images, targets, targets_cpu, out_images, out_targets, dev, args) -> None:
+    """Where one batched paste and one net relight spend their time (CPU dispatch vs device)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cp = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes))
+    segments = cp.fetch(args.batch, torch.Generator().manual_seed(3))
+    params = cp.make_params([(args.size, args.size)] * args.batch, targets_cpu, segments)
+    seg = segments.to(dev)
+    net = RelightNet.pretrained().to(dev)
+    batch = RelightBatch(list(out_images), list(out_images), pasted_masks(out_targets))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    runs = (("paste", lambda: cp.apply(images, targets, seg, params)), ("relight", lambda: relight(net, batch)))
+    for what, fn in runs:
+        fn()
+        with torch_profile(activities=activities) as prof:
+            fn()
+            torch.cuda.synchronize() if dev.type == "cuda" else None
+        print(f"--- {what}: top ops")
+        print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=40))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
@@ -104,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="bench_out", help="where the bank is built")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--device", default="cuda", help="'cpu' only to try the script out")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one paste and relight")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device")
@@ -121,6 +145,8 @@ def main(argv=None) -> int:
                                                args, rows, checks)
         if name == "random":
             bench_relight(out_images, out_targets, dev, args.repeats, rows)
+            if args.profile:
+                profile(bank, layout, images, targets, targets_cpu, out_images, out_targets, dev, args)
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (trial run)"
     info = {"machine": machine(), "gpu": gpu, "batch": args.batch, "size": args.size,
             "pastes": args.pastes, "rows": rows, "cpu_vs_gpu": checks}

@@ -177,6 +177,10 @@ class PasteResult:
     keep_existing: torch.Tensor  # (N,) bool: which existing instances survive
     pasted_kept: torch.Tensor  # (K,) bool over pieces: which pasted survive
     piece_segment: torch.Tensor  # (K,) which fetched segment each piece came from
+    # filled by paste_batch when given labels: the rest of the target, already gathered on the device
+    labels: torch.Tensor | None = None
+    iscrowd: torch.Tensor | None = None
+    is_pasted: torch.Tensor | None = None
 
 
 def paste_into(
@@ -299,6 +303,9 @@ def paste_batch(
     placements: list[Placement],
     drop: DropRule,
     feather_sigma: float = 0.0,
+    labels: list[torch.Tensor] | None = None,
+    areas: list[torch.Tensor] | None = None,
+    piece_labels: list[torch.Tensor] | None = None,
 ) -> list[PasteResult]:
     """:func:`paste_into` for a (B, 3, H, W) batch at once, built for accelerators.
 
@@ -306,6 +313,9 @@ def paste_batch(
     pixels into the canvas) and never waits for the device; occlusion, boxes, areas and the drop
     rule are whole-batch ops, and one device sync at the end learns which instances survive.
     ``placements[b].segment`` indexes ``segments``. Results match :func:`paste_into`'s rules.
+    With ``labels`` (per image) and ``piece_labels`` (per image, one per placement, CPU) it also
+    gathers labels, crowd flags, final areas (``areas`` where given, else pixel counts, for
+    untouched instances) and ``is_pasted`` for the whole batch in the same single gather.
     """
     b, _, height, width = images.shape
     device = images.device
@@ -372,18 +382,43 @@ def paste_batch(
     order_t = torch.tensor(order, dtype=torch.long, device=device)
     all_masks = torch.cat([old_visible, visible.flatten(0, 1)]).index_select(0, order_t)
     all_boxes = torch.cat([new_boxes, visible_boxes]).index_select(0, order_t)
-    all_area = torch.cat([torch.where(touched, after, -1), pasted_visible]).index_select(0, order_t)
+    untouched_area = torch.full_like(after, -1)
+    if labels is not None:  # untouched instances keep the area they came with (COCO's polygon area)
+        given = [a for a in (areas or []) if a is not None]
+        untouched_area = before.double() if len(given) < b else torch.cat([a.to(device).double() for a in given])
+    existing_area = torch.where(touched, after.to(untouched_area.dtype), untouched_area)
+    all_area = torch.cat([existing_area, pasted_visible.to(untouched_area.dtype)]).index_select(0, order_t)
+    split = (all_masks.split(counts), all_boxes.split(counts), all_area.split(counts))
+    extra = [(None, None, None)] * b
+    if labels is not None:
+        extra = _gather_labels(labels, old_crowd, piece_labels, placements, kmax, order_t, counts, n_old, device)
     results, start = [], 0
-    for i, (m, bx, ar) in enumerate(zip(all_masks.split(counts), all_boxes.split(counts), all_area.split(counts))):
+    for i, (m, bx, ar) in enumerate(zip(*split)):
         k = len(placements[i])
         results.append(PasteResult(
             image=out_images[i], masks=m, boxes=bx, area=ar,
             keep_existing=keep_old[start : start + n_per[i]],
             pasted_kept=keep_cpu[n_old + i * kmax : n_old + i * kmax + k],  # on the CPU: no further sync
             piece_segment=torch.arange(k),
+            labels=extra[i][0], iscrowd=extra[i][1], is_pasted=extra[i][2],
         ))
         start += n_per[i]
     return results
+
+
+def _gather_labels(labels, old_crowd, piece_labels, placements, kmax, order_t, counts, n_old, device):
+    """Per image (labels, iscrowd, is_pasted) of the kept rows, in one gather for the whole batch."""
+    slots = torch.full((len(placements) * kmax,), -1, dtype=torch.long)
+    for i, pl in enumerate(piece_labels):
+        slots[i * kmax : i * kmax + len(pl)] = pl
+    dtype = labels[0].dtype if labels else torch.long
+    old_labels = torch.cat([lab.to(device) for lab in labels]) if n_old else torch.zeros(0, dtype=dtype,
+                                                                                          device=device)
+    all_labels = torch.cat([old_labels.to(dtype), slots.to(device).to(dtype)]).index_select(0, order_t)
+    crowd = torch.cat([old_crowd.long(), torch.zeros(len(slots), dtype=torch.long, device=device)])
+    all_crowd = crowd.index_select(0, order_t)
+    pasted = order_t >= n_old
+    return list(zip(all_labels.split(counts), all_crowd.split(counts), pasted.split(counts)))
 
 
 def _as_float(segments: list[torch.Tensor], used: list[int]) -> dict[int, torch.Tensor]:

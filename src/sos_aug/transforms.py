@@ -246,7 +246,9 @@ class CopyPaste:
                     results[i] = res
         kept_src = [p.segment[r.piece_segment][r.pasted_kept.cpu()] for p, r in zip(params, results)]
         device = images[0].device if len(images) else torch.device("cpu")
-        new_labels = segments.labels[torch.cat(kept_src)].to(device).split([len(k) for k in kept_src])  # one copy
+        new_labels = [None] * len(kept_src)  # paste_batch gathered its images' labels itself
+        if any(r.labels is None for r in results):
+            new_labels = segments.labels[torch.cat(kept_src)].to(device).split([len(k) for k in kept_src])  # 1 copy
         out_images, out_targets = [], []
         for image, target, kept, labels, res in zip(images, targets, kept_src, new_labels, results):
             img, tgt = self._new_target(image, target, segments, kept, labels, res)
@@ -292,20 +294,28 @@ class CopyPaste:
         device = batch.device
         masks, boxes, crowd = zip(*[_instances(t, device) for t in targets])
         rgba = segments.to(device).rgba  # one transfer for all segments
+        labels = [t["labels"] for t in targets]
+        areas = [t.get("area") for t in targets]
+        piece_labels = [segments.labels[p.segment] for p in params]
         return paste_batch(batch.as_subclass(torch.Tensor), list(masks), list(boxes), list(crowd), rgba, params,
-                           self.drop, self.feather_sigma)
+                           self.drop, self.feather_sigma, labels=labels, areas=areas, piece_labels=piece_labels)
 
     def _new_target(self, image: torch.Tensor, target: Target, segments: PasteSegments, kept_src: torch.Tensor,
                     new_labels: torch.Tensor, res: PasteResult):
         """The pasted image and its new target (existing instances first, then the pasted ones);
         ``kept_src`` are the segments whose pieces survived, ``new_labels`` their labels on the device."""
         device = image.device
+        keep = res.keep_existing
+        out = {k: v for k, v in target.items() if k not in _INSTANCE_KEYS}
+        if res.labels is not None:  # paste_batch gathered the whole target already
+            out.update(labels=res.labels, boxes=_wrap_boxes(target["boxes"], res.boxes, image.shape[-2:]),
+                       masks=_wrap_like(target["masks"], res.masks.to(target["masks"].dtype)),
+                       iscrowd=res.iscrowd, area=res.area.float(), is_pasted=res.is_pasted)
+            return self._finish(image, target, segments, kept_src, keep, res, out)
         labels = target["labels"].to(device)
         crowd = target.get("iscrowd", torch.zeros(len(labels), dtype=torch.long)).to(device).bool()
-        keep = res.keep_existing
         n_new = len(kept_src)
         n_old = len(res.boxes) - n_new  # no device sync
-        out = {k: v for k, v in target.items() if k not in _INSTANCE_KEYS}
         out["labels"] = torch.cat([labels[keep], new_labels.to(labels.dtype)])
         out["boxes"] = _wrap_boxes(target["boxes"], res.boxes, image.shape[-2:])
         out["masks"] = _wrap_like(target["masks"], res.masks.to(target["masks"].dtype))
@@ -319,7 +329,13 @@ class CopyPaste:
             area[:n_old] = torch.where(area[:n_old] < 0, count_pixels(old_masks).float().to(device), area[:n_old])
         out["area"] = area
         out["is_pasted"] = torch.arange(n_old + n_new, device=device) >= n_old
+        return self._finish(image, target, segments, kept_src, keep, res, out)
+
+    def _finish(self, image, target: Target, segments: PasteSegments, kept_src: torch.Tensor, keep: torch.Tensor,
+                res: PasteResult, out: Target):
+        """Names (open vocabulary), provenance, and the image in the caller's type."""
         if self.open_vocabulary or "names" in target:
+            labels = target["labels"]
             old_names = target.get("names") or [str(int(x)) for x in labels]
             out["names"] = [nm for nm, k in zip(old_names, keep.tolist()) if k] + [
                 segments.names[int(i)] for i in kept_src]

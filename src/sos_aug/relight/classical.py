@@ -42,6 +42,10 @@ def store(view: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
     """Write float [0, 1] ``values`` into ``view`` (uint8 or float) where ``mask`` is set, nowhere else."""
     if view.dtype == torch.uint8:
         values = (values * 255).round().clamp(0, 255).to(torch.uint8)
+        if view.device.type == "cpu":  # bit select: many times faster than torch.where there
+            keep = mask.view(torch.uint8) - 1  # 0 under the mask, 255 elsewhere
+            view.bitwise_and_(keep).bitwise_or_(values & ~keep)
+            return
     view.copy_(torch.where(mask, values.to(view.dtype), view))
 
 
