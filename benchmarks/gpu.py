@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -90,7 +91,14 @@ def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     plain = list(out_images)
     masks = pasted_masks(out_targets)
     batch = RelightBatch(plain, plain, masks)
+    start = time.perf_counter()
+    relight(net, batch)
+    torch.cuda.synchronize() if dev.type == "cuda" else None
+    rows["relight net, first call (compiles the pixel pass)"] = {"ms": 1000 * (time.perf_counter() - start)}
     rows["relight net (B images, their pasted segments)"] = cuda_ms(lambda: relight(net, batch), repeats)
+    os.environ["SOS_AUG_COMPILE"] = "0"
+    rows["relight net, pixel pass eager (SOS_AUG_COMPILE=0)"] = cuda_ms(lambda: relight(net, batch), repeats)
+    del os.environ["SOS_AUG_COMPILE"]
     rows["relight net + LabBlend"] = cuda_ms(lambda: relight([net, LabBlend()], batch), max(3, repeats // 4))
     rows["segments relit"] = {"count": sum(len(m) for m in masks)}
 

@@ -48,6 +48,22 @@ def test_background_untouched_foreground_changed_and_deterministic(pasted, make)
         assert (out[:, covered] - plain[:, covered]).abs().mean() > 1e-4
 
 
+def test_inference_and_pixel_forms_of_the_family_agree_with_it():
+    """The in-place form (CPU windows) and the per-pixel form (accelerators) compute apply_family."""
+    from sos_aug.relight.family import GRID, apply_family_inplace, apply_family_pixels
+
+    g = torch.Generator().manual_seed(3)
+    params, rgb = torch.randn(2, N_PARAMS, generator=g) * 0.3, torch.rand(2, 3, 20, 30, generator=g)
+    within = (41, 57, 6, 9)
+    reference = apply_family(params, rgb, within)
+    assert torch.allclose(apply_family_inplace(params, rgb.clone(), within), reference, atol=1e-5)
+    ys, xs = torch.meshgrid(torch.arange(20), torch.arange(30), indexing="ij")
+    uv = torch.stack([(xs + 9) * (GRID - 1) / 56, (ys + 6) * (GRID - 1) / 40], -1).reshape(-1, 2).repeat(2, 1)
+    sample = torch.arange(2).repeat_interleave(600)
+    pixels = apply_family_pixels(params, rgb.permute(0, 2, 3, 1).reshape(-1, 3), sample, uv.float())
+    assert torch.allclose(pixels, reference.permute(0, 2, 3, 1).reshape(-1, 3), atol=1e-5)
+
+
 def constant_net(seed: int = 0) -> RelightNet:
     """A net whose prediction ignores its input (random last-layer bias only): both application paths
     must then produce the same pixels."""

@@ -39,9 +39,11 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def store(view: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
-    """Write float [0, 1] ``values`` into ``view`` (uint8 or float) where ``mask`` is set, nowhere else."""
+    """Write float [0, 1] (or ready uint8) ``values`` into ``view`` (uint8 or float) where ``mask`` is
+    set, nowhere else."""
     if view.dtype == torch.uint8:
-        values = (values * 255).round().clamp(0, 255).to(torch.uint8)
+        if values.dtype != torch.uint8:
+            values = (values * 255).round().clamp(0, 255).to(torch.uint8)
         if view.device.type == "cpu":  # bit select: many times faster than torch.where there
             keep = mask.view(torch.uint8) - 1  # 0 under the mask, 255 elsewhere
             view.bitwise_and_(keep).bitwise_or_(values & ~keep)

@@ -206,36 +206,39 @@ def _alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
 
 
 def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
-    """The CPU path, window by window: the net sees each context window at INPUT² (antialiased), the
-    transform runs on the segment's box only, so every pass stays in cache."""
+    """The CPU path, window by window: the net sees each context window at INPUT² (antialiased; one
+    forward for the whole batch), the transform runs on the segment's box only, so every pass stays
+    in cache, with 0-255 scaling folded into the transform for uint8 images."""
     from ..composite import tight_boxes
-    from .classical import store, to_unit
+    from .classical import store
 
-    out = []
-    for image, masks in zip(batch.images, batch.masks):
-        if next(net.parameters()).device != image.device:  # follow the batch (e.g. onto the GPU)
-            net.to(image.device)
+    jobs, small = [], []  # (image, mask index, box, context) per segment with pixels
+    for b, (image, masks) in enumerate(zip(batch.images, batch.masks)):
         if len(masks) == 0:
-            out.append(image)
             continue
         boxes = tight_boxes(masks)
-        keep = (boxes[:, 2] > boxes[:, 0]).nonzero().flatten().tolist()
-        if not keep:
-            out.append(image)
-            continue
         ctx = context_boxes(masks, boxes)
-        small = []
-        for k in keep:
-            x0, y0, x1, y1 = (int(v) for v in ctx[k].tolist())
+        for k, (box, window) in enumerate(zip(boxes.int().tolist(), ctx.int().tolist())):
+            if box[2] <= box[0]:
+                continue
+            x0, y0, x1, y1 = window
             small.append(_small_window(image[:, y0:y1, x0:x1], masks[k, y0:y1, x0:x1]))
-        params = net.forward(torch.cat(small))
-        result = image.clone()
-        for row, k in enumerate(keep):
-            cx0, cy0, cx1, cy1 = (int(v) for v in ctx[k].tolist())
-            bx0, by0, bx1, by1 = (int(v) for v in boxes[k].tolist())
-            view = result[:, by0:by1, bx0:bx1]
-            within = (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0)
-            relit = apply_family_inplace(params[row : row + 1], to_unit(view)[None], within)[0].clamp_(0, 1)
-            store(view, relit, masks[k, by0:by1, bx0:bx1])
-        out.append(result)
+            jobs.append((b, k, box, window))
+    out = list(batch.images)
+    if not jobs:
+        return out
+    if next(net.parameters()).device != out[0].device:  # follow the batch
+        net.to(out[0].device)
+    params = net.forward(torch.cat(small))
+    for b in sorted({j[0] for j in jobs}):
+        out[b] = out[b].clone()
+    for row, (b, k, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1)) in enumerate(jobs):
+        view = out[b][:, by0:by1, bx0:bx1]
+        within = (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0)
+        if view.dtype == torch.uint8:
+            relit = apply_family_inplace(params[row : row + 1], view.float()[None], within, 1 / 255, 255)[0]
+            relit = relit.clamp_(0, 255).round_().to(torch.uint8)
+        else:
+            relit = apply_family_inplace(params[row : row + 1], view.float()[None], within)[0].clamp_(0, 1)
+        store(view, relit, batch.masks[b][k, by0:by1, bx0:bx1])
     return out
