@@ -1,6 +1,11 @@
 """A plain torchvision loop with sos_aug: Mask R-CNN on COCO with CopyPaste in the DataLoader workers.
 
     python examples/train_torchvision.py --coco ANN --images DIR --bank BANK [--steps 20] [--device cuda]
+        [--paste-on device]
+
+``--paste-on workers`` (default) composites in the DataLoader workers; ``--paste-on device`` lets the
+workers only decode segments and draw layouts, and composites the batch on ``--device`` after the
+transfer (batched on a GPU).
 
 Builds the bank first if BANK does not exist (from the same COCO file). Runs a few steps; it is a
 template for a real loop, not a recipe with tuned hyper-parameters.
@@ -36,7 +41,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--paste-on", choices=["workers", "device"], default="workers")
     args = p.parse_args()
+    on_device = args.paste_on == "device"
 
     if not (Path(args.bank) / "meta.json").exists():
         build_bank(args.bank, coco_source(args.coco, args.images), workers=args.workers)
@@ -54,13 +61,18 @@ def main() -> None:
             return resize(*dataset[i])
 
     loader = DataLoader(Resized(), batch_size=2, shuffle=True, num_workers=args.workers,
-                        collate_fn=CopyPasteCollate(cp), persistent_workers=args.workers > 0)
+                        collate_fn=CopyPasteCollate(cp, defer=on_device), persistent_workers=args.workers > 0)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=1e-4)
     model.train()
     step = 0
     while step < args.steps:
-        for images, targets in loader:
+        for batch in loader:
+            images, targets = batch[0], batch[1]
+            if on_device:  # the workers decoded the segments and drew the layout; composite here
+                images = [im.to(args.device) for im in images]
+                targets = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+                images, targets = cp(images, targets, segments=batch[2].to(args.device))
             images = [im.float().div(255).to(args.device) for im in images]
             targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor).float().to(args.device),
                         "labels": t["labels"].to(args.device),

@@ -255,7 +255,7 @@ class CopyPaste:
             out_images.append(img)
             out_targets.append(tgt)
         if self.relight is not None:
-            out_images = self._relight(out_images, out_targets)
+            out_images = self._relight(out_images, out_targets, [len(k) for k in kept_src])
         return out_images, out_targets
 
     def _batch_on(self, image: torch.Tensor) -> bool:
@@ -270,14 +270,15 @@ class CopyPaste:
             groups.setdefault((tuple(im.shape), im.dtype, im.device), []).append(i)
         return list(groups.values())
 
-    def _relight(self, images: list[torch.Tensor], targets: list[Target]) -> list[torch.Tensor]:
+    def _relight(self, images: list[torch.Tensor], targets: list[Target], n_pasted: list[int]) -> list[torch.Tensor]:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
         from .relight.classical import RelightBatch, relight
 
         plain = [im.as_subclass(torch.Tensor) for im in images]
-        masks = [t["masks"].as_subclass(torch.Tensor)[len(t["is_pasted"]) - int(t["is_pasted"].sum()):].bool()
-                 for t in targets]  # the pasted instances are the last rows: a view, no copy
-        relit = relight(self.relight, RelightBatch(plain, plain, masks))
+        first = [len(t["boxes"]) - n for t, n in zip(targets, n_pasted)]  # where the pasted rows start
+        masks = [t["masks"].as_subclass(torch.Tensor)[f:].bool() for t, f in zip(targets, first)]  # views
+        boxes = [_xyxy(t)[f:] for t, f in zip(targets, first)]  # tight: the relighter need not recompute them
+        relit = relight(self.relight, RelightBatch(plain, plain, masks, boxes))
         return [tv_tensors.wrap(new, like=im) if isinstance(im, tv_tensors.Image) else new
                 for im, new in zip(images, relit)]
 

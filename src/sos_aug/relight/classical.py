@@ -22,6 +22,7 @@ class RelightBatch:
     images: list[torch.Tensor]  # (3, H, W) uint8, or float in [0, 1]: the current composites
     plain: list[torch.Tensor]  # the composites before any relighting
     masks: list[torch.Tensor]  # (K, H, W) bool visible pasted masks, in paste order
+    boxes: list[torch.Tensor] | None = None  # (K, 4) their tight XYXY boxes, when the caller has them
 
 
 def relight(relighters: Relighter | Sequence[Relighter], batch: RelightBatch) -> list[torch.Tensor]:

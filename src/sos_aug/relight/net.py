@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable
 from importlib import resources
 
@@ -114,13 +115,15 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
         if len(masks):
             groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(i)
     for idx in groups.values():
-        relit = _relight_group(net, torch.stack([batch.images[i] for i in idx]), [batch.masks[i] for i in idx])
+        boxes = None if batch.boxes is None else [batch.boxes[i] for i in idx]
+        relit = _relight_group(net, torch.stack([batch.images[i] for i in idx]), [batch.masks[i] for i in idx], boxes)
         for i, image in zip(idx, relit):
             out[i] = image
     return out
 
 
-def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tensor],
+                   boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
     from torchvision.ops import roi_align
 
     from ..composite import tight_boxes
@@ -132,12 +135,12 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
     segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
     owner = torch.repeat_interleave(torch.arange(b, device=images.device),
                                     torch.tensor([len(m) for m in masks], device=images.device))
-    boxes = tight_boxes(segs)
-    ctx = context_boxes(segs, boxes)
+    tight = tight_boxes(segs) if boxes is None else torch.cat(boxes).to(segs.device).float()
+    ctx = context_boxes(segs, tight)
     unit = to_unit(images)
     rois = torch.cat([owner[:, None].to(ctx.dtype), ctx], 1)
     rgb_small = roi_align(unit, rois, output_size=INPUT, sampling_ratio=4, aligned=True)
-    params = net.forward(torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1))
+    params = _accelerated(net, images.device)(torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1))
     seg, y, x = segs.nonzero(as_tuple=True)  # the pixels that change (empty masks have none)
     relit = _pixel_pass(images.device)(unit, params, ctx, owner, seg, y, x)
     result = images.clone()
@@ -158,6 +161,7 @@ def _relight_pixels(unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor,
 
 
 _COMPILED: dict[str, Callable] = {}
+_COMPILED_NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _pixel_pass(device: torch.device) -> Callable:
@@ -167,19 +171,32 @@ def _pixel_pass(device: torch.device) -> Callable:
     if device.type == "cpu" or os.environ.get("SOS_AUG_COMPILE", "1") == "0":
         return _relight_pixels
     if device.type not in _COMPILED:
-        compiled = torch.compile(_relight_pixels, dynamic=True)
-
-        def run(*args):
-            try:
-                return compiled(*args)
-            except Exception as err:  # noqa: BLE001 - any compiler failure: stay correct, get slower
-                warnings.warn(f"sos_aug: compiling the relight pixel pass failed ({err!r:.200}); running eagerly",
-                              stacklevel=2)
-                _COMPILED[device.type] = _relight_pixels
-                return _relight_pixels(*args)
-
-        _COMPILED[device.type] = run
+        _COMPILED[device.type] = _with_fallback(torch.compile(_relight_pixels, dynamic=True), _relight_pixels,
+                                                lambda: _COMPILED.__setitem__(device.type, _relight_pixels))
     return _COMPILED[device.type]
+
+
+def _accelerated(net: RelightNet, device: torch.device) -> Callable:
+    """``net.forward``, compiled on accelerators (fewer, fused kernels for any number of windows);
+    as :func:`_pixel_pass`, eager on the CPU, with ``SOS_AUG_COMPILE=0`` or after a failed compile."""
+    if device.type == "cpu" or os.environ.get("SOS_AUG_COMPILE", "1") == "0":
+        return net.forward
+    if net not in _COMPILED_NETS:
+        _COMPILED_NETS[net] = _with_fallback(torch.compile(net.forward, dynamic=True), net.forward,
+                                             lambda: _COMPILED_NETS.__setitem__(net, net.forward))
+    return _COMPILED_NETS[net]
+
+
+def _with_fallback(compiled: Callable, eager: Callable, give_up: Callable[[], None]) -> Callable:
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: stay correct, get slower
+            warnings.warn(f"sos_aug: torch.compile failed ({err!r:.200}); running eagerly", stacklevel=3)
+            give_up()
+            return eager(*args)
+
+    return run
 
 
 def _small_window(rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
