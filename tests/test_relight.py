@@ -94,6 +94,50 @@ def test_pixel_path_applies_the_same_transform_as_the_window_path(pasted, as_uin
         assert (b[:, covered].float() - plain[:, covered].float()).abs().mean() > 1e-3
 
 
+def test_lab_blend_pixel_path_equals_its_window_path(pasted):
+    """LabBlend's accelerator path (all pasted pixels of a batch at once) against its CPU path."""
+    batch = pasted[0]
+    blend = LabBlend()
+    for image, masks in zip(batch.images, batch.masks):
+        relit = (image * 0.8 + 0.1 * torch.rand_like(image)).clamp(0, 1)  # something to blend toward
+        windows = blend._blend_windows(relit, image, masks)
+        pixels = blend._blend_pixels(relit[None], image[None], [masks])[0]
+        assert (windows - pixels).abs().max() < 1e-4
+        covered = masks.any(0)
+        assert torch.equal(pixels[:, ~covered], relit[:, ~covered])
+
+
+def test_a_failing_compile_falls_back_to_eager(pasted, monkeypatch):
+    """On accelerators the pixel pass is compiled; if the compiler fails, the result is the eager one
+    with a warning, and the compiler is not tried again."""
+    from sos_aug.relight import net as net_module
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(net_module, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    batch = pasted[0]
+    args = _pixel_args(net_module, batch.images[0][None], [batch.masks[0]])
+    pass_for_gpu = net_module._pixel_pass(torch.device("cuda"))  # a key only: nothing runs on a GPU here
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        first = pass_for_gpu(*args)
+    assert net_module._COMPILED["cuda"] is net_module._relight_pixels
+    assert torch.equal(first, net_module._relight_pixels(*args))
+
+
+def _pixel_args(net_module, image, masks):
+    from sos_aug.composite import tight_boxes
+
+    segs = torch.cat(masks)
+    ctx = net_module.context_boxes(segs, tight_boxes(segs))
+    params = torch.randn(len(segs), N_PARAMS, generator=torch.Generator().manual_seed(0)) * 0.1
+    seg, y, x = segs.nonzero(as_tuple=True)
+    return image.float(), params, ctx, torch.zeros(len(segs), dtype=torch.long), seg, y, x
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_net_relights_on_gpu_like_on_cpu(pasted):
     batch = pasted[0]
@@ -111,6 +155,8 @@ def test_net_relights_on_gpu_like_on_cpu(pasted):
     const = constant_net(1)
     exact_cpu, exact_gpu = relight(const, batch), relight(const, gpu_batch)
     assert all((a - b.cpu()).abs().max() < 1e-4 for a, b in zip(exact_cpu, exact_gpu))
+    chain_cpu, chain_gpu = relight([const, LabBlend()], batch), relight([const, LabBlend()], gpu_batch)
+    assert all((a - b.cpu()).abs().max() < 1e-3 for a, b in zip(chain_cpu, chain_gpu))
 
 
 def test_lab_blend_weights_follow_the_area_rank():

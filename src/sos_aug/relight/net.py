@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from collections.abc import Callable
 from importlib import resources
 
@@ -140,7 +139,7 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
     unit = to_unit(images)
     rois = torch.cat([owner[:, None].to(ctx.dtype), ctx], 1)
     rgb_small = roi_align(unit, rois, output_size=INPUT, sampling_ratio=4, aligned=True)
-    params = _accelerated(net, images.device)(torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1))
+    params = net.forward(torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1))
     seg, y, x = segs.nonzero(as_tuple=True)  # the pixels that change (empty masks have none)
     relit = _pixel_pass(images.device)(unit, params, ctx, owner, seg, y, x)
     result = images.clone()
@@ -161,7 +160,6 @@ def _relight_pixels(unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor,
 
 
 _COMPILED: dict[str, Callable] = {}
-_COMPILED_NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _pixel_pass(device: torch.device) -> Callable:
@@ -176,18 +174,9 @@ def _pixel_pass(device: torch.device) -> Callable:
     return _COMPILED[device.type]
 
 
-def _accelerated(net: RelightNet, device: torch.device) -> Callable:
-    """``net.forward``, compiled on accelerators (fewer, fused kernels for any number of windows);
-    as :func:`_pixel_pass`, eager on the CPU, with ``SOS_AUG_COMPILE=0`` or after a failed compile."""
-    if device.type == "cpu" or os.environ.get("SOS_AUG_COMPILE", "1") == "0":
-        return net.forward
-    if net not in _COMPILED_NETS:
-        _COMPILED_NETS[net] = _with_fallback(torch.compile(net.forward, dynamic=True), net.forward,
-                                             lambda: _COMPILED_NETS.__setitem__(net, net.forward))
-    return _COMPILED_NETS[net]
-
-
 def _with_fallback(compiled: Callable, eager: Callable, give_up: Callable[[], None]) -> Callable:
+    """``compiled``, or ``eager`` (with one warning, and ``give_up()`` so it is not tried again) when
+    compiling fails: a compiler problem costs speed, never a crash mid-epoch."""
     def run(*args):
         try:
             return compiled(*args)
@@ -199,21 +188,18 @@ def _with_fallback(compiled: Callable, eager: Callable, give_up: Callable[[], No
     return run
 
 
-def _small_window(rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A context window (RGB + the segment's mask) at INPUT², antialiased, as the net's (1, 4, ., .)
-    input; uint8 images take torchvision's uint8 resize kernel, several times faster on the CPU."""
+def _small_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """A context window's RGB at INPUT², antialiased, as (1, 3, ., .) in [0, 1]; uint8 images take
+    torchvision's uint8 resize kernel, several times faster on the CPU."""
     if rgb.dtype == torch.uint8:
-        win = torch.cat([rgb, mask[None].view(torch.uint8) * 255])
-        s = resize(win, [INPUT, INPUT], antialias=True)[None].float() / 255
-    else:
-        win = torch.cat([rgb.float(), mask[None].float()])
-        s = nnf.interpolate(win[None], size=(INPUT, INPUT), mode="bilinear", antialias=True, align_corners=False)
-    s[:, 3:] = (s[:, 3:] >= 0.5).float()
-    return s
+        return resize(rgb, [INPUT, INPUT], antialias=True)[None].float() / 255
+    return nnf.interpolate(rgb.float()[None], size=(INPUT, INPUT), mode="bilinear", antialias=True,
+                           align_corners=False)
 
 
 def _alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-    """Each segment's mask over its context window at INPUT², nearest sample at each cell's centre."""
+    """Each segment's mask over its context window at INPUT², sampled at each cell's centre (what a
+    bilinear resize thresholded at 0.5, as in training, gives, without resizing the window)."""
     steps = (torch.arange(INPUT, device=segs.device, dtype=ctx.dtype) + 0.5) / INPUT
     size = ctx[:, 2:] - ctx[:, :2]
     xs = (ctx[:, :1] + steps * size[:, :1]).long().clamp(max=segs.shape[-1] - 1)  # (S, INPUT)
@@ -233,13 +219,14 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
     for b, (image, masks) in enumerate(zip(batch.images, batch.masks)):
         if len(masks) == 0:
             continue
-        boxes = tight_boxes(masks)
+        boxes = tight_boxes(masks) if batch.boxes is None else batch.boxes[b].float()
         ctx = context_boxes(masks, boxes)
+        alpha = _alpha_windows(masks.bool(), ctx)  # all of this image's segments in one gather
         for k, (box, window) in enumerate(zip(boxes.int().tolist(), ctx.int().tolist())):
             if box[2] <= box[0]:
                 continue
             x0, y0, x1, y1 = window
-            small.append(_small_window(image[:, y0:y1, x0:x1], masks[k, y0:y1, x0:x1]))
+            small.append(torch.cat([_small_rgb(image[:, y0:y1, x0:x1]), alpha[k : k + 1]], 1))
             jobs.append((b, k, box, window))
     out = list(batch.images)
     if not jobs:
