@@ -29,8 +29,9 @@ def test_same_seed_same_output_and_different_seed_differs(train_bank, val_set):
     assert not all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[1], c[1]))
 
 
-def test_stacked_batch_float_images_and_empty_targets(train_bank, val_set):
-    cp = CopyPaste(train_bank, num_pastes=(2, 4))
+@pytest.mark.parametrize("batched", [False, True])
+def test_stacked_batch_float_images_and_empty_targets(train_bank, val_set, batched):
+    cp = CopyPaste(train_bank, num_pastes=(2, 4), batched=batched)
     resize = v2.Resize((256, 256), antialias=True)
     images, targets = zip(*[resize(*val_set[i]) for i in range(2)])
     batch = torch.stack([im.as_subclass(torch.Tensor).float() / 255 for im in images])
@@ -40,6 +41,12 @@ def test_stacked_batch_float_images_and_empty_targets(train_bank, val_set):
     assert out.shape == batch.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     assert out_targets[1]["is_pasted"].all() and len(out_targets[1]["labels"]) >= 2
+    # the other path on the same draws gives the same result
+    other = CopyPaste(train_bank, num_pastes=(2, 4), batched=not batched)
+    again, again_targets = other(batch, [targets[0], empty], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(out_targets, again_targets)
+               for k in ("masks", "boxes", "labels", "area", "iscrowd", "is_pasted"))
 
 
 def test_tv_tensors_in_and_out_with_other_box_formats(train_bank, val_set):

@@ -401,9 +401,12 @@ def paste_batch(
     all_masks = torch.cat([old_visible, visible.flatten(0, 1)]).index_select(0, order_t)
     all_boxes = torch.cat([new_boxes, visible_boxes]).index_select(0, order_t)
     untouched_area = torch.full_like(after, -1)
-    if labels is not None:  # untouched instances keep the area they came with (COCO's polygon area)
-        given = [a for a in (areas or []) if a is not None]
-        untouched_area = before.double() if len(given) < b else torch.cat([a.to(device).double() for a in given])
+    if labels is not None:  # untouched instances keep the area they came with (COCO's polygon area), if any
+        areas = areas or [None] * b
+        given = [torch.zeros(n, dtype=torch.float64, device=device) if a is None else a.to(device, torch.float64)
+                 for a, n in zip(areas, n_per)]
+        has = torch.tensor([a is not None for a in areas]).repeat_interleave(torch.tensor(n_per)).to(device)
+        untouched_area = torch.where(has, torch.cat(given), before.double()) if n_old else before.double()
     existing_area = torch.where(touched, after.to(untouched_area.dtype), untouched_area)
     all_area = torch.cat([existing_area, pasted_visible.to(untouched_area.dtype)]).index_select(0, order_t)
     split = (all_masks.split(counts), all_boxes.split(counts), all_area.split(counts))
