@@ -49,6 +49,7 @@ def cuda_ms(fn, repeats: int) -> dict:
 
 
 def pasted_masks(targets) -> list[torch.Tensor]:
+    """Each target's pasted masks (they are the last rows)."""
     return [t["masks"][len(t["is_pasted"]) - int(t["is_pasted"].sum()):] for t in targets]
 
 

@@ -50,6 +50,7 @@ class PasteSegments:
         return _views(flat, [tuple(a.shape) for a in arrays], arrays)
 
     def _moved(self, move: Callable[[torch.Tensor], torch.Tensor]) -> PasteSegments:
+        """The same segments after ``move`` of their one flat buffer (a single copy)."""
         shapes = [tuple(r.shape) for r in self.rgba]
         rgba = _views(move(_flat_base(self.rgba)), shapes) if self.rgba else []
         return PasteSegments(rgba, self.image, self.labels, self.names, self.bank_rows, self.placements)
@@ -70,10 +71,12 @@ class PasteSegments:
 
 
 def _unpack(flat, shapes, image, labels, names, bank_rows, placements) -> PasteSegments:
+    """Rebuild pickled :class:`PasteSegments` as views into the one buffer that travelled."""
     return PasteSegments(_views(flat, shapes), image, labels, names, bank_rows, placements)
 
 
 def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]], fill: Sequence[Any] | None = None) -> list[torch.Tensor]:
+    """Consecutive views of ``flat`` with these shapes, optionally filled from NumPy arrays."""
     out, start = [], 0
     for k, shape in enumerate(shapes):
         n = int(torch.Size(shape).numel())
@@ -259,6 +262,7 @@ class CopyPaste:
         return out_images, out_targets
 
     def _batch_on(self, image: torch.Tensor) -> bool:
+        """Whether images like this one go through :func:`paste_batch` (see ``batched``)."""
         return self.batched if self.batched is not None else image.device.type != "cpu"
 
     def _groups(self, images: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -284,6 +288,7 @@ class CopyPaste:
 
     def _paste_one(self, image: torch.Tensor, target: Target, segments: PasteSegments,
                    placement: Placement) -> PasteResult:
+        """One image through :func:`paste_into` (the CPU path)."""
         device = image.device
         masks, boxes, crowd = _instances(target, device)
         rgba = [segments.rgba[int(i)].to(device) for i in placement.segment] if len(placement) else []
@@ -292,6 +297,7 @@ class CopyPaste:
 
     def _paste_group(self, batch: torch.Tensor, targets: list[Target], segments: PasteSegments,
                      params: list[Placement]) -> list[PasteResult]:
+        """Same-size images through :func:`paste_batch`, targets gathered there too."""
         device = batch.device
         masks, boxes, crowd = zip(*[_instances(t, device) for t in targets])
         rgba = segments.to(device).rgba  # one transfer for all segments
