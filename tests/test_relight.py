@@ -49,14 +49,18 @@ def test_background_untouched_foreground_changed_and_deterministic(pasted, make)
 
 
 def test_inference_and_pixel_forms_of_the_family_agree_with_it():
-    """The in-place form (CPU windows) and the per-pixel form (accelerators) compute apply_family."""
-    from sos_aug.relight.family import GRID, apply_family_inplace, apply_family_pixels
+    """The table form (CPU windows) and the per-pixel form (accelerators) compute apply_family."""
+    from sos_aug.relight.family import GRID, apply_family_pixels, apply_tables, family_tables
 
     g = torch.Generator().manual_seed(3)
     params, rgb = torch.randn(2, N_PARAMS, generator=g) * 0.3, torch.rand(2, 3, 20, 30, generator=g)
     within = (41, 57, 6, 9)
     reference = apply_family(params, rgb, within)
-    assert torch.allclose(apply_family_inplace(params, rgb.clone(), within), reference, atol=1e-5)
+    tables = family_tables(params)
+    for row in range(2):
+        assert torch.allclose(apply_tables(tables, row, rgb[row].clone(), within), reference[row], atol=1e-5)
+    scaled = apply_tables(family_tables(params, 1 / 255, 255), 1, rgb[1] * 255, within) / 255
+    assert torch.allclose(scaled, reference[1], atol=1e-5)
     ys, xs = torch.meshgrid(torch.arange(20), torch.arange(30), indexing="ij")
     uv = torch.stack([(xs + 9) * (GRID - 1) / 56, (ys + 6) * (GRID - 1) / 40], -1).reshape(-1, 2).repeat(2, 1)
     sample = torch.arange(2).repeat_interleave(600)

@@ -9,6 +9,8 @@ family is what the oracle and the teacher distillation fit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 KNOTS = 8  # curve segments per channel
@@ -44,33 +46,50 @@ def apply_family(params: torch.Tensor, rgb: torch.Tensor,
     return x * torch.exp(shade)
 
 
-@torch.no_grad()
-def apply_family_inplace(params: torch.Tensor, rgb: torch.Tensor, within: tuple[int, int, int, int] | None = None,
-                         scale_in: float = 1.0, scale_out: float = 1.0) -> torch.Tensor:
-    """:func:`apply_family` for inference, in place over one buffer (no autograd): on the CPU a fresh
-    buffer per step costs more in page faults than the arithmetic. ``rgb * scale_in`` is the input
-    and the output comes ``* scale_out`` (e.g. 1/255 and 255 for 0-255 pixels), both folded into
-    the transform's tables instead of passes over the pixels. Same values as apply_family."""
+@dataclass
+class FamilyTables:
+    """The family's parameters as lookup tables, built once for all segments of a batch, so that
+    applying one segment's transform is only passes over its pixels (see :func:`apply_tables`)."""
+
+    matrix: torch.Tensor  # (S, 3, 3) colour matrix, times KNOTS and the input scale
+    bias: torch.Tensor  # (S, 3, 1, 1) times KNOTS
+    per_t: torch.Tensor  # (S, 3 * KNOTS) curve slope per unit of t = x * KNOTS, times the output scale
+    intercept: torch.Tensor  # (S, 3 * KNOTS) curve value at t = 0 of each piece, times the output scale
+    grid: torch.Tensor  # (S, GRID, GRID) log shading
+
+
+def family_tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float = 1.0) -> FamilyTables:
+    """Tables for :func:`apply_tables`: ``rgb * scale_in`` is the input and the output comes
+    ``* scale_out`` (1/255 and 255 for 0-255 pixels), folded in here instead of passes over pixels."""
     s = params.shape[0]
     matrix = (torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :9].view(s, 3, 3)) * scale_in
     # curves on t = x * K: f(t) = knots[i] + (t - i) * slope[i] / K = intercept[i] + t * slope[i] / K
-    x = torch.einsum("sij,sjhw->sihw", matrix * KNOTS, rgb).add_(params[:, 9:12].view(s, 3, 1, 1) * KNOTS)
     slope = torch.exp(params[:, N_AFFINE : N_AFFINE + N_CURVE].view(s, 3, KNOTS).clamp(-4, 4))
     knots = torch.cat([torch.zeros_like(slope[..., :1]), torch.cumsum(slope, -1) / KNOTS], -1)
     steps = torch.arange(KNOTS, device=params.device, dtype=params.dtype)
     per_t = slope / KNOTS
     intercept = (knots[..., :KNOTS] - steps * per_t) * scale_out
-    per_t = per_t * scale_out
+    return FamilyTables(matrix * KNOTS, params[:, 9:12].reshape(s, 3, 1, 1) * KNOTS,
+                        (per_t * scale_out).reshape(s, -1), intercept.reshape(s, -1),
+                        params[:, N_AFFINE + N_CURVE :].reshape(s, GRID, GRID))
+
+
+@torch.no_grad()
+def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor,
+                 within: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Segment ``row``'s transform on (3, h, w) ``rgb``, in place over one buffer (no autograd): on
+    the CPU a fresh buffer per step costs more in page faults than the arithmetic. Same values as
+    :func:`apply_family`, in the tables' scales."""
     h, w = rgb.shape[-2:]
-    table = (torch.arange(s * 3, device=params.device, dtype=params.dtype) * KNOTS).view(s, 3, 1, 1)
-    idx = x.floor().clamp_(0, KNOTS - 1).add_(table).int().view(-1)  # int32: half the bytes of int64
-    out = per_t.reshape(-1).index_select(0, idx).view(s, 3, h, w).mul_(x)
-    out.add_(intercept.reshape(-1).index_select(0, idx).view(s, 3, h, w))
+    x = torch.einsum("ij,jhw->ihw", tables.matrix[row], rgb).add_(tables.bias[row])
+    channel = torch.arange(0, 3 * KNOTS, KNOTS, device=rgb.device, dtype=x.dtype).view(3, 1, 1)
+    idx = x.floor().clamp_(0, KNOTS - 1).add_(channel).int().view(-1)  # int32: half the bytes of int64
+    out = tables.per_t[row].index_select(0, idx).view(3, h, w).mul_(x)
+    out.add_(tables.intercept[row].index_select(0, idx).view(3, h, w))
     full_h, full_w, y0, x0 = (h, w, 0, 0) if within is None else within
-    wy = _lerp_weights(full_h, y0, h, params)
-    wx = _lerp_weights(full_w, x0, w, params)
-    shade = torch.einsum("yi,sij,xj->syx", wy, params[:, N_AFFINE + N_CURVE :].view(s, GRID, GRID), wx)
-    return out.mul_(shade.exp_()[:, None])
+    wy = _lerp_weights(full_h, y0, h, x)
+    wx = _lerp_weights(full_w, x0, w, x)
+    return out.mul_((wy @ tables.grid[row] @ wx.T).exp_())
 
 
 def _lerp_weights(full: int, start: int, n: int, like: torch.Tensor) -> torch.Tensor:

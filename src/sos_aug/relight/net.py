@@ -19,7 +19,7 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2.functional import resize
 
 from .color import rgb_to_lab
-from .family import GRID, N_PARAMS, apply_family_inplace, apply_family_pixels
+from .family import GRID, N_PARAMS, apply_family_pixels, apply_tables, family_tables
 from .perturb import masked_stats
 
 INPUT = 64  # the net sees each context window at INPUT x INPUT
@@ -236,15 +236,16 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
     if next(net.parameters()).device != out[0].device:  # follow the batch
         net.to(out[0].device)
     params = net.forward(torch.cat(small))
+    tables = {dtype: family_tables(params, 1 / 255, 255) if dtype == torch.uint8 else family_tables(params)
+              for dtype in {out[j[0]].dtype for j in jobs}}  # 0-255 images get 0-255 tables
     for b in sorted({j[0] for j in jobs}):
         out[b] = out[b].clone()
     for row, (b, k, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1)) in enumerate(jobs):
         view = out[b][:, by0:by1, bx0:bx1]
-        within = (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0)
+        relit = apply_tables(tables[view.dtype], row, view.float(), (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0))
         if view.dtype == torch.uint8:
-            relit = apply_family_inplace(params[row : row + 1], view.float()[None], within, 1 / 255, 255)[0]
             relit = relit.clamp_(0, 255).round_().to(torch.uint8)
         else:
-            relit = apply_family_inplace(params[row : row + 1], view.float()[None], within)[0].clamp_(0, 1)
+            relit = relit.clamp_(0, 1)
         store(view, relit, batch.masks[b][k, by0:by1, bx0:bx1])
     return out
