@@ -1,8 +1,9 @@
 """CopyPaste throughput: sos_aug vs mmdet 3.x and Ultralytics, in one process on the same images.
 
 Real COCO images (coco-mini) resized to 1024x1024 as in LSJ, dense masks. Each method gets one
-thread (as a DataLoader worker would). Prints images/s, ms/image, mean pasted objects per image
-and peak resident memory above the start of each run; ``--json`` writes the same.
+thread (as a DataLoader worker would); the methods take turns over ``--repeats`` rounds and each
+one's median is reported. Prints images/s, ms/image, mean pasted objects per image and peak
+resident memory above the start of its first pass; ``--json`` writes the same.
 
 What each peer does and skips:
 * mmdet ``CopyPaste``: pastes the objects of another image of the batch at the same place, no
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -82,19 +84,33 @@ def load_images(root: Path, n: int, size: int):
     return out
 
 
-def timed(fn, repeats: int, n_images: int) -> dict:
-    fn()  # warm-up
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        pasted = sum(fn() for _ in range(repeats))
-        elapsed = time.perf_counter() - start
-    n = repeats * n_images
-    return {"images_per_s": n / elapsed, "ms_per_image": 1000 * elapsed / n, "pasted_per_image": pasted / n,
-            "peak_mib": mem.mib}
+def measure(runners: dict, rounds: int, n_images: int, passes: dict[str, int] | None = None) -> dict:
+    """Per method: median ms/image over ``rounds``, the methods taking turns round after round (a slow
+    spell of a noisy machine hits all of them alike), pasted objects per image, and the peak resident
+    memory of its first pass. ``passes`` runs fast methods several times a round for timer resolution."""
+    passes = passes or {}
+    peaks, pasted, times = {}, {}, {name: [] for name in runners}
+    for name, fn in runners.items():
+        fn()  # warm-up
+        with PeakRSS() as mem:
+            pasted[name] = fn()
+        peaks[name] = mem.mib
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            k = passes.get(name, 1)
+            start = time.perf_counter()
+            for _ in range(k):
+                fn()
+            times[name].append(1000 * (time.perf_counter() - start) / (k * n_images))
+    out = {}
+    for name in runners:
+        ms = statistics.median(times[name])
+        out[name] = {"images_per_s": 1000 / ms, "ms_per_image": ms, "pasted_per_image": pasted[name] / n_images,
+                     "peak_mib": peaks[name], "ms_per_image_all_rounds": times[name]}
+    return out
 
 
-def bench_sos(bank, data, batch: int, num: tuple[int, int], repeats: int, feather: float = 0.0,
-              prefetched: bool = False) -> dict:
+def bench_sos(bank, data, batch: int, num: tuple[int, int], feather: float = 0.0, prefetched: bool = False):
     """sos_aug's CopyPaste; ``prefetched`` leaves segment fetching and decoding out of the timing, as
     mmdet's benchmark leaves out loading its source image (both are DataLoader-worker I/O)."""
     cp = CopyPaste(bank, layout=RandomLayout(scale=(0.5, 2.0)), num_pastes=num, feather_sigma=feather)
@@ -110,7 +126,7 @@ def bench_sos(bank, data, batch: int, num: tuple[int, int], repeats: int, feathe
             pasted += sum(int(t["is_pasted"].sum()) for t in out)
         return pasted
 
-    return timed(run, repeats, len(data))
+    return run
 
 
 def _mmcv_ext_shim() -> None:
@@ -131,7 +147,7 @@ def _mmcv_ext_shim() -> None:
     sys.modules["mmcv._ext"] = shim
 
 
-def bench_mmdet(data, repeats: int) -> dict:
+def bench_mmdet(data):
     _mmcv_ext_shim()
     from mmdet.datasets.transforms import CopyPaste as MMCopyPaste
     from mmdet.structures.bbox import HorizontalBoxes
@@ -159,10 +175,10 @@ def bench_mmdet(data, repeats: int) -> dict:
             transform._copy_paste(dst, selected)
         return pasted
 
-    return timed(run, repeats, len(data))
+    return run
 
 
-def bench_ultralytics(data, repeats: int, mode: str) -> dict:
+def bench_ultralytics(data, mode: str):
     import cv2
     from ultralytics.data.augment import CopyPaste as ULCopyPaste
     from ultralytics.utils.instance import Instances
@@ -209,7 +225,7 @@ def bench_ultralytics(data, repeats: int, mode: str) -> dict:
             pasted += len(out["cls"]) - before
         return pasted
 
-    return timed(run, repeats, len(data))
+    return run
 
 
 def _copy_instances(inst):
@@ -222,7 +238,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds; each method's median is reported")
     p.add_argument("--work", default="bench_out", help="where the bank is built")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--skip-peers", action="store_true")
@@ -231,28 +247,40 @@ def main(argv=None) -> int:
     root = coco_mini()
     bank = train_bank(root, Path(args.work))
     data = load_images(root, args.images, args.size)
-    rows = {}
-    rows["sos_aug hard alpha, 10/img, B=8"] = bench_sos(bank, data, 8, (10, 10), args.repeats)
-    rows["sos_aug hard alpha, 10/img, segments pre-fetched"] = bench_sos(bank, data, 8, (10, 10), args.repeats,
-                                                                         prefetched=True)
-    rows["sos_aug feathered alpha, 10/img, B=8"] = bench_sos(bank, data, 8, (10, 10), args.repeats, feather=1.5)
+    runners = {
+        "sos_aug hard alpha, 10/img, B=8": bench_sos(bank, data, 8, (10, 10)),
+        "sos_aug hard alpha, 10/img, segments pre-fetched": bench_sos(bank, data, 8, (10, 10), prefetched=True),
+        "sos_aug feathered alpha, 10/img, B=8": bench_sos(bank, data, 8, (10, 10), feather=1.5),
+    }
+    passes = {}
     if not args.skip_peers:
-        rows["mmdet 3.3 CopyPaste"] = bench_mmdet(data, args.repeats)
-        mm = rows["mmdet 3.3 CopyPaste"]["pasted_per_image"]
-        k = max(1, round(mm))
-        rows[f"sos_aug hard alpha, {k}/img (mmdet's count), B=8"] = bench_sos(bank, data, 8, (k, k), args.repeats)
-        rows[f"sos_aug hard alpha, {k}/img, segments pre-fetched"] = bench_sos(bank, data, 8, (k, k), args.repeats,
-                                                                             prefetched=True)
-        rows["ultralytics CopyPaste flip"] = bench_ultralytics(data, args.repeats * 4, "flip")
-        rows["ultralytics CopyPaste mixup"] = bench_ultralytics(data, args.repeats * 4, "mixup")
+        mmdet = bench_mmdet(data)
+        k = max(1, round(mmdet() / len(data)))  # sos_aug at mmdet's pasted count: equal work
+        runners["mmdet 3.3 CopyPaste"] = mmdet
+        runners[f"sos_aug hard alpha, {k}/img (mmdet's count), B=8"] = bench_sos(bank, data, 8, (k, k))
+        runners[f"sos_aug hard alpha, {k}/img, segments pre-fetched"] = bench_sos(bank, data, 8, (k, k),
+                                                                                prefetched=True)
+        runners["ultralytics CopyPaste flip"] = bench_ultralytics(data, "flip")
+        runners["ultralytics CopyPaste mixup"] = bench_ultralytics(data, "mixup")
+        passes = {"ultralytics CopyPaste flip": 4, "ultralytics CopyPaste mixup": 4}
+    rows = measure(runners, args.repeats, len(data), passes)
     ref = rows["sos_aug hard alpha, 10/img, B=8"]["images_per_s"]
     print(f"machine: {machine()}; {len(data)} real COCO images at {args.size}x{args.size}, one thread per method")
     print(f"{'method':50s} {'img/s':>8s} {'ms/img':>8s} {'pasted/img':>10s} {'peak MiB':>9s} {'vs sos':>7s}")
     for name, r in rows.items():
         print(f"{name:50s} {r['images_per_s']:8.1f} {r['ms_per_image']:8.2f} {r['pasted_per_image']:10.2f} "
               f"{r['peak_mib']:9.1f} {r['images_per_s'] / ref:7.2f}")
+    ratios = {}
+    if not args.skip_peers:
+        mm = rows["mmdet 3.3 CopyPaste"]["images_per_s"]
+        ratios = {"equal work vs mmdet": rows[f"sos_aug hard alpha, {k}/img (mmdet's count), B=8"]["images_per_s"] / mm,
+                  "equal work vs mmdet, pre-fetched":
+                      rows[f"sos_aug hard alpha, {k}/img, segments pre-fetched"]["images_per_s"] / mm,
+                  "ultralytics flip vs sos 10/img": rows["ultralytics CopyPaste flip"]["images_per_s"] / ref}
+        print("; ".join(f"{name}: {v:.2f}x" for name, v in ratios.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "size": args.size, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": machine(), "size": args.size, "rows": rows,
+                                               "ratios": ratios}, indent=1))
     return 0
 
 
