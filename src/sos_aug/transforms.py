@@ -88,6 +88,19 @@ def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]], fill: Sequence[Any
     return out
 
 
+def _restack(images: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(images)``, without the copy when they already are the rows of one batch (as
+    the batched paste and the accelerator relighting return them)."""
+    first = images[0]
+    step = first.numel()
+    rows = all(im.shape == first.shape and im.is_contiguous() and type(im) is type(first)
+               and im.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+               and im.storage_offset() == first.storage_offset() + i * step for i, im in enumerate(images))
+    if rows and first.storage_offset() + len(images) * step <= first.untyped_storage().nbytes() // first.element_size():
+        return first.as_strided((len(images), *first.shape), (step, *first.stride()))
+    return torch.stack(images)
+
+
 def _flat_base(rgba: list[torch.Tensor]) -> torch.Tensor:
     """The flat buffer the segments are consecutive views of, or a packed copy when they are not."""
     first, total = rgba[0], sum(r.numel() for r in rgba)
@@ -222,11 +235,12 @@ class CopyPaste:
         params = segments.placements  # drawn in a worker (CopyPasteCollate(defer=True)), else now
         if params is None:
             params = self.make_params(sizes, targets, segments, generator)
-        out_images, out_targets = self.apply(batch, targets, segments, params)
+        stacked = isinstance(images, torch.Tensor) and not single
+        out_images, out_targets = self.apply(images if stacked else batch, targets, segments, params)
         if single:
             return out_images[0], out_targets[0]
-        if isinstance(images, torch.Tensor):
-            return torch.stack(out_images), out_targets
+        if stacked:
+            return _restack(out_images), out_targets
         return out_images, out_targets
 
     def apply(self, images: Sequence[torch.Tensor], targets: Sequence[Target], segments: PasteSegments,
