@@ -332,15 +332,50 @@ def paste_batch(
     gathers labels, crowd flags, final areas (``areas`` where given, else pixel counts, for
     untouched instances) and ``is_pasted`` for the whole batch in the same single gather.
     """
+    out_images, full = _composite_batch(images, segments, placements, feather_sigma)
+    occ = _occlusion(full, masks, boxes, crowd, drop)
+    b, kmax = full.shape[:2]
+    # one sync: which rows survive, gathered image by image in a single index_select
+    keep_cpu = torch.cat([occ.keep_old, occ.keep_new]).cpu()
+    order, counts = _survivor_order(keep_cpu, occ.n_per, [len(p) for p in placements], kmax)
+    order_t = torch.tensor(order, dtype=torch.long, device=images.device)
+    n_old = len(occ.old_visible)
+    all_masks = torch.cat([occ.old_visible, occ.visible.flatten(0, 1)]).index_select(0, order_t)
+    all_boxes = torch.cat([occ.new_boxes, occ.visible_boxes]).index_select(0, order_t)
+    # untouched instances keep the area they came with (COCO's polygon area) when labels are gathered
+    untouched = _untouched_area(occ, areas) if labels is not None else torch.full_like(occ.after, -1)
+    existing_area = torch.where(occ.touched, occ.after.to(untouched.dtype), untouched)
+    all_area = torch.cat([existing_area, occ.pasted_visible.to(untouched.dtype)]).index_select(0, order_t)
+    extra = [(None, None, None)] * b
+    if labels is not None:
+        extra = _gather_labels(labels, occ.old_crowd, piece_labels, placements, kmax, order_t, counts, n_old,
+                               images.device)
+    results, start = [], 0
+    for i, (m, bx, ar) in enumerate(zip(all_masks.split(counts), all_boxes.split(counts), all_area.split(counts))):
+        k = len(placements[i])
+        results.append(PasteResult(
+            image=out_images[i], masks=m, boxes=bx, area=ar,
+            keep_existing=occ.keep_old[start : start + occ.n_per[i]],
+            pasted_kept=keep_cpu[n_old + i * kmax : n_old + i * kmax + k],  # on the CPU: no further sync
+            piece_segment=torch.arange(k),
+            labels=extra[i][0], iscrowd=extra[i][1], is_pasted=extra[i][2],
+        ))
+        start += occ.n_per[i]
+    return results
+
+
+def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement],
+                     feather_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp and paste every piece in order: the composited batch, and each piece's full hard mask in
+    a (B, K, H, W) stack (K = the most pieces of any image). Python numbers only on the host: per
+    piece one warp, one mask write and one pixel write, and no wait for the device."""
     b, _, height, width = images.shape
-    device = images.device
     kmax = max((len(p) for p in placements), default=0)
     as_uint8 = images.dtype == torch.uint8
     canvas = images.float() if as_uint8 else images.clone()
-    full = torch.zeros(b, kmax, height, width, dtype=torch.bool, device=device)
-    used = sorted({int(i) for p in placements for i in p.segment.tolist()})
-    source = _as_float(segments, used)
-    for i, placement in enumerate(placements):  # Python numbers only: no tensor op per piece but the four
+    full = torch.zeros(b, kmax, height, width, dtype=torch.bool, device=images.device)
+    source = _as_float(segments, sorted({int(i) for p in placements for i in p.segment.tolist()}))
+    for i, placement in enumerate(placements):
         draws = zip(placement.boxes.tolist(), placement.segment.tolist(), placement.flip.tolist(),
                     placement.angle.tolist())
         for k, (box, seg, flip, angle) in enumerate(draws):
@@ -360,71 +395,84 @@ def paste_batch(
                 view.copy_(_blend(view, rgb, mask, feather_sigma))
             else:
                 torch.where(mask, rgb, view, out=view)
-    out_images = canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas
+    return (canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas), full
 
-    # the topmost piece at each pixel (1-based; 0 = none), then every visible mask from it
+
+@dataclass
+class _Occlusion:
+    """What pasting did to a batch's instances, as whole-batch tensors (existing rows image by image)."""
+
+    n_per: list[int]  # existing instances per image
+    visible: torch.Tensor  # (B, K, H, W) pasted pieces minus later pieces
+    old_visible: torch.Tensor  # (N, H, W) existing masks minus every piece
+    before: torch.Tensor  # (N,) pixels of each existing mask before pasting
+    after: torch.Tensor  # (N,) and after
+    touched: torch.Tensor  # (N,) covered at all
+    new_boxes: torch.Tensor  # (N, 4) tight boxes where touched, the given ones elsewhere
+    old_crowd: torch.Tensor  # (N,)
+    keep_old: torch.Tensor  # (N,) survives the drop rule
+    pasted_visible: torch.Tensor  # (B * K,) visible pixels of each piece
+    visible_boxes: torch.Tensor  # (B * K, 4)
+    keep_new: torch.Tensor  # (B * K,) survives the drop rule (padding slots never do)
+
+
+def _occlusion(full: torch.Tensor, masks: list[torch.Tensor], boxes: list[torch.Tensor],
+               crowd: list[torch.Tensor], drop: DropRule) -> _Occlusion:
+    """Occlusion, counts, boxes and the drop rule for the whole batch, from the topmost piece at
+    each pixel (1-based; 0 = none)."""
+    b, kmax, height, width = full.shape
+    device = full.device
     slot_type = torch.uint8 if kmax < 256 else torch.int16
     slot = torch.arange(1, kmax + 1, device=device, dtype=slot_type).view(1, kmax, 1, 1)
     top = (full.to(slot_type) * slot).amax(1) if kmax else torch.zeros(b, height, width, dtype=slot_type,
                                                                         device=device)
     visible = full & (top.unsqueeze(1) == slot)
     n_per = [len(m) for m in masks]
-    old = torch.cat([m.bool() for m in masks]) if sum(n_per) else torch.zeros(0, height, width, dtype=torch.bool,
-                                                                              device=device)
+    some = sum(n_per) > 0
+    old = torch.cat([m.bool() for m in masks]) if some else torch.zeros(0, height, width, dtype=torch.bool,
+                                                                        device=device)
     owner = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(n_per, device=device))
     old_visible = old & (top[owner] == 0)
     before = old.flatten(1).sum(1)
     after, visible_old_boxes = _counts_and_boxes(old_visible)
     touched = after < before
-    old_boxes = torch.cat([bx.float() for bx in boxes]) if sum(n_per) else torch.zeros(0, 4, device=device)
+    old_boxes = torch.cat([bx.float() for bx in boxes]) if some else torch.zeros(0, 4, device=device)
     new_boxes = torch.where(touched[:, None], visible_old_boxes, old_boxes)
-    old_crowd = torch.cat([c.bool() for c in crowd]) if sum(n_per) else torch.zeros(0, dtype=torch.bool,
-                                                                                  device=device)
+    old_crowd = torch.cat([c.bool() for c in crowd]) if some else torch.zeros(0, dtype=torch.bool, device=device)
     keep_old = drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched
     pasted_full, full_boxes = _counts_and_boxes(full.flatten(0, 1))
     pasted_visible, visible_boxes = _counts_and_boxes(visible.flatten(0, 1))
     keep_new = drop.keep(pasted_visible, pasted_full, full_boxes, visible_boxes,
                          torch.zeros_like(pasted_full, dtype=torch.bool))
+    return _Occlusion(n_per, visible, old_visible, before, after, touched, new_boxes, old_crowd, keep_old,
+                      pasted_visible, visible_boxes, keep_new)
 
-    # one sync: which rows survive, gathered image by image in a single index_select
-    keep_cpu = torch.cat([keep_old, keep_new]).cpu()
-    n_old = len(old)
-    order, counts = [], []
-    start = 0
-    for i in range(b):
-        rows = [r for r in range(start, start + n_per[i]) if keep_cpu[r]]
-        rows += [n_old + i * kmax + k for k in range(len(placements[i])) if keep_cpu[n_old + i * kmax + k]]
+
+def _survivor_order(keep: torch.Tensor, n_per: list[int], k_per: list[int], kmax: int) -> tuple[list[int], list[int]]:
+    """Rows to gather (existing rows first, then the (B * K) piece slots) image by image, and how many
+    per image: each image's surviving existing instances, then its surviving pieces."""
+    n_old = sum(n_per)
+    order, counts, start = [], [], 0
+    for i, (n, k) in enumerate(zip(n_per, k_per)):
+        rows = [r for r in range(start, start + n) if keep[r]]
+        rows += [n_old + i * kmax + j for j in range(k) if keep[n_old + i * kmax + j]]
         order += rows
         counts.append(len(rows))
-        start += n_per[i]
-    order_t = torch.tensor(order, dtype=torch.long, device=device)
-    all_masks = torch.cat([old_visible, visible.flatten(0, 1)]).index_select(0, order_t)
-    all_boxes = torch.cat([new_boxes, visible_boxes]).index_select(0, order_t)
-    untouched_area = torch.full_like(after, -1)
-    if labels is not None:  # untouched instances keep the area they came with (COCO's polygon area), if any
-        areas = areas or [None] * b
-        given = [torch.zeros(n, dtype=torch.float64, device=device) if a is None else a.to(device, torch.float64)
-                 for a, n in zip(areas, n_per)]
-        has = torch.tensor([a is not None for a in areas]).repeat_interleave(torch.tensor(n_per)).to(device)
-        untouched_area = torch.where(has, torch.cat(given), before.double()) if n_old else before.double()
-    existing_area = torch.where(touched, after.to(untouched_area.dtype), untouched_area)
-    all_area = torch.cat([existing_area, pasted_visible.to(untouched_area.dtype)]).index_select(0, order_t)
-    split = (all_masks.split(counts), all_boxes.split(counts), all_area.split(counts))
-    extra = [(None, None, None)] * b
-    if labels is not None:
-        extra = _gather_labels(labels, old_crowd, piece_labels, placements, kmax, order_t, counts, n_old, device)
-    results, start = [], 0
-    for i, (m, bx, ar) in enumerate(zip(*split)):
-        k = len(placements[i])
-        results.append(PasteResult(
-            image=out_images[i], masks=m, boxes=bx, area=ar,
-            keep_existing=keep_old[start : start + n_per[i]],
-            pasted_kept=keep_cpu[n_old + i * kmax : n_old + i * kmax + k],  # on the CPU: no further sync
-            piece_segment=torch.arange(k),
-            labels=extra[i][0], iscrowd=extra[i][1], is_pasted=extra[i][2],
-        ))
-        start += n_per[i]
-    return results
+        start += n
+    return order, counts
+
+
+def _untouched_area(occ: _Occlusion, areas: list[torch.Tensor | None] | None) -> torch.Tensor:
+    """Each existing instance's area if pasting leaves it alone: the one its target gave, else its
+    pixel count (image by image: a batch may mix targets with and without ``area``)."""
+    device = occ.before.device
+    if len(occ.before) == 0:
+        return occ.before.double()
+    areas = areas or [None] * len(occ.n_per)
+    given = [torch.zeros(n, dtype=torch.float64, device=device) if a is None else a.to(device, torch.float64)
+             for a, n in zip(areas, occ.n_per)]
+    has = torch.tensor([a is not None for a in areas]).repeat_interleave(torch.tensor(occ.n_per)).to(device)
+    return torch.where(has, torch.cat(given), occ.before.double())
 
 
 def _gather_labels(labels, old_crowd, piece_labels, placements, kmax, order_t, counts, n_old, device):
