@@ -88,20 +88,39 @@ class ReinhardTransfer:
                 ring = masks[(slice(None), *win)].view(torch.uint8).amax(0) == 0
                 if int(ring.sum()) < 8:
                     continue
+                # only the segment's pixels and its ring go through Lab (and only the segment back)
                 view = result[(slice(None), *win)]
-                lab = rgb_to_lab(to_unit(view)[None])[0]
-                ref = rgb_to_lab(to_unit(plain[(slice(None), *win)])[None])[0]
-                fg_mean, fg_std = _stats(lab, mw)
-                bg_mean, bg_std = _stats(ref, ring)
+                window = view.contiguous()
+                flat = window.view(3, -1)
+                inside = mw.reshape(-1).nonzero().squeeze(1)
+                around = ring.reshape(-1).nonzero().squeeze(1)
+                lab = _lab_pixels(flat.index_select(1, inside))
+                ref = _lab_pixels(plain[(slice(None), *win)].reshape(3, -1).index_select(1, around))
+                fg_mean, fg_std = _stats(lab)
+                bg_mean, bg_std = _stats(ref)
                 moved = (lab - fg_mean) / fg_std * bg_std + bg_mean
-                store(view, lab_to_rgb((lab + self.strength * (moved - lab))[None])[0], mw)
+                _put_pixels(flat, inside, lab + self.strength * (moved - lab))
+                view.copy_(window)
             out.append(result)
         return out
 
 
-def _stats(lab: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    px = lab[:, m]
-    return px.mean(1).view(3, 1, 1), px.std(1).nan_to_num(0).clamp(min=1e-3).view(3, 1, 1)
+def _stats(px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of (3, n) pixels, as (3, 1)."""
+    return px.mean(1, keepdim=True), px.std(1, keepdim=True).nan_to_num(0).clamp(min=1e-3)
+
+
+def _lab_pixels(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, n) pixels (uint8 or [0, 1]) -> (3, n) Lab, through kornia as a 3 x n x 1 image."""
+    return rgb_to_lab(to_unit(rgb)[:, :, None])[:, :, 0]
+
+
+def _put_pixels(flat: torch.Tensor, where: torch.Tensor, lab: torch.Tensor) -> None:
+    """Write (3, n) Lab pixels back as RGB into columns ``where`` of a (3, h*w) window."""
+    rgb = lab_to_rgb(lab[:, :, None])[:, :, 0]
+    if flat.dtype == torch.uint8:
+        rgb = (rgb * 255).round().clamp(0, 255)
+    flat.index_copy_(1, where, rgb.to(flat.dtype))
 
 
 class LabBlend:
@@ -152,7 +171,8 @@ class LabBlend:
         return out
 
     def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """The CPU path: segment by segment over its box, where small passes stay in cache."""
+        """The CPU path: segment by segment, only the pixels under its mask, where small passes stay
+        in cache."""
         from ..composite import count_pixels
 
         result = relit.clone()
@@ -160,11 +180,15 @@ class LabBlend:
             if win is None:
                 continue
             view = result[(slice(None), *win)]
-            lab_r = rgb_to_lab(to_unit(view)[None])[0]
-            lab_p = rgb_to_lab(to_unit(plain[(slice(None), *win)])[None])[0]
+            window = view.contiguous()  # the segment's pixels only go through Lab and back
+            inside = m[win].reshape(-1).nonzero().squeeze(1)
+            flat = window.view(3, -1)
+            lab_r = _lab_pixels(flat.index_select(1, inside))
+            lab_p = _lab_pixels(plain[(slice(None), *win)].reshape(3, -1).index_select(1, inside))
             L = wk * lab_r[:1] + (1 - wk) * lab_p[:1]
             ab = lab_r[1:] if self.ab == "relit" else lab_p[1:]
-            store(view, lab_to_rgb(torch.cat([L, ab])[None])[0], m[win])
+            _put_pixels(flat, inside, torch.cat([L, ab]))
+            view.copy_(window)
         return result
 
     def _blend_pixels(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
