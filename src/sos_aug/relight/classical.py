@@ -39,19 +39,6 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
-def store(view: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
-    """Write float [0, 1] (or ready uint8) ``values`` into ``view`` (uint8 or float) where ``mask`` is
-    set, nowhere else."""
-    if view.dtype == torch.uint8:
-        if values.dtype != torch.uint8:
-            values = (values * 255).round().clamp(0, 255).to(torch.uint8)
-        if view.device.type == "cpu":  # bit select: many times faster than torch.where there
-            keep = mask.view(torch.uint8) - 1  # 0 under the mask, 255 elsewhere
-            view.bitwise_and_(keep).bitwise_or_(values & ~keep)
-            return
-    view.copy_(torch.where(mask, values.to(view.dtype), view))
-
-
 def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0) -> list[tuple[slice, slice] | None]:
     """Each mask's box grown by ``grow`` pixels and clipped (None for an empty mask)."""
     from ..composite import tight_boxes

@@ -76,20 +76,25 @@ def family_tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float 
 
 @torch.no_grad()
 def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor,
-                 within: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Segment ``row``'s transform on (3, h, w) ``rgb``, in place over one buffer (no autograd): on
-    the CPU a fresh buffer per step costs more in page faults than the arithmetic. Same values as
-    :func:`apply_family`, in the tables' scales."""
+                 within: tuple[int, int, int, int] | None = None, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """Segment ``row``'s transform on (3, h, w) ``rgb`` (the segment's box), in place over one
+    buffer (no autograd): on the CPU a fresh buffer per step costs more in page faults than the
+    arithmetic. With ``inside`` (flat indices of the mask's pixels in the box) only those pixels
+    are transformed and (3, n) is returned. Same values as :func:`apply_family`, in the tables'
+    scales."""
     h, w = rgb.shape[-2:]
-    x = torch.einsum("ij,jhw->ihw", tables.matrix[row], rgb).add_(tables.bias[row])
-    channel = torch.arange(0, 3 * KNOTS, KNOTS, device=rgb.device, dtype=x.dtype).view(3, 1, 1)
-    idx = x.floor().clamp_(0, KNOTS - 1).add_(channel).int().view(-1)  # int32: half the bytes of int64
-    out = tables.per_t[row].index_select(0, idx).view(3, h, w).mul_(x)
-    out.add_(tables.intercept[row].index_select(0, idx).view(3, h, w))
     full_h, full_w, y0, x0 = (h, w, 0, 0) if within is None else within
-    wy = _lerp_weights(full_h, y0, h, x)
-    wx = _lerp_weights(full_w, x0, w, x)
-    return out.mul_((wy @ tables.grid[row] @ wx.T).exp_())
+    shade = (_lerp_weights(full_h, y0, h, tables.grid) @ tables.grid[row] @ _lerp_weights(full_w, x0, w, tables.grid).T)
+    pixels = rgb.reshape(3, -1)
+    if inside is not None:
+        pixels, shade = pixels.index_select(1, inside), shade.reshape(-1).index_select(0, inside)
+    pixels = pixels if pixels.is_floating_point() else pixels.float()
+    x = torch.addmm(tables.bias[row].view(3, 1), tables.matrix[row], pixels)
+    channel = torch.arange(0, 3 * KNOTS, KNOTS, device=rgb.device, dtype=torch.int32).view(3, 1)
+    idx = x.clamp(0, KNOTS - 1).int().add_(channel).view(-1)  # truncation = floor here; int32 indices
+    out = tables.per_t[row].index_select(0, idx).view_as(x).mul_(x)
+    out.add_(tables.intercept[row].index_select(0, idx).view_as(x)).mul_(shade.exp_().reshape(1, -1))
+    return out if inside is not None else out.view(3, h, w)
 
 
 def _lerp_weights(full: int, start: int, n: int, like: torch.Tensor) -> torch.Tensor:
