@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -46,6 +47,11 @@ def test_deferred_mode_ships_segments_and_pastes_later(train_bank, val_set):
         list(images), list(targets), segments=segments)
     for a, b, ta, tb in zip(out_images, again_images, out_targets, again_targets):
         assert torch.equal(a, b) and torch.equal(ta["masks"], tb["masks"]) and torch.equal(ta["boxes"], tb["boxes"])
+    # images resized after the worker drew the layout: a clear error, not a layout for another size
+    small = [im[:, :100, :100] for im in images]
+    small_targets = [{**t, "masks": t["masks"][:, :100, :100]} for t in targets]
+    with pytest.raises(ValueError, match="drawn for images of sizes"):
+        cp(small, small_targets, segments=segments)
 
 
 def test_segments_travel_as_one_buffer(train_bank):

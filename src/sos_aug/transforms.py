@@ -42,6 +42,7 @@ class PasteSegments:
     names: list[str]
     bank_rows: torch.Tensor  # (M,) positions in the bank view, for provenance
     placements: list[Placement] | None = None  # drawn ahead (in a worker) for the images they go with
+    sizes: list[tuple[int, int]] | None = None  # the (H, W) the placements were drawn for
 
     @staticmethod
     def pack(arrays: Sequence[Any]) -> list[torch.Tensor]:
@@ -53,7 +54,7 @@ class PasteSegments:
         """The same segments after ``move`` of their one flat buffer (a single copy)."""
         shapes = [tuple(r.shape) for r in self.rgba]
         rgba = _views(move(_flat_base(self.rgba)), shapes) if self.rgba else []
-        return PasteSegments(rgba, self.image, self.labels, self.names, self.bank_rows, self.placements)
+        return PasteSegments(rgba, self.image, self.labels, self.names, self.bank_rows, self.placements, self.sizes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteSegments:
         return self._moved(lambda t: t.to(device, non_blocking=non_blocking))
@@ -67,12 +68,13 @@ class PasteSegments:
     def __reduce__(self):  # one buffer across processes, not a storage per view
         shapes = [tuple(r.shape) for r in self.rgba]
         flat = _flat_base(self.rgba) if self.rgba else torch.zeros(0, dtype=torch.uint8)
-        return _unpack, (flat, shapes, self.image, self.labels, self.names, self.bank_rows, self.placements)
+        return _unpack, (flat, shapes, self.image, self.labels, self.names, self.bank_rows, self.placements,
+                         self.sizes)
 
 
-def _unpack(flat, shapes, image, labels, names, bank_rows, placements) -> PasteSegments:
+def _unpack(flat, shapes, image, labels, names, bank_rows, placements, sizes) -> PasteSegments:
     """Rebuild pickled :class:`PasteSegments` as views into the one buffer that travelled."""
-    return PasteSegments(_views(flat, shapes), image, labels, names, bank_rows, placements)
+    return PasteSegments(_views(flat, shapes), image, labels, names, bank_rows, placements, sizes)
 
 
 def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]], fill: Sequence[Any] | None = None) -> list[torch.Tensor]:
@@ -235,6 +237,10 @@ class CopyPaste:
         params = segments.placements  # drawn in a worker (CopyPasteCollate(defer=True)), else now
         if params is None:
             params = self.make_params(sizes, targets, segments, generator)
+        elif segments.sizes is not None and [tuple(x) for x in segments.sizes] != sizes:
+            raise ValueError(f"the segments' layouts were drawn for images of sizes {segments.sizes}, but these "
+                             f"images are {sizes}: resize before CopyPasteCollate, or draw layouts here "
+                             "(segments.placements = None)")
         stacked = isinstance(images, torch.Tensor) and not single
         out_images, out_targets = self.apply(images if stacked else batch, targets, segments, params)
         if single:
@@ -470,6 +476,7 @@ class CopyPasteCollate:
             segments = self.cp.fetch(len(images), self.generator())
             sizes = [tuple(im.shape[-2:]) for im in images]
             segments.placements = self.cp.make_params(sizes, targets, segments, self.generator())
+            segments.sizes = sizes
             return self._collate(images, targets) + (segments,)
         images, targets = self.cp(images, targets, generator=self.generator())
         return self._collate(images, targets)
