@@ -6,41 +6,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import coco_mini, machine, train_bank  # noqa: E402
-from copypaste import load_images  # noqa: E402
+from copypaste import load_images, measure  # noqa: E402
 
 from sos_aug import CopyPaste, RandomLayout  # noqa: E402
 from sos_aug.relight import LabBlend, ReinhardTransfer, RelightNet  # noqa: E402
 
 
-def once(cp: CopyPaste, data, batch: int) -> float:
-    """Milliseconds per image for one pass over the images, the same seeds every time."""
-    g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for i in range(0, len(data), batch):
-        images, targets = zip(*data[i : i + batch])
-        cp(list(images), list(targets), generator=g)
-    return 1000 * (time.perf_counter() - start) / len(data)
+def runner(cp: CopyPaste, data, batch: int):
+    """One pass over the images with the same seeds every time, for :func:`copypaste.measure`."""
+    def run() -> int:
+        g = torch.Generator().manual_seed(0)
+        for i in range(0, len(data), batch):
+            images, targets = zip(*data[i : i + batch])
+            cp(list(images), list(targets), generator=g)
+        return 0
 
-
-def interleaved(cps: dict, data, batch: int, rounds: int) -> dict[str, float]:
-    """Median ms/img per configuration, the configurations taking turns round after round, so that
-    a slow spell of a noisy machine hits all of them alike."""
-    for cp in cps.values():
-        once(cp, data, batch)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in cps}
-    for _ in range(rounds):
-        for name, cp in cps.items():
-            times[name].append(once(cp, data, batch))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return run
 
 
 def main(argv=None) -> int:
@@ -59,7 +47,8 @@ def main(argv=None) -> int:
               "net+lab_blend": [RelightNet.pretrained(), LabBlend()]}
     cps = {name: CopyPaste(bank, layout=RandomLayout(scale=(0.5, 2.0)), num_pastes=(10, 10), relight=chain)
            for name, chain in chains.items()}
-    rows = interleaved(cps, data, 8, args.repeats)
+    timing = measure({name: runner(cp, data, 8) for name, cp in cps.items()}, args.repeats, len(data))
+    rows = {name: t["ms_per_image"] for name, t in timing.items()}
     print(f"machine: {machine()}; {len(data)} real COCO images at {args.size}², 10 segments each, one thread")
     print(f"{'relight':16s} {'ms/img':>8s} {'relight cost':>13s} {'vs compositing':>15s}")
     for name, ms in rows.items():

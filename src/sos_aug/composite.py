@@ -13,6 +13,7 @@ rules this module guarantees (and the property tests check):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,10 +56,13 @@ class DropRule:
 
 
 def warp_segment(rgba: torch.Tensor, height: int, width: int, flip: bool, angle: float) -> torch.Tensor:
-    """Resize (antialiased), flip and rotate a (4, h, w) uint8 segment; rotation grows the canvas."""
+    """Resize (antialiased), flip and rotate a (4, h, w) segment (uint8, or float kept unrounded);
+    rotation grows the canvas."""
     out = rgba
-    if tuple(out.shape[-2:]) != (height, width):
+    if tuple(out.shape[-2:]) != (height, width) and out.dtype == torch.uint8:
         out = F.resize(out, [height, width], antialias=True)
+    elif tuple(out.shape[-2:]) != (height, width):  # F.interpolate's kernel, without its per-call checks
+        out = torch._C._nn._upsample_bilinear2d_aa(out[None], [height, width], False, None)[0]
     if flip:
         out = out.flip(-1)
     if angle:
@@ -152,26 +156,25 @@ def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return torch.zeros(0, 4, device=masks.device)
     as_bytes = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
-    rows, cols = as_bytes.amax(2), as_bytes.amax(1)
+    return _boxes_from(as_bytes.amax(2), as_bytes.amax(1))
+
+
+def _boxes_from(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Pixel-edge XYXY boxes from (M, H) and (M, W) uint8 projections (1 where any pixel is set)."""
+    h, w = rows.shape[1], cols.shape[1]
     y0, y1 = rows.argmax(1), h - rows.flip(1).argmax(1)
     x0, x1 = cols.argmax(1), w - cols.flip(1).argmax(1)
-    boxes = torch.stack([x0, y0, x1, y1], 1).float()
-    return boxes * rows.amax(1, keepdim=True)
+    return torch.stack([x0, y0, x1, y1], 1).float() * rows.amax(1, keepdim=True)
 
 
 def _counts_and_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel counts and :func:`tight_boxes` of (M, H, W) bool masks from two reductions (per-row
     counts, per-column max) instead of three: what the batched path needs on an accelerator."""
-    m, h, w = masks.shape
-    if m == 0:
+    if len(masks) == 0:
         return torch.zeros(0, dtype=torch.long, device=masks.device), torch.zeros(0, 4, device=masks.device)
     as_bytes = masks.view(torch.uint8)
     row_counts = as_bytes.sum(2, dtype=torch.int32)
-    rows, cols = (row_counts > 0).to(torch.uint8), as_bytes.amax(1)
-    y0, y1 = rows.argmax(1), h - rows.flip(1).argmax(1)
-    x0, x1 = cols.argmax(1), w - cols.flip(1).argmax(1)
-    boxes = torch.stack([x0, y0, x1, y1], 1).float() * rows.amax(1, keepdim=True)
-    return row_counts.sum(1).long(), boxes
+    return row_counts.sum(1).long(), _boxes_from((row_counts > 0).to(torch.uint8), as_bytes.amax(1))
 
 
 def count_pixels(masks: torch.Tensor) -> torch.Tensor:
@@ -295,18 +298,12 @@ def _clip_window(box: list[float], ph: int, pw: int, height: int, width: int):
 
 
 def _warp_float(rgba: torch.Tensor, height: int, width: int, flip: bool, angle: float) -> torch.Tensor:
-    """:func:`warp_segment` on a float (4, h, w) segment in 0..255, unrounded (accelerator path: one
-    interpolation kernel; rounding happens once for the whole batch)."""
-    if rgba.device.type == "cpu":  # the uint8 kernel, bit-identical to the per-image path
+    """:func:`warp_segment` on a float (4, h, w) segment in 0..255 (accelerator path: one
+    interpolation kernel, rounding once for the whole batch); on the CPU through the uint8 kernel,
+    bit-identical to the per-image path."""
+    if rgba.device.type == "cpu":
         return warp_segment(rgba.round().to(torch.uint8), height, width, flip, angle).float()
-    out = rgba
-    if tuple(out.shape[-2:]) != (height, width):  # F.interpolate's kernel, without its per-call checks
-        out = torch._C._nn._upsample_bilinear2d_aa(out[None], [height, width], False, None)[0]
-    if flip:
-        out = out.flip(-1)
-    if angle:
-        out = F.rotate(out, float(angle), interpolation=InterpolationMode.BILINEAR, expand=True)
-    return out
+    return warp_segment(rgba, height, width, flip, angle)
 
 
 def paste_batch(
@@ -491,13 +488,41 @@ def _gather_labels(labels, old_crowd, piece_labels, placements, kmax, order_t, c
 
 
 def _as_float(segments: list[torch.Tensor], used: list[int]) -> dict[int, torch.Tensor]:
-    """The used segments as float 0..255, converted in one kernel (one cat, one cast)."""
+    """The used segments as float 0..255: one cast of their shared buffer (one copy first, if they
+    do not share one)."""
     if not used:
         return {}
-    flat = torch.cat([segments[i].flatten() for i in used]).float()
+    picked = [segments[i] for i in used]
+    base = consecutive_base(picked)
+    flat = (base if base is not None else torch.cat([t.reshape(-1) for t in picked])).float()
     out, start = {}, 0
-    for i in used:
-        n = segments[i].numel()
-        out[i] = flat[start : start + n].view(segments[i].shape)
-        start += n
+    for i, t in zip(used, picked):
+        out[i] = flat[start : start + t.numel()].view(t.shape)
+        start += t.numel()
     return out
+
+
+def consecutive_base(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D buffer that these contiguous tensors are back-to-back views of, in order, or None.
+    Segments of a batch and the rows of a batched paste are such views: whoever needs them as one
+    tensor can take this instead of copying."""
+    first = tensors[0]
+    total = sum(t.numel() for t in tensors)
+    storage = first.untyped_storage()
+    if first.storage_offset() + total > storage.nbytes() // first.element_size():
+        return None
+    start = first.data_ptr()
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.dtype != first.dtype
+                or not t.is_contiguous() or t.data_ptr() != start):
+            return None
+        start += t.numel() * t.element_size()
+    return first.as_subclass(torch.Tensor).as_strided((total,), (1,))
+
+
+def same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of images that can be stacked into one batch: same shape, dtype and device."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(i)
+    return list(groups.values())

@@ -22,7 +22,15 @@ from torchvision.ops import box_convert
 
 from .bank.format import BankFormatError
 from .bank.store import SegmentBank, normalize_name
-from .composite import DropRule, PasteResult, count_pixels, paste_batch, paste_into
+from .composite import (
+    DropRule,
+    PasteResult,
+    consecutive_base,
+    count_pixels,
+    paste_batch,
+    paste_into,
+    same_size_groups,
+)
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
 
 Target = dict[str, Any]
@@ -93,28 +101,14 @@ def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]], fill: Sequence[Any
 def _restack(images: list[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(images)``, without the copy when they already are the rows of one batch (as
     the batched paste and the accelerator relighting return them)."""
-    first = images[0]
-    step = first.numel()
-    rows = all(im.shape == first.shape and im.is_contiguous() and type(im) is type(first)
-               and im.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-               and im.storage_offset() == first.storage_offset() + i * step for i, im in enumerate(images))
-    if rows and first.storage_offset() + len(images) * step <= first.untyped_storage().nbytes() // first.element_size():
-        return first.as_strided((len(images), *first.shape), (step, *first.stride()))
-    return torch.stack(images)
+    base = consecutive_base(images) if all(im.shape == images[0].shape for im in images) else None
+    return torch.stack(images) if base is None else base.view(len(images), *images[0].shape)
 
 
 def _flat_base(rgba: list[torch.Tensor]) -> torch.Tensor:
     """The flat buffer the segments are consecutive views of, or a packed copy when they are not."""
-    first, total = rgba[0], sum(r.numel() for r in rgba)
-    storage = first.untyped_storage()
-    consecutive = first.storage_offset() + total <= storage.nbytes()
-    start = first.data_ptr()
-    for r in rgba:
-        same = r.untyped_storage().data_ptr() == storage.data_ptr() and r.dtype == torch.uint8
-        if not (consecutive and same and r.is_contiguous() and r.data_ptr() == start):
-            return torch.cat([t.reshape(-1) for t in rgba])
-        start += r.numel()
-    return first.as_strided((total,), (1,))
+    base = consecutive_base(rgba)
+    return base if base is not None else torch.cat([t.reshape(-1) for t in rgba])
 
 
 class CopyPaste:
@@ -289,10 +283,7 @@ class CopyPaste:
         """Indices of images pasted together: same size and device when batching, else one by one."""
         if len(images) == 0 or not self._batch_on(images[0]):
             return [[i] for i in range(len(images))]
-        groups: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault((tuple(im.shape), im.dtype, im.device), []).append(i)
-        return list(groups.values())
+        return same_size_groups(images)
 
     def _relight(self, images: list[torch.Tensor], targets: list[Target], n_pasted: list[int]) -> list[torch.Tensor]:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""

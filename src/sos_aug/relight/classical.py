@@ -139,18 +139,20 @@ class LabBlend:
         return 0.3 + 0.6 * torch.sigmoid(-10 * (r - 0.5))
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
+        from ..composite import same_size_groups
 
         relit_images = batch.images
         if all(a is b for a, b in zip(batch.images, batch.plain)):  # nothing relit yet
             relit_images = self.fallback(batch)
         out = list(relit_images)
-        groups: dict[tuple, list[int]] = {}  # accelerators: same-size images blend together
+        on_device = []  # accelerators: same-size images blend together
         for i, (image, masks) in enumerate(zip(relit_images, batch.masks)):
             if len(masks) and image.device.type == "cpu":
                 out[i] = self._blend_windows(image, batch.plain[i], masks)
             elif len(masks):
-                groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(i)
-        for idx in groups.values():
+                on_device.append(i)
+        for group in same_size_groups([relit_images[i] for i in on_device]):
+            idx = [on_device[j] for j in group]
             blended = self._blend_pixels(torch.stack([relit_images[i] for i in idx]),
                                          torch.stack([batch.plain[i] for i in idx]), [batch.masks[i] for i in idx])
             for i, image in zip(idx, blended):

@@ -61,6 +61,11 @@ class FamilyTables:
 def family_tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float = 1.0) -> FamilyTables:
     """Tables for :func:`apply_tables`: ``rgb * scale_in`` is the input and the output comes
     ``* scale_out`` (1/255 and 255 for 0-255 pixels), folded in here instead of passes over pixels."""
+    return FamilyTables(*_tables(params, scale_in, scale_out))
+
+
+def _tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """:class:`FamilyTables`' fields, as a plain tuple (what compiled code traces most simply)."""
     s = params.shape[0]
     matrix = (torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :9].view(s, 3, 3)) * scale_in
     # curves on t = x * K: f(t) = knots[i] + (t - i) * slope[i] / K = intercept[i] + t * slope[i] / K
@@ -69,9 +74,8 @@ def family_tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float 
     steps = torch.arange(KNOTS, device=params.device, dtype=params.dtype)
     per_t = slope / KNOTS
     intercept = (knots[..., :KNOTS] - steps * per_t) * scale_out
-    return FamilyTables(matrix * KNOTS, params[:, 9:12].reshape(s, 3, 1, 1) * KNOTS,
-                        (per_t * scale_out).reshape(s, -1), intercept.reshape(s, -1),
-                        params[:, N_AFFINE + N_CURVE :].reshape(s, GRID, GRID))
+    return (matrix * KNOTS, params[:, 9:12].reshape(s, 3, 1, 1) * KNOTS, (per_t * scale_out).reshape(s, -1),
+            intercept.reshape(s, -1), params[:, N_AFFINE + N_CURVE :].reshape(s, GRID, GRID))
 
 
 @torch.no_grad()
@@ -115,17 +119,11 @@ def apply_family_pixels(params: torch.Tensor, rgb: torch.Tensor, sample: torch.T
     ``sample`` (N,) into ``params`` (S, P), and its position ``uv`` (N, 2) = (x, y) in shading-grid
     units (0..GRID-1 across the context window, as ``align_corners=True``). One pass over just the
     pixels that change, whatever their number of segments: the batched path on accelerators."""
-    s = params.shape[0]
-    matrix = torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :9].view(s, 3, 3)
-    x = (matrix[sample] * rgb[:, None, :]).sum(-1) + params[sample, 9:12]  # not a batched 3x3 matmul
-    slope = torch.exp(params[:, N_AFFINE : N_AFFINE + N_CURVE].view(s, 3, KNOTS).clamp(-4, 4))
-    knots = torch.cat([torch.zeros_like(slope[..., :1]), torch.cumsum(slope, -1) / KNOTS], -1)
-    t = x * KNOTS
-    idx = t.floor().clamp(0, KNOTS - 1).long()
-    row = sample[:, None] * 3 + torch.arange(3, device=rgb.device)  # (N, 3): which curve
-    base = knots.view(-1, KNOTS + 1)[row, idx]
-    sl = slope.view(-1, KNOTS)[row, idx]
-    x = base + (t - idx) * sl / KNOTS
+    matrix, bias, per_t, intercept, _ = _tables(params)
+    t = (matrix[sample] * rgb[:, None, :]).sum(-1) + bias[sample, :, 0, 0]  # x * K; not a batched 3x3 matmul
+    curve = (sample * 3)[:, None] + torch.arange(3, device=rgb.device)  # (N, 3): which of the S * 3 curves
+    piece = curve * KNOTS + t.clamp(0, KNOTS - 1).long()  # truncation = floor here
+    x = per_t.reshape(-1)[piece] * t + intercept.reshape(-1)[piece]
     grid = params[:, N_AFFINE + N_CURVE :].reshape(-1)  # (S * GRID * GRID,)
     u0 = uv.floor().clamp(0, GRID - 2).long()
     f = uv - u0

@@ -108,12 +108,12 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
     where big gathers are slow and small windows stay in cache, window by window."""
     if all(image.device.type == "cpu" for image in batch.images):
         return _relight_windows(net, batch)
+    from ..composite import same_size_groups
+
     out = list(batch.images)
-    groups: dict[tuple, list[int]] = {}
-    for i, (image, masks) in enumerate(zip(batch.images, batch.masks)):
-        if len(masks):
-            groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(i)
-    for idx in groups.values():
+    pasted = [i for i, masks in enumerate(batch.masks) if len(masks)]
+    for group in same_size_groups([batch.images[i] for i in pasted]):
+        idx = [pasted[j] for j in group]
         boxes = None if batch.boxes is None else [batch.boxes[i] for i in idx]
         relit = _relight_group(net, torch.stack([batch.images[i] for i in idx]), [batch.masks[i] for i in idx], boxes)
         for i, image in zip(idx, relit):

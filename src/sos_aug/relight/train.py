@@ -152,21 +152,24 @@ class _BatchStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         g = torch.Generator().manual_seed(self.seed * 1000 + 1 + (info.id if info else 0))
         torch.set_num_threads(1)
-        while True:
-            item = training_batch(self.pool, self.batch, self.size, g)
-            yield _make_targets(*item, g, None) if self.make_targets else item
+        return _stream(self.pool, self.batch, self.size, g, self.make_targets)
+
+
+def _stream(pool: InstancePool, batch: int, size: int, g: torch.Generator, make_targets: bool):
+    """Endless batches drawn from ``g``: with perturb-and-recover targets, or raw for a teacher."""
+    while True:
+        item = training_batch(pool, batch, size, g)
+        yield _make_targets(*item, g, None) if make_targets else item
 
 
 def _batches(pool: InstancePool, batch: int, size: int, seed: int, g: torch.Generator, workers: int,
              make_targets: bool):
     """Training batches: built in this process from ``g``, or by ``workers`` DataLoader processes."""
     if workers <= 0:
-        while True:
-            item = training_batch(pool, batch, size, g)
-            yield _make_targets(*item, g, None) if make_targets else item
+        return _stream(pool, batch, size, g, make_targets)
     loader = torch.utils.data.DataLoader(_BatchStream(pool, batch, size, seed, make_targets), batch_size=None,
                                          num_workers=workers, prefetch_factor=4, persistent_workers=True)
-    yield from loader
+    return iter(loader)
 
 
 def _make_targets(images, alphas, refs, g, teacher: Teacher | None):
