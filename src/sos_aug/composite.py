@@ -112,12 +112,19 @@ def composite(image: torch.Tensor, pieces: list[PastedPiece], feather_sigma: flo
         rgb = piece.rgb if out.dtype == torch.uint8 else piece.rgb.to(out.dtype) / 255
         if feather_sigma > 0:
             window.copy_(_blend(window, rgb, piece.mask, feather_sigma))
-        elif out.dtype == torch.uint8:  # bit select: ~20x faster than torch.where on CPU
-            keep = piece.mask.view(torch.uint8) - 1  # 0 under the mask, 255 elsewhere
-            window.bitwise_and_(keep).bitwise_or_(rgb & ~keep)
         else:
-            window.copy_(torch.where(piece.mask, rgb, window))
+            write_under(window, rgb, piece.mask)
     return out
+
+
+def write_under(window: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> None:
+    """``window[:, mask] = new[:, mask]`` in place, for a (C, h, w) window (a view into an image)
+    and a (h, w) bool mask; uint8 windows by bit selection, ~20x faster than ``torch.where`` on CPU."""
+    if window.dtype == torch.uint8:
+        keep = mask.view(torch.uint8) - 1  # 0 under the mask, 255 elsewhere
+        window.bitwise_and_(keep).bitwise_or_(new & ~keep)
+    else:
+        window.copy_(torch.where(mask, new, window))
 
 
 def _blend(window: torch.Tensor, rgb: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:

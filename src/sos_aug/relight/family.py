@@ -80,25 +80,21 @@ def _tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float = 1.0)
 
 @torch.no_grad()
 def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor,
-                 within: tuple[int, int, int, int] | None = None, inside: torch.Tensor | None = None) -> torch.Tensor:
-    """Segment ``row``'s transform on (3, h, w) ``rgb`` (the segment's box), in place over one
-    buffer (no autograd): on the CPU a fresh buffer per step costs more in page faults than the
-    arithmetic. With ``inside`` (flat indices of the mask's pixels in the box) only those pixels
-    are transformed and (3, n) is returned. Same values as :func:`apply_family`, in the tables'
-    scales."""
+                 within: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Segment ``row``'s transform on (3, h, w) ``rgb`` (the segment's box, any dtype and strides:
+    read once into a float buffer), returned as (3, h, w) float in the tables' scales; same values
+    as :func:`apply_family`. Every pixel of the box is transformed: dense passes over a box cost
+    less than gathering and scattering just the mask's pixels (the caller keeps the mask's)."""
     h, w = rgb.shape[-2:]
     full_h, full_w, y0, x0 = (h, w, 0, 0) if within is None else within
     shade = (_lerp_weights(full_h, y0, h, tables.grid) @ tables.grid[row] @ _lerp_weights(full_w, x0, w, tables.grid).T)
-    pixels = rgb.reshape(3, -1)
-    if inside is not None:
-        pixels, shade = pixels.index_select(1, inside), shade.reshape(-1).index_select(0, inside)
-    pixels = pixels if pixels.is_floating_point() else pixels.float()
+    pixels = rgb.float().reshape(3, -1)
     x = torch.addmm(tables.bias[row].view(3, 1), tables.matrix[row], pixels)
     channel = torch.arange(0, 3 * KNOTS, KNOTS, device=rgb.device, dtype=torch.int32).view(3, 1)
     idx = x.clamp(0, KNOTS - 1).int().add_(channel).view(-1)  # truncation = floor here; int32 indices
     out = tables.per_t[row].index_select(0, idx).view_as(x).mul_(x)
     out.add_(tables.intercept[row].index_select(0, idx).view_as(x)).mul_(shade.exp_().reshape(1, -1))
-    return out if inside is not None else out.view(3, h, w)
+    return out.view(3, h, w)
 
 
 def _lerp_weights(full: int, start: int, n: int, like: torch.Tensor) -> torch.Tensor:
