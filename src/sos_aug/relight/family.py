@@ -80,11 +80,12 @@ def _tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float = 1.0)
 
 @torch.no_grad()
 def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor,
-                 within: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                 within: tuple[int, int, int, int] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Segment ``row``'s transform on (3, h, w) ``rgb`` (the segment's box, any dtype and strides:
     read once into a float buffer), returned as (3, h, w) float in the tables' scales; same values
     as :func:`apply_family`. Every pixel of the box is transformed: dense passes over a box cost
-    less than gathering and scattering just the mask's pixels (the caller keeps the mask's)."""
+    less than gathering and scattering just the mask's pixels. With a (h, w) bool ``mask``, pixels
+    outside it come back as they were."""
     h, w = rgb.shape[-2:]
     full_h, full_w, y0, x0 = (h, w, 0, 0) if within is None else within
     shade = (_lerp_weights(full_h, y0, h, tables.grid) @ tables.grid[row] @ _lerp_weights(full_w, x0, w, tables.grid).T)
@@ -94,19 +95,17 @@ def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor,
     idx = x.clamp(0, KNOTS - 1).int().add_(channel).view(-1)  # truncation = floor here; int32 indices
     out = tables.per_t[row].index_select(0, idx).view_as(x).mul_(x)
     out.add_(tables.intercept[row].index_select(0, idx).view_as(x)).mul_(shade.exp_().reshape(1, -1))
-    return out.view(3, h, w)
+    out = out.view(3, h, w)
+    return out if mask is None else torch.where(mask, out, pixels.view(3, h, w))
 
 
 def _lerp_weights(full: int, start: int, n: int, like: torch.Tensor) -> torch.Tensor:
     """(n, GRID) weights that linearly interpolate GRID values spread over ``full`` pixels
     (corners aligned), at pixels ``start`` .. ``start + n - 1``."""
     pos = (torch.arange(start, start + n, device=like.device, dtype=like.dtype) * ((GRID - 1) / max(full - 1, 1)))
-    i0 = pos.floor().clamp(0, GRID - 2).long()
-    frac = (pos - i0).unsqueeze(1)
-    weights = torch.zeros(n, GRID, device=like.device, dtype=like.dtype)
-    weights.scatter_(1, i0[:, None], 1 - frac)
-    weights.scatter_add_(1, i0[:, None] + 1, frac)
-    return weights
+    knots = torch.arange(GRID, device=like.device, dtype=like.dtype)
+    # the hat function max(0, 1 - |pos - i|) is each knot's linear-interpolation weight
+    return (pos[:, None] - knots).abs_().neg_().add_(1).clamp_(min=0)
 
 
 def apply_family_pixels(params: torch.Tensor, rgb: torch.Tensor, sample: torch.Tensor,

@@ -214,7 +214,7 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
     """The CPU path, window by window: the net sees each context window at INPUT² (antialiased; one
     forward for the whole batch); the transform runs densely over the segment's box (0-255 scaling
     folded into its tables for uint8 images) and only the mask's pixels are written back."""
-    from ..composite import tight_boxes, write_under
+    from ..composite import tight_boxes
 
     jobs, small = [], []  # (image, mask index, box, context) per segment with pixels
     for b, (image, masks) in enumerate(zip(batch.images, batch.masks)):
@@ -241,7 +241,7 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
         out[b] = out[b].clone()
     for row, (b, k, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1)) in enumerate(jobs):
         view = out[b][:, by0:by1, bx0:bx1]  # the segment's box; only its mask's pixels change
-        relit = apply_tables(tables[view.dtype], row, view, (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0))
-        relit = relit.clamp_(0, 255).round_().to(torch.uint8) if view.dtype == torch.uint8 else relit.clamp_(0, 1)
-        write_under(view, relit.to(view.dtype), batch.masks[b][k, by0:by1, bx0:bx1].bool())
+        mask = batch.masks[b][k, by0:by1, bx0:bx1].bool()
+        relit = apply_tables(tables[view.dtype], row, view, (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0), mask)
+        view.copy_(relit.clamp_(0, 255).round_() if view.dtype == torch.uint8 else relit.clamp_(0, 1))
     return out
