@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import socket
+import warnings
 
 import pytest
 import torch
@@ -130,6 +131,51 @@ def test_a_failing_compile_falls_back_to_eager(pasted, monkeypatch):
         first = pass_for_gpu(*args)
     assert net_module._COMPILED["cuda"] is net_module._relight_pixels
     assert torch.equal(first, net_module._relight_pixels(*args))
+
+
+@pytest.mark.parametrize("layout", ["uint8", "uint8 channels-last", "float"])
+def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout):
+    """``RelightNet(compile_cpu=True)`` (each box in one compiled loop, the net's input features
+    compiled) gives the eager CPU path's pixels: uint8 within one level, float within 1e-5, and
+    every pixel outside the pasted masks bit-identical."""
+    batch = pasted[0]
+    images = batch.images
+    if layout != "float":
+        images = [(im * 255).round().to(torch.uint8) for im in images]
+    if layout == "uint8 channels-last":  # what torchvision's uint8 resize returns
+        images = [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in images]
+    from sos_aug.relight import net as net_module
+
+    batch = RelightBatch(images, images, batch.masks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = relight(RelightNet.pretrained(compile_cpu=True), batch)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert net_module._COMPILED["cpu:box"] is not net_module._tables_box  # the compiled path ran
+    for a, b, plain, masks in zip(relight(RelightNet.pretrained(), batch), compiled, images, batch.masks):
+        covered = masks.any(0)
+        assert torch.equal(b[:, ~covered], plain[:, ~covered])
+        assert (a.float() - b.float()).abs().max() <= (1 if a.dtype == torch.uint8 else 1e-5)
+        assert (b[:, covered].float() - plain[:, covered].float()).abs().mean() > 1e-3
+
+
+def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, monkeypatch):
+    """With ``compile_cpu`` and no working compiler, relighting warns once and gives the eager pixels."""
+    from sos_aug.relight import net as net_module
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(net_module, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    batch = pasted[0]
+    compiled = RelightNet.pretrained(compile_cpu=True)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        out = relight(compiled, batch)
+    for a, b in zip(out, relight(RelightNet.pretrained(), batch)):
+        assert torch.equal(a, b)
 
 
 def _pixel_args(net_module, image, masks):

@@ -99,6 +99,28 @@ def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor,
     return out if mask is None else torch.where(mask, out, pixels.view(3, h, w))
 
 
+def box_pass(window: torch.Tensor, mask: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor,
+             per_t: torch.Tensor, intercept: torch.Tensor, grid: torch.Tensor,
+             full_h: int, full_w: int, y0: int, x0: int, hi: float) -> torch.Tensor:
+    """:func:`apply_tables` (one segment's rows of the tables, unpacked) written for ``torch.compile``
+    to fuse into one loop over the box: curves in their hinge form (no gathers) and the (h, w)
+    ``mask`` given as uint8 0/1 and applied by arithmetic (bool loads do not vectorise on CPU). Returns
+    the box's new pixels in ``window``'s dtype, clamped to [0, hi] (rounded for uint8)."""
+    h, w = window.shape[-2:]
+    shade = torch.exp(_lerp_weights(full_h, y0, h, grid) @ grid @ _lerp_weights(full_w, x0, w, grid).T)
+    px = window.float()
+    t = (matrix[:, 0, None, None] * px[0] + matrix[:, 1, None, None] * px[1] + matrix[:, 2, None, None] * px[2]
+         + bias[:, None, None])
+    # piece k of a continuous piecewise-linear curve adds (slope_k - slope_k-1) * max(t - k, 0)
+    curve = intercept[:, 0, None, None] + per_t[:, 0, None, None] * t
+    for k in range(1, KNOTS):
+        curve = curve + (per_t[:, k, None, None] - per_t[:, k - 1, None, None]) * (t - k).clamp(min=0)
+    out = (curve * shade).clamp(0, hi)
+    if window.dtype == torch.uint8:
+        out = out.round()
+    return (px + (out - px) * mask.float()).to(window.dtype)
+
+
 def _lerp_weights(full: int, start: int, n: int, like: torch.Tensor) -> torch.Tensor:
     """(n, GRID) weights that linearly interpolate GRID values spread over ``full`` pixels
     (corners aligned), at pixels ``start`` .. ``start + n - 1``."""

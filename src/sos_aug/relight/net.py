@@ -19,7 +19,7 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2.functional import resize
 
 from .color import rgb_to_lab
-from .family import GRID, N_PARAMS, apply_family_pixels, apply_tables, family_tables
+from .family import GRID, KNOTS, N_PARAMS, FamilyTables, apply_family_pixels, apply_tables, box_pass, family_tables
 from .perturb import masked_stats
 
 INPUT = 64  # the net sees each context window at INPUT x INPUT
@@ -34,8 +34,12 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class RelightNet(nn.Module):
     """Predicts relighting parameters per segment; call it as a relighter on a :class:`RelightBatch`."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, compile_cpu: bool = False):
         super().__init__()
+        # CPU path: relight each box in one loop fused by torch.compile (several times faster than the
+        # eager passes, but compiled once per process, i.e. per DataLoader worker: for long epochs
+        # and persistent workers); accelerators always compile their pixel pass
+        self.compile_cpu = compile_cpu
         w = width
         self.encoder = nn.Sequential(_block(5, w), _block(w, 2 * w), _block(2 * w, 3 * w), _block(3 * w, 4 * w))
         self.head = nn.Sequential(nn.Linear(3 * 4 * w + 12, 256), nn.SiLU(), nn.Linear(256, N_PARAMS))
@@ -47,23 +51,22 @@ class RelightNet(nn.Module):
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """(S, 4, INPUT, INPUT) windows (RGB in [0, 1] + alpha) -> (S, N_PARAMS) parameters."""
-        rgb, alpha = context[:, :3], context[:, 3:]
-        lab = rgb_to_lab(rgb)
-        fg_mean, fg_std = masked_stats(lab, alpha)
-        bg_mean, bg_std = masked_stats(lab, 1 - alpha)
-        stats = torch.cat([fg_mean, fg_std, bg_mean, bg_std], 1).flatten(1) / 50.0
-        lum = lab[:, :1] / 50.0 - 1
-        feats = self.encoder(torch.cat([rgb * 2 - 1, lum, alpha], 1))
+        inputs = _net_inputs
+        if self.compile_cpu and context.device.type == "cpu" and not torch.is_grad_enabled():
+            inputs = _cpu_compiled("net_inputs", _compiled("net_inputs", _net_inputs), _net_inputs)
+        stats, encoder_input = inputs(context)
+        alpha = context[:, 3:]
+        feats = self.encoder(encoder_input)
         a = nn.functional.adaptive_avg_pool2d(alpha, feats.shape[-2:])
         pooled = [feats.mean((2, 3)), (feats * a).sum((2, 3)) / a.sum((2, 3)).clamp(min=1e-3),
                   (feats * (1 - a)).sum((2, 3)) / (1 - a).sum((2, 3)).clamp(min=1e-3)]
         return self.head(self.dropout(torch.cat(pooled + [stats], 1))) * self.gain
 
     @classmethod
-    def pretrained(cls) -> RelightNet:
+    def pretrained(cls, compile_cpu: bool = False) -> RelightNet:
         """The weights shipped inside the package (trained by ``sos-aug relight train``; no download)."""
         with resources.as_file(resources.files("sos_aug.weights").joinpath(WEIGHTS)) as path:
-            return cls.load(path)
+            return cls.load(path, compile_cpu)
 
     def save(self, path) -> None:
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
@@ -71,9 +74,9 @@ class RelightNet(nn.Module):
         torch.save(state, path)
 
     @classmethod
-    def load(cls, path) -> RelightNet:
+    def load(cls, path, compile_cpu: bool = False) -> RelightNet:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        net = cls(width=int(state.pop("_width", torch.tensor(32))))
+        net = cls(width=int(state.pop("_width", torch.tensor(32))), compile_cpu=compile_cpu)
         state.setdefault("gain", torch.ones(()))
         net.load_state_dict(state)
         return net.eval()
@@ -84,6 +87,18 @@ class RelightNet(nn.Module):
             return super().__call__(batch_or_context, *args, **kwargs)
         with torch.no_grad():
             return relight_with_net(self, batch_or_context)
+
+
+def _net_inputs(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the encoder and the head see of (S, 4, INPUT, INPUT) windows: Lab statistics of the
+    segment and of its surroundings, and RGB + lightness + alpha planes."""
+    rgb, alpha = context[:, :3], context[:, 3:]
+    lab = rgb_to_lab(rgb)
+    fg_mean, fg_std = masked_stats(lab, alpha)
+    bg_mean, bg_std = masked_stats(lab, 1 - alpha)
+    stats = torch.cat([fg_mean, fg_std, bg_mean, bg_std], 1).flatten(1) / 50.0
+    lum = lab[:, :1] / 50.0 - 1
+    return stats, torch.cat([rgb * 2 - 1, lum, alpha], 1)
 
 
 def context_boxes(masks: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,16 +179,40 @@ def _relight_pixels(unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor,
 _COMPILED: dict[str, Callable] = {}
 
 
+def _compile_off() -> bool:
+    return os.environ.get("SOS_AUG_COMPILE", "1") == "0"
+
+
+def _compiled(name: str, fn: Callable) -> Callable:
+    """``torch.compile(fn)`` made once per process (any sizes), under ``name``; its CPU kernels
+    single-threaded (no OpenMP pool: safe in DataLoader workers and across forks)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, options={"cpp.threads": 1})
+    return _COMPILED[name]
+
+
 def _pixel_pass(device: torch.device) -> Callable:
     """:func:`_relight_pixels`, compiled on accelerators into a few fused kernels instead of ~40
     (``torch.compile``, once per process, any pixel count). ``SOS_AUG_COMPILE=0`` or a failed
     compile falls back to eager, with a warning."""
-    if device.type == "cpu" or os.environ.get("SOS_AUG_COMPILE", "1") == "0":
+    if device.type == "cpu" or _compile_off():
         return _relight_pixels
     if device.type not in _COMPILED:
         _COMPILED[device.type] = _with_fallback(torch.compile(_relight_pixels, dynamic=True), _relight_pixels,
                                                 lambda: _COMPILED.__setitem__(device.type, _relight_pixels))
     return _COMPILED[device.type]
+
+
+def _cpu_compiled(name: str, call: Callable, eager: Callable) -> Callable:
+    """For ``RelightNet(compile_cpu=True)``: ``call`` (code compiled on first use, once per process,
+    i.e. per DataLoader worker), or ``eager`` where ``SOS_AUG_COMPILE=0`` or compiling failed (with
+    a warning, and not tried again)."""
+    key = f"cpu:{name}"
+    if _compile_off():
+        return eager
+    if key not in _COMPILED:
+        _COMPILED[key] = _with_fallback(call, eager, lambda: _COMPILED.__setitem__(key, eager))
+    return _COMPILED[key]
 
 
 def _with_fallback(compiled: Callable, eager: Callable, give_up: Callable[[], None]) -> Callable:
@@ -239,9 +278,31 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
               for dtype in {out[j[0]].dtype for j in jobs}}  # 0-255 images get 0-255 tables
     for b in sorted({j[0] for j in jobs}):
         out[b] = out[b].clone()
+    fused = _cpu_compiled("box", _fused_box, _tables_box) if net.compile_cpu else _tables_box
     for row, (b, k, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1)) in enumerate(jobs):
         view = out[b][:, by0:by1, bx0:bx1]  # the segment's box; only its mask's pixels change
-        mask = batch.masks[b][k, by0:by1, bx0:bx1].bool()
-        relit = apply_tables(tables[view.dtype], row, view, (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0), mask)
-        view.copy_(relit.clamp_(0, 255).round_() if view.dtype == torch.uint8 else relit.clamp_(0, 1))
+        mask = batch.masks[b][k, by0:by1, bx0:bx1]
+        within = (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0)
+        small_box = by1 - by0 < 2 or bx1 - bx0 < 2  # size-1 dims would each cost the compiler a new kernel
+        view.copy_((_tables_box if small_box else fused)(tables[view.dtype], row, view, within, mask))
     return out
+
+
+def _tables_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
+                mask: torch.Tensor) -> torch.Tensor:
+    """A segment's box relit eagerly (:func:`apply_tables`): its new pixels, in the image's dtype."""
+    relit = apply_tables(tables, row, view, within, mask.bool())
+    return relit.clamp_(0, 255).round_() if view.dtype == torch.uint8 else relit.clamp_(0, 1)
+
+
+def _fused_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
+               mask: torch.Tensor) -> torch.Tensor:
+    """:func:`_tables_box` through the compiled :func:`~.family.box_pass` (one fused loop per box)."""
+    # contiguous inputs (cheap copies of the box): the fused loop vectorises along rows, and one layout
+    # keeps the compiler from specialising on strides (channels-last images come from torchvision's
+    # uint8 resize; a box that spans the image makes row strides equal widths)
+    mask = (mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)).contiguous()
+    hi = 255.0 if view.dtype == torch.uint8 else 1.0
+    return _compiled("box_pass", box_pass)(view.contiguous(), mask, tables.matrix[row], tables.bias[row].view(3),
+                                           tables.per_t[row].view(3, KNOTS), tables.intercept[row].view(3, KNOTS),
+                                           tables.grid[row], *within, hi)
