@@ -147,11 +147,13 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout):
     from sos_aug.relight import net as net_module
 
     batch = RelightBatch(images, images, batch.masks)
+    net = RelightNet.pretrained(compile_cpu=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = relight(RelightNet.pretrained(compile_cpu=True), batch)
+        compiled = relight(net, batch)
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
-    assert net_module._COMPILED["cpu:box"] is not net_module._tables_box  # the compiled path ran
+    assert net_module._COMPILED["cpu:box"] is not net_module._tables_box  # the compiled paths ran
+    assert net_module._FORWARDS[net] != net._forward
     for a, b, plain, masks in zip(relight(RelightNet.pretrained(), batch), compiled, images, batch.masks):
         covered = masks.any(0)
         assert torch.equal(b[:, ~covered], plain[:, ~covered])
