@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sos_aug import CopyPaste
-from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch, RelightNet, relight
+from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch, RelightNet, compiling, relight
 from sos_aug.relight.evaluate import metrics
 from sos_aug.relight.family import N_PARAMS, apply_family, fit_family, identity
 from sos_aug.relight.perturb import parametric
@@ -122,14 +122,14 @@ def test_a_failing_compile_falls_back_to_eager(pasted, monkeypatch):
             raise RuntimeError("no compiler here")
         return run
 
-    monkeypatch.setattr(net_module, "_COMPILED", {})
+    monkeypatch.setattr(compiling, "COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
     batch = pasted[0]
     args = _pixel_args(net_module, batch.images[0][None], [batch.masks[0]])
     pass_for_gpu = net_module._pixel_pass(torch.device("cuda"))  # a key only: nothing runs on a GPU here
     with pytest.warns(UserWarning, match="torch.compile failed"):
         first = pass_for_gpu(*args)
-    assert net_module._COMPILED["cuda"] is net_module._relight_pixels
+    assert compiling.COMPILED["cuda"] is net_module._relight_pixels
     assert torch.equal(first, net_module._relight_pixels(*args))
 
 
@@ -152,7 +152,7 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout):
         warnings.simplefilter("always")
         compiled = relight(net, batch)
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
-    assert net_module._COMPILED["cpu:box"] is not net_module._tables_box  # the compiled paths ran
+    assert compiling.COMPILED["cpu:box"] is not net_module._tables_box  # the compiled paths ran
     assert net_module._FORWARDS[net] != net._forward
     for a, b, plain, masks in zip(relight(RelightNet.pretrained(), batch), compiled, images, batch.masks):
         covered = masks.any(0)
@@ -163,14 +163,13 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout):
 
 def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, monkeypatch):
     """With ``compile_cpu`` and no working compiler, relighting warns once and gives the eager pixels."""
-    from sos_aug.relight import net as net_module
 
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no compiler here")
         return run
 
-    monkeypatch.setattr(net_module, "_COMPILED", {})
+    monkeypatch.setattr(compiling, "COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
     batch = pasted[0]
     compiled = RelightNet.pretrained(compile_cpu=True)

@@ -8,8 +8,6 @@ starts as the identity (zero last layer).
 
 from __future__ import annotations
 
-import os
-import warnings
 import weakref
 from collections.abc import Callable
 from importlib import resources
@@ -19,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 from torchvision.transforms.v2.functional import resize
 
+from . import compiling
 from .color import rgb_to_lab
+from .compiling import compile_off, compiled, cpu_compiled, with_fallback
 from .family import GRID, KNOTS, N_PARAMS, FamilyTables, apply_family_pixels, apply_tables, box_pass, family_tables
 from .perturb import masked_stats
 
@@ -99,7 +99,7 @@ def _compiled_forward(net: RelightNet) -> Callable:
     """``net``'s forward compiled for ``compile_cpu`` (any number of segments, one graph; fused
     colour conversion, statistics, norms and activations around the convolutions), or eager where
     ``SOS_AUG_COMPILE=0`` or compiling failed (with a warning, not tried again)."""
-    if _compile_off():
+    if compile_off():
         return net._forward
     if net not in _FORWARDS:
         compiled = torch.compile(net._forward, dynamic=False, options={"cpp.threads": 1})
@@ -108,7 +108,7 @@ def _compiled_forward(net: RelightNet) -> Callable:
             torch._dynamo.mark_dynamic(context, 0)  # the segment count varies from batch to batch
             return compiled(context)
 
-        _FORWARDS[net] = _with_fallback(call, net._forward, lambda: _FORWARDS.__setitem__(net, net._forward))
+        _FORWARDS[net] = with_fallback(call, net._forward, lambda: _FORWARDS.__setitem__(net, net._forward))
     return _FORWARDS[net]
 
 
@@ -199,57 +199,16 @@ def _relight_pixels(unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor,
     return apply_family_pixels(params, pixels, seg, uv).clamp(0, 1)
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
-def _compile_off() -> bool:
-    return os.environ.get("SOS_AUG_COMPILE", "1") == "0"
-
-
-def _compiled(name: str, fn: Callable) -> Callable:
-    """``torch.compile(fn)`` made once per process (any sizes), under ``name``; its CPU kernels
-    single-threaded (no OpenMP pool: safe in DataLoader workers and across forks)."""
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True, options={"cpp.threads": 1})
-    return _COMPILED[name]
-
-
 def _pixel_pass(device: torch.device) -> Callable:
     """:func:`_relight_pixels`, compiled on accelerators into a few fused kernels instead of ~40
     (``torch.compile``, once per process, any pixel count). ``SOS_AUG_COMPILE=0`` or a failed
     compile falls back to eager, with a warning."""
-    if device.type == "cpu" or _compile_off():
+    if device.type == "cpu" or compile_off():
         return _relight_pixels
-    if device.type not in _COMPILED:
-        _COMPILED[device.type] = _with_fallback(torch.compile(_relight_pixels, dynamic=True), _relight_pixels,
-                                                lambda: _COMPILED.__setitem__(device.type, _relight_pixels))
-    return _COMPILED[device.type]
-
-
-def _cpu_compiled(name: str, call: Callable, eager: Callable) -> Callable:
-    """For ``RelightNet(compile_cpu=True)``: ``call`` (code compiled on first use, once per process,
-    i.e. per DataLoader worker), or ``eager`` where ``SOS_AUG_COMPILE=0`` or compiling failed (with
-    a warning, and not tried again)."""
-    key = f"cpu:{name}"
-    if _compile_off():
-        return eager
-    if key not in _COMPILED:
-        _COMPILED[key] = _with_fallback(call, eager, lambda: _COMPILED.__setitem__(key, eager))
-    return _COMPILED[key]
-
-
-def _with_fallback(compiled: Callable, eager: Callable, give_up: Callable[[], None]) -> Callable:
-    """``compiled``, or ``eager`` (with one warning, and ``give_up()`` so it is not tried again) when
-    compiling fails: a compiler problem costs speed, never a crash mid-epoch."""
-    def run(*args):
-        try:
-            return compiled(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure: stay correct, get slower
-            warnings.warn(f"sos_aug: torch.compile failed ({err!r:.200}); running eagerly", stacklevel=3)
-            give_up()
-            return eager(*args)
-
-    return run
+    if device.type not in compiling.COMPILED:
+        compiling.COMPILED[device.type] = with_fallback(torch.compile(_relight_pixels, dynamic=True), _relight_pixels,
+                                              lambda: compiling.COMPILED.__setitem__(device.type, _relight_pixels))
+    return compiling.COMPILED[device.type]
 
 
 def _small_rgb(rgb: torch.Tensor) -> torch.Tensor:
@@ -301,7 +260,7 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
               for dtype in {out[j[0]].dtype for j in jobs}}  # 0-255 images get 0-255 tables
     for b in sorted({j[0] for j in jobs}):
         out[b] = out[b].clone()
-    fused = _cpu_compiled("box", _fused_box, _tables_box) if net.compile_cpu else _tables_box
+    fused = cpu_compiled("box", _fused_box, _tables_box) if net.compile_cpu else _tables_box
     for row, (b, k, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1)) in enumerate(jobs):
         view = out[b][:, by0:by1, bx0:bx1]  # the segment's box; only its mask's pixels change
         mask = batch.masks[b][k, by0:by1, bx0:bx1]
@@ -326,6 +285,6 @@ def _fused_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple
     # uint8 resize; a box that spans the image makes row strides equal widths)
     mask = (mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)).contiguous()
     hi = 255.0 if view.dtype == torch.uint8 else 1.0
-    return _compiled("box_pass", box_pass)(view.contiguous(), mask, tables.matrix[row], tables.bias[row].view(3),
+    return compiled("box_pass", box_pass)(view.contiguous(), mask, tables.matrix[row], tables.bias[row].view(3),
                                            tables.per_t[row].view(3, KNOTS), tables.intercept[row].view(3, KNOTS),
                                            tables.grid[row], *within, hi)

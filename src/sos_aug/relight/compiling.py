@@ -1,0 +1,51 @@
+"""``torch.compile`` for the relighters: each function compiled once per process (any sizes), with
+an eager fallback, so that a compiler problem costs speed, never a crash mid-epoch.
+``SOS_AUG_COMPILE=0`` turns compiling off everywhere."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+COMPILED: dict[str, Callable] = {}  # name -> what to call (compiled, or the eager fallback)
+
+
+def compile_off() -> bool:
+    return os.environ.get("SOS_AUG_COMPILE", "1") == "0"
+
+
+def compiled(name: str, fn: Callable) -> Callable:
+    """``torch.compile(fn)`` made once per process (any sizes), under ``name``; its CPU kernels
+    single-threaded (no OpenMP pool: safe in DataLoader workers and across forks)."""
+    if name not in COMPILED:
+        COMPILED[name] = torch.compile(fn, dynamic=True, options={"cpp.threads": 1})
+    return COMPILED[name]
+
+
+def cpu_compiled(name: str, call: Callable, eager: Callable) -> Callable:
+    """For the relighters' ``compile_cpu=True``: ``call`` (code compiled on first use, once per
+    process, i.e. per DataLoader worker), or ``eager`` where ``SOS_AUG_COMPILE=0`` or compiling
+    failed (with a warning, and not tried again)."""
+    key = f"cpu:{name}"
+    if compile_off():
+        return eager
+    if key not in COMPILED:
+        COMPILED[key] = with_fallback(call, eager, lambda: COMPILED.__setitem__(key, eager))
+    return COMPILED[key]
+
+
+def with_fallback(compiled: Callable, eager: Callable, give_up: Callable[[], None]) -> Callable:
+    """``compiled``, or ``eager`` (with one warning, and ``give_up()`` so it is not tried again) when
+    compiling fails: a compiler problem costs speed, never a crash mid-epoch."""
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: stay correct, get slower
+            warnings.warn(f"sos_aug: torch.compile failed ({err!r:.200}); running eagerly", stacklevel=3)
+            give_up()
+            return eager(*args)
+
+    return run
