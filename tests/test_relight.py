@@ -161,8 +161,34 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout):
         assert (b[:, covered].float() - plain[:, covered].float()).abs().mean() > 1e-3
 
 
+@pytest.mark.parametrize("as_uint8", [True, False])
+def test_compiled_lab_blend_blends_like_the_eager_one(pasted, as_uint8):
+    """``LabBlend(compile_cpu=True)`` (each box in one compiled loop, Lab written out with exp/log
+    powers) against the eager LabBlend: uint8 within one level, float within 1e-4, background
+    bit-identical; and its colour conversions against kornia's."""
+    from sos_aug.relight.color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_fused
+
+    x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(rgb_to_lab_fused(x), rgb_to_lab(x[None])[0], atol=1e-3)
+    lab = rgb_to_lab(x[None])[0] * torch.tensor([1.0, 1.5, 1.5]).view(3, 1, 1)  # some out of gamut
+    assert torch.allclose(lab_to_rgb_fused(lab), lab_to_rgb(lab[None])[0], atol=1e-5)
+    batch = pasted[0]
+    plain = [(im * 255).round().to(torch.uint8) for im in batch.images] if as_uint8 else batch.images
+    relit = [(im.float() * 0.8 + 20).round().to(torch.uint8) if as_uint8 else (im * 0.8 + 0.08) for im in plain]
+    relit = [torch.where(m.any(0), r, p) for r, p, m in zip(relit, plain, batch.masks)]  # relit under masks only
+    step = RelightBatch(relit, plain, batch.masks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = LabBlend(compile_cpu=True)(step)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    for a, b, p, masks in zip(LabBlend()(step), fused, plain, batch.masks):
+        covered = masks.any(0)
+        assert torch.equal(b[:, ~covered], p[:, ~covered])
+        assert (a.float() - b.float()).abs().max() <= (1 if as_uint8 else 1e-4)
+
+
 def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, monkeypatch):
-    """With ``compile_cpu`` and no working compiler, relighting warns once and gives the eager pixels."""
+    """With ``compile_cpu`` and no working compiler, relighting warns and gives the eager pixels."""
 
     def broken_compile(fn, **kwargs):
         def run(*args):
@@ -172,10 +198,10 @@ def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, monkeypatch)
     monkeypatch.setattr(compiling, "COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
     batch = pasted[0]
-    compiled = RelightNet.pretrained(compile_cpu=True)
+    compiled = [RelightNet.pretrained(compile_cpu=True), LabBlend(compile_cpu=True)]
     with pytest.warns(UserWarning, match="torch.compile failed"):
         out = relight(compiled, batch)
-    for a, b in zip(out, relight(RelightNet.pretrained(), batch)):
+    for a, b in zip(out, relight([RelightNet.pretrained(), LabBlend()], batch)):
         assert torch.equal(a, b)
 
 

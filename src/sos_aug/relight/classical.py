@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .color import lab_to_rgb, rgb_to_lab
+from .color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_fused
+from .compiling import compiled, cpu_compiled
 
 Relighter = Callable[["RelightBatch"], list]
 
@@ -121,11 +122,14 @@ class LabBlend:
     Used alone (nothing relit yet), the relit image is :class:`ReinhardTransfer`'s.
     """
 
-    def __init__(self, ab: str = "relit", fallback: Relighter | None = None):
+    def __init__(self, ab: str = "relit", fallback: Relighter | None = None, compile_cpu: bool = False):
         if ab not in ("relit", "plain"):
             raise ValueError(f"ab must be 'relit' or 'plain', got {ab!r}")
         self.ab = ab
         self.fallback = fallback or ReinhardTransfer()
+        # CPU path: each segment's box blended in one loop fused by torch.compile (compiled once per
+        # process, i.e. per DataLoader worker: for long epochs and persistent workers)
+        self.compile_cpu = compile_cpu
 
     @staticmethod
     def weights(areas: torch.Tensor) -> torch.Tensor:
@@ -164,20 +168,13 @@ class LabBlend:
         in cache."""
         from ..composite import count_pixels
 
+        fused = cpu_compiled("lab_blend", _fused_blend, _blend_segment) if self.compile_cpu else _blend_segment
         result = relit.clone()
         for wk, m, win in zip(self.weights(count_pixels(masks)).tolist(), masks, _windows(masks)):
             if win is None:
                 continue
-            view = result[(slice(None), *win)]
-            window = view.contiguous()  # the segment's pixels only go through Lab and back
-            inside = m[win].reshape(-1).nonzero().squeeze(1)
-            flat = window.view(3, -1)
-            lab_r = _lab_pixels(flat.index_select(1, inside))
-            lab_p = _lab_pixels(plain[(slice(None), *win)].reshape(3, -1).index_select(1, inside))
-            L = wk * lab_r[:1] + (1 - wk) * lab_p[:1]
-            ab = lab_r[1:] if self.ab == "relit" else lab_p[1:]
-            _put_pixels(flat, inside, torch.cat([L, ab]))
-            view.copy_(window)
+            tiny = win[0].stop - win[0].start < 2 or win[1].stop - win[1].start < 2  # no kernel for size-1 dims
+            (_blend_segment if tiny else fused)(result, plain, m, win, wk, self.ab == "relit")
         return result
 
     def _blend_pixels(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -200,3 +197,48 @@ class LabBlend:
         result = relit.clone()
         result[img, :, y, x] = rgb.to(relit.dtype)
         return result
+
+
+def _blend_segment(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, win: tuple[slice, slice],
+                   weight: float, relit_ab: bool) -> None:
+    """LabBlend of one segment into ``result`` in place, eagerly: only the pixels under its mask go
+    through Lab and back."""
+    view = result[(slice(None), *win)]
+    window = view.contiguous()
+    inside = mask[win].reshape(-1).nonzero().squeeze(1)
+    flat = window.view(3, -1)
+    lab_r = _lab_pixels(flat.index_select(1, inside))
+    lab_p = _lab_pixels(plain[(slice(None), *win)].reshape(3, -1).index_select(1, inside))
+    L = weight * lab_r[:1] + (1 - weight) * lab_p[:1]
+    ab = lab_r[1:] if relit_ab else lab_p[1:]
+    _put_pixels(flat, inside, torch.cat([L, ab]))
+    view.copy_(window)
+
+
+def _fused_blend(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, win: tuple[slice, slice],
+                 weight: float, relit_ab: bool) -> None:
+    """:func:`_blend_segment` through the compiled :func:`blend_box` (contiguous inputs: the loop
+    vectorises along rows and the compiler does not specialise on strides)."""
+    view = result[(slice(None), *win)]
+    m = mask[win]
+    m = (m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)).contiguous()
+    view.copy_(compiled("blend_box", blend_box)(view.contiguous(), plain[(slice(None), *win)].contiguous(), m,
+                                                torch.tensor(weight), relit_ab))
+
+
+def blend_box(relit: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+              relit_ab: bool) -> torch.Tensor:
+    """LabBlend on one (3, h, w) box, written for ``torch.compile`` to fuse into one loop: L mixed
+    by ``weight`` (a 0-dim tensor, so that its value is not baked into the compiled code), a/b from
+    the relit or the plain box, applied under ``mask`` (uint8 0/1) by arithmetic. Returns the box's
+    new pixels in ``relit``'s dtype."""
+    scale = 255.0 if relit.dtype == torch.uint8 else 1.0
+    r = relit.float()
+    lab_r = rgb_to_lab_fused(r / scale)
+    lab_p = rgb_to_lab_fused(plain.float() / scale)
+    L = weight * lab_r[:1] + (1 - weight) * lab_p[:1]
+    ab = lab_r[1:] if relit_ab else lab_p[1:]
+    out = lab_to_rgb_fused(torch.cat([L, ab])) * scale
+    if relit.dtype == torch.uint8:
+        out = out.round().clamp(0, 255)
+    return (r + (out - r) * mask.float()).to(relit.dtype)

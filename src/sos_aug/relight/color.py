@@ -17,6 +17,43 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     return kornia.color.lab_to_rgb(lab, clip=True)
 
 
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_XYZ_TO_RGB = ((3.2404813432005266, -1.5371515162713185, -0.4985363261688878),
+               (-0.9692549499965682, 1.8759900014898907, 0.0415559265582928),
+               (0.0556466391351772, -0.2040413383665112, 1.0573110696453443))
+_WHITE = (0.95047, 1.0, 1.08883)
+
+
+def _pow(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x ** p for x > 0 as exp(p log x): what compiled CPU code vectorises (``pow`` it does not)."""
+    return torch.exp(p * torch.log(x))
+
+
+def _mix(m, x: torch.Tensor) -> torch.Tensor:
+    """A constant 3x3 matrix times (3, ...) channels, written out (fuses into one loop)."""
+    return torch.stack([m[i][0] * x[0] + m[i][1] * x[1] + m[i][2] * x[2] for i in range(3)])
+
+
+def rgb_to_lab_fused(rgb: torch.Tensor) -> torch.Tensor:
+    """:func:`rgb_to_lab` on (3, ...) RGB in [0, 1], with kornia's constants, written for
+    ``torch.compile`` on the CPU (elementwise only, powers as exp/log)."""
+    rgb = rgb.clamp(0, 1)
+    lin = torch.where(rgb > 0.04045, _pow((rgb + 0.055) / 1.055, 2.4), rgb / 12.92)
+    xyz = _mix(_RGB_TO_XYZ, lin) / torch.tensor(_WHITE, dtype=rgb.dtype).view(3, *[1] * (rgb.ndim - 1))
+    f = torch.where(xyz > 0.008856, _pow(xyz.clamp(min=0.008856), 1 / 3), 7.787 * xyz + 4 / 29)
+    return torch.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def lab_to_rgb_fused(lab: torch.Tensor) -> torch.Tensor:
+    """:func:`lab_to_rgb` (clipped to [0, 1]) on (3, ...) Lab, written like :func:`rgb_to_lab_fused`."""
+    fy = (lab[0] + 16) / 116
+    f = torch.stack([lab[1] / 500 + fy, fy, (fy - lab[2] / 200).clamp(min=0)])
+    xyz = torch.where(f > 0.2068966, f * f * f, (f - 4 / 29) / 7.787)
+    lin = _mix(_XYZ_TO_RGB, xyz * torch.tensor(_WHITE, dtype=lab.dtype).view(3, *[1] * (lab.ndim - 1)))
+    rgb = torch.where(lin > 0.0031308, 1.055 * _pow(lin.clamp(min=0.0031308), 1 / 2.4) - 0.055, 12.92 * lin)
+    return rgb.clamp(0, 1)
+
+
 def delta_e2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
     """CIEDE2000 colour difference between Lab tensors (channel dim -3), per pixel.
 
