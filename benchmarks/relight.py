@@ -63,7 +63,7 @@ def main(argv=None) -> int:
               for name in rows}
     print(f"machine: {machine()}; {len(data)} real COCO images at {args.size}², 10 segments each, one thread")
     print(f"compile_cpu: first passes, compiling included, {first_call_s:.1f} s (not in the figures below)")
-    print(f"{'relight':16s} {'ms/img':>8s} {'relight cost':>13s} {'vs compositing':>15s} {'per round (min-max)':>22s}")
+    print(f"{'relight':28s} {'ms/img':>8s} {'relight cost':>13s} {'vs compositing':>15s} {'per round (min-max)':>22s}")
     for name, ms in rows.items():
         mid, lo, hi = paired[name]
         print(f"{name:28s} {ms:8.2f} {ms - rows['off']:13.2f} {mid:14.2f}x {lo:10.2f}x - {hi:.2f}x")
