@@ -112,11 +112,9 @@ def test_lab_blend_pixel_path_equals_its_window_path(pasted):
         assert torch.equal(pixels[:, ~covered], relit[:, ~covered])
 
 
-def test_a_failing_compile_falls_back_to_eager(pasted, monkeypatch):
-    """On accelerators the pixel pass is compiled; if the compiler fails, the result is the eager one
-    with a warning, and the compiler is not tried again."""
-    from sos_aug.relight import net as net_module
-
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """``torch.compile`` whose compiled functions fail when called, as a missing C++ compiler does."""
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no compiler here")
@@ -124,6 +122,13 @@ def test_a_failing_compile_falls_back_to_eager(pasted, monkeypatch):
 
     monkeypatch.setattr(compiling, "COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
+
+
+def test_a_failing_compile_falls_back_to_eager(pasted, no_compiler):
+    """On accelerators the pixel pass is compiled; if the compiler fails, the result is the eager one
+    with a warning, and the compiler is not tried again."""
+    from sos_aug.relight import net as net_module
+
     batch = pasted[0]
     args = _pixel_args(net_module, batch.images[0][None], [batch.masks[0]])
     pass_for_gpu = net_module._pixel_pass(torch.device("cuda"))  # a key only: nothing runs on a GPU here
@@ -187,16 +192,8 @@ def test_compiled_lab_blend_blends_like_the_eager_one(pasted, as_uint8):
         assert (a.float() - b.float()).abs().max() <= (1 if as_uint8 else 1e-4)
 
 
-def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, monkeypatch):
+def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, no_compiler):
     """With ``compile_cpu`` and no working compiler, relighting warns and gives the eager pixels."""
-
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no compiler here")
-        return run
-
-    monkeypatch.setattr(compiling, "COMPILED", {})
-    monkeypatch.setattr(torch, "compile", broken_compile)
     batch = pasted[0]
     compiled = [RelightNet.pretrained(compile_cpu=True), LabBlend(compile_cpu=True)]
     with pytest.warns(UserWarning, match="torch.compile failed"):
