@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_fused
-from .compiling import compiled, cpu_compiled
+from .compiling import compiled, cpu_compiled, mask_01
 
 Relighter = Callable[["RelightBatch"], list]
 
@@ -220,10 +220,8 @@ def _fused_blend(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, 
     """:func:`_blend_segment` through the compiled :func:`blend_box` (contiguous inputs: the loop
     vectorises along rows and the compiler does not specialise on strides)."""
     view = result[(slice(None), *win)]
-    m = mask[win]
-    m = (m.view(torch.uint8) if m.dtype == torch.bool else (m != 0).view(torch.uint8)).contiguous()
-    view.copy_(compiled("blend_box", blend_box)(view.contiguous(), plain[(slice(None), *win)].contiguous(), m,
-                                                torch.tensor(weight), relit_ab))
+    view.copy_(compiled("blend_box", blend_box)(view.contiguous(), plain[(slice(None), *win)].contiguous(),
+                                                mask_01(mask[win]), torch.tensor(weight), relit_ab))
 
 
 def blend_box(relit: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,

@@ -37,6 +37,13 @@ def cpu_compiled(name: str, call: Callable, eager: Callable) -> Callable:
     return COMPILED[key]
 
 
+def mask_01(mask: torch.Tensor) -> torch.Tensor:
+    """A (h, w) mask as contiguous uint8 0/1: what compiled CPU loops read fast (bool loads, and
+    ``where`` on them, do not vectorise), applied there as ``x + (new - x) * mask``."""
+    as_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+    return as_bytes.contiguous()
+
+
 def with_fallback(compiled: Callable, eager: Callable, give_up: Callable[[], None]) -> Callable:
     """``compiled``, or ``eager`` (with one warning, and ``give_up()`` so it is not tried again) when
     compiling fails: a compiler problem costs speed, never a crash mid-epoch."""

@@ -19,7 +19,7 @@ from torchvision.transforms.v2.functional import resize
 
 from . import compiling
 from .color import rgb_to_lab
-from .compiling import compile_off, compiled, cpu_compiled, with_fallback
+from .compiling import compile_off, compiled, cpu_compiled, mask_01, with_fallback
 from .family import GRID, KNOTS, N_PARAMS, FamilyTables, apply_family_pixels, apply_tables, box_pass, family_tables
 from .perturb import masked_stats
 
@@ -283,8 +283,7 @@ def _fused_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple
     # contiguous inputs (cheap copies of the box): the fused loop vectorises along rows, and one layout
     # keeps the compiler from specialising on strides (channels-last images come from torchvision's
     # uint8 resize; a box that spans the image makes row strides equal widths)
-    mask = (mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)).contiguous()
     hi = 255.0 if view.dtype == torch.uint8 else 1.0
-    return compiled("box_pass", box_pass)(view.contiguous(), mask, tables.matrix[row], tables.bias[row].view(3),
-                                           tables.per_t[row].view(3, KNOTS), tables.intercept[row].view(3, KNOTS),
-                                           tables.grid[row], *within, hi)
+    return compiled("box_pass", box_pass)(view.contiguous(), mask_01(mask), tables.matrix[row],
+                                          tables.bias[row].view(3), tables.per_t[row].view(3, KNOTS),
+                                          tables.intercept[row].view(3, KNOTS), tables.grid[row], *within, hi)
