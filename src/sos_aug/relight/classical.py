@@ -164,8 +164,8 @@ class LabBlend:
         return out
 
     def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """The CPU path: segment by segment, only the pixels under its mask, where small passes stay
-        in cache."""
+        """The CPU path, segment by segment: eagerly only the pixels under its mask go through Lab
+        and back; with ``compile_cpu`` its whole box does, in one compiled loop."""
         from ..composite import count_pixels
 
         fused = cpu_compiled("lab_blend", _fused_blend, _blend_segment) if self.compile_cpu else _blend_segment
