@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_fused
-from .compiling import compiled, cpu_compiled, mask_01
+from .compiling import compiled, mask_01, once_with_fallback
 
 Relighter = Callable[["RelightBatch"], list]
 
@@ -168,7 +168,9 @@ class LabBlend:
         and back; with ``compile_cpu`` its whole box does, in one compiled loop."""
         from ..composite import count_pixels
 
-        fused = cpu_compiled("lab_blend", _fused_blend, _blend_segment) if self.compile_cpu else _blend_segment
+        fused = _blend_segment
+        if self.compile_cpu:
+            fused = once_with_fallback("cpu:lab_blend", _fused_blend, _blend_segment)
         result = relit.clone()
         for wk, m, win in zip(self.weights(count_pixels(masks)).tolist(), masks, _windows(masks)):
             if win is None:

@@ -25,11 +25,10 @@ def compiled(name: str, fn: Callable) -> Callable:
     return COMPILED[name]
 
 
-def cpu_compiled(name: str, call: Callable, eager: Callable) -> Callable:
-    """For the relighters' ``compile_cpu=True``: ``call`` (code compiled on first use, once per
-    process, i.e. per DataLoader worker), or ``eager`` where ``SOS_AUG_COMPILE=0`` or compiling
-    failed (with a warning, and not tried again)."""
-    key = f"cpu:{name}"
+def once_with_fallback(key: str, call: Callable, eager: Callable) -> Callable:
+    """What to run under ``key``: ``call`` (code compiled on first use, once per process, i.e. per
+    DataLoader worker), or ``eager`` where ``SOS_AUG_COMPILE=0`` or compiling failed (with a
+    warning, and not tried again)."""
     if compile_off():
         return eager
     if key not in COMPILED:

@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 from torchvision.transforms.v2.functional import resize
 
-from . import compiling
 from .color import rgb_to_lab
-from .compiling import compile_off, compiled, cpu_compiled, mask_01, with_fallback
+from .compiling import compile_off, compiled, mask_01, once_with_fallback, with_fallback
 from .family import GRID, KNOTS, N_PARAMS, FamilyTables, apply_family_pixels, apply_tables, box_pass, family_tables
 from .perturb import masked_stats
 
@@ -203,12 +202,9 @@ def _pixel_pass(device: torch.device) -> Callable:
     """:func:`_relight_pixels`, compiled on accelerators into a few fused kernels instead of ~40
     (``torch.compile``, once per process, any pixel count). ``SOS_AUG_COMPILE=0`` or a failed
     compile falls back to eager, with a warning."""
-    if device.type == "cpu" or compile_off():
+    if device.type == "cpu":
         return _relight_pixels
-    if device.type not in compiling.COMPILED:
-        compiling.COMPILED[device.type] = with_fallback(torch.compile(_relight_pixels, dynamic=True), _relight_pixels,
-                                              lambda: compiling.COMPILED.__setitem__(device.type, _relight_pixels))
-    return compiling.COMPILED[device.type]
+    return once_with_fallback(device.type, compiled("relight_pixels", _relight_pixels), _relight_pixels)
 
 
 def _small_rgb(rgb: torch.Tensor) -> torch.Tensor:
@@ -260,7 +256,7 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
               for dtype in {out[j[0]].dtype for j in jobs}}  # 0-255 images get 0-255 tables
     for b in sorted({j[0] for j in jobs}):
         out[b] = out[b].clone()
-    fused = cpu_compiled("box", _fused_box, _tables_box) if net.compile_cpu else _tables_box
+    fused = once_with_fallback("cpu:box", _fused_box, _tables_box) if net.compile_cpu else _tables_box
     for row, (b, k, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1)) in enumerate(jobs):
         view = out[b][:, by0:by1, bx0:bx1]  # the segment's box; only its mask's pixels change
         mask = batch.masks[b][k, by0:by1, bx0:bx1]
