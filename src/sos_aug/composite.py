@@ -21,7 +21,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .layout import Placement
+from .batched_warp import paste_groups, topmost
+from .layout import Placement, clip_window
 
 ALPHA_THRESHOLD = 128  # alpha >= this is inside the object's mask
 
@@ -88,7 +89,7 @@ class PastedPiece:
 
 def place_piece(patch: torch.Tensor, box: torch.Tensor, height: int, width: int) -> PastedPiece | None:
     """Centre a warped patch on its layout box and clip it to the canvas; None when nothing is left."""
-    where = _clip_window(box.tolist(), patch.shape[-2], patch.shape[-1], height, width)
+    where = clip_window(box.tolist(), patch.shape[-2], patch.shape[-1], height, width)
     if where is None:
         return None
     crop, window = where
@@ -291,19 +292,6 @@ def paste_into(
     )
 
 
-def _clip_window(box: list[float], ph: int, pw: int, height: int, width: int):
-    """Where a (ph, pw) patch centred on ``box`` lands: (patch crop, canvas window), or None if off-canvas."""
-    bx0, by0, bx1, by1 = (int(v) for v in box)
-    y0 = by0 + ((by1 - by0) - ph) // 2
-    x0 = bx0 + ((bx1 - bx0) - pw) // 2
-    cy0, cx0 = max(0, -y0), max(0, -x0)
-    cy1, cx1 = min(ph, height - y0), min(pw, width - x0)
-    if cy1 <= cy0 or cx1 <= cx0:
-        return None
-    crop = (slice(cy0, cy1), slice(cx0, cx1))
-    return crop, (slice(y0 + cy0, y0 + cy1), slice(x0 + cx0, x0 + cx1))
-
-
 def _warp_float(rgba: torch.Tensor, height: int, width: int, flip: bool, angle: float) -> torch.Tensor:
     """:func:`warp_segment` on a float (4, h, w) segment in 0..255 (accelerator path: one
     interpolation kernel, rounding once for the whole batch); on the CPU through the uint8 kernel,
@@ -325,6 +313,7 @@ def paste_batch(
     labels: list[torch.Tensor] | None = None,
     areas: list[torch.Tensor] | None = None,
     piece_labels: list[torch.Tensor] | None = None,
+    warp: str = "auto",
 ) -> list[PasteResult]:
     """:func:`paste_into` for a (B, 3, H, W) batch at once, built for accelerators.
 
@@ -335,9 +324,14 @@ def paste_batch(
     With ``labels`` (per image) and ``piece_labels`` (per image, one per placement, CPU) it also
     gathers labels, crowd flags, final areas (``areas`` where given, else pixel counts, for
     untouched instances) and ``is_pasted`` for the whole batch in the same single gather.
+
+    ``warp`` picks how pieces are warped and written: ``"groups"`` all at once, grouped by size
+    (:mod:`sos_aug.batched_warp`), for batches with hard alpha and no rotation (others loop);
+    ``"loop"`` piece by piece (on the CPU through the uint8 kernel, bit-identical to
+    :func:`paste_into`); ``"auto"`` groups on accelerators and loops on the CPU.
     """
-    out_images, full = _composite_batch(images, segments, placements, feather_sigma)
-    occ = _occlusion(full, masks, boxes, crowd, drop)
+    out_images, full, top = _composite_batch(images, segments, placements, feather_sigma, warp)
+    occ = _occlusion(full, masks, boxes, crowd, drop, top)
     b, kmax = full.shape[:2]
     # one sync: which rows survive, gathered image by image in a single index_select
     keep_cpu = torch.cat([occ.keep_old, occ.keep_new]).cpu()
@@ -369,12 +363,15 @@ def paste_batch(
 
 
 def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement],
-                     feather_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp and paste every piece in order: the composited batch, and each piece's full hard mask in
-    a (B, K, H, W) stack (K = the most pieces of any image). Python numbers only on the host: per
-    piece one warp, one mask write and one pixel write, and no wait for the device."""
+                     feather_sigma: float, warp: str = "auto",
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Warp and paste every piece in order: the composited batch, each piece's full hard mask in a
+    (B, K, H, W) stack (K = the most pieces of any image), and the topmost piece per pixel when the
+    grouped path computed it already. Python numbers only on the host, no wait for the device."""
     b, _, height, width = images.shape
     kmax = max((len(p) for p in placements), default=0)
+    if _grouped_warp(warp, images, placements, feather_sigma):
+        return paste_groups(images, segments, flat_base(segments), placements, kmax)
     as_uint8 = images.dtype == torch.uint8
     canvas = images.float() if as_uint8 else images.clone()
     full = torch.zeros(b, kmax, height, width, dtype=torch.bool, device=images.device)
@@ -385,7 +382,7 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
         for k, (box, seg, flip, angle) in enumerate(draws):
             bx0, by0, bx1, by1 = (int(v) for v in box)
             patch = _warp_float(source[seg], by1 - by0, bx1 - bx0, bool(flip), float(angle))
-            where = _clip_window(box, patch.shape[-2], patch.shape[-1], height, width)
+            where = clip_window(box, patch.shape[-2], patch.shape[-1], height, width)
             if where is None:
                 continue
             crop, window = where
@@ -399,7 +396,27 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
                 view.copy_(_blend(view, rgb, mask, feather_sigma))
             else:
                 torch.where(mask, rgb, view, out=view)
-    return (canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas), full
+    return (canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas), full, None
+
+
+def _grouped_warp(warp: str, images: torch.Tensor, placements: list[Placement], feather_sigma: float) -> bool:
+    """Whether :func:`_composite_batch` takes the grouped path (see :func:`paste_batch`'s ``warp``)."""
+    check_warp(warp)
+    applies = feather_sigma == 0 and not any(bool(p.angle.any()) for p in placements)
+    return applies and (warp == "groups" or (warp == "auto" and images.device.type != "cpu"))
+
+
+def check_warp(warp: str) -> None:
+    if warp not in ("auto", "groups", "loop"):
+        raise ValueError(f"unknown warp {warp!r}; use 'auto', 'groups' or 'loop'")
+
+
+def flat_base(segments: list[torch.Tensor]) -> torch.Tensor:
+    """The segments as one flat buffer, in order: the one they are views of, or a packed copy."""
+    if not segments:
+        return torch.zeros(0, dtype=torch.uint8)
+    base = consecutive_base(segments)
+    return base if base is not None else torch.cat([t.reshape(-1) for t in segments])
 
 
 @dataclass
@@ -421,15 +438,13 @@ class _Occlusion:
 
 
 def _occlusion(full: torch.Tensor, masks: list[torch.Tensor], boxes: list[torch.Tensor],
-               crowd: list[torch.Tensor], drop: DropRule) -> _Occlusion:
+               crowd: list[torch.Tensor], drop: DropRule, top: torch.Tensor | None = None) -> _Occlusion:
     """Occlusion, counts, boxes and the drop rule for the whole batch, from the topmost piece at
-    each pixel (1-based; 0 = none)."""
+    each pixel (1-based; 0 = none; computed here unless given)."""
     b, kmax, height, width = full.shape
     device = full.device
-    slot_type = torch.uint8 if kmax < 256 else torch.int16
-    slot = torch.arange(1, kmax + 1, device=device, dtype=slot_type).view(1, kmax, 1, 1)
-    top = (full.to(slot_type) * slot).amax(1) if kmax else torch.zeros(b, height, width, dtype=slot_type,
-                                                                        device=device)
+    top = topmost(full) if top is None else top
+    slot = torch.arange(1, kmax + 1, device=device, dtype=top.dtype).view(1, kmax, 1, 1)
     visible = full & (top.unsqueeze(1) == slot)
     n_per = [len(m) for m in masks]
     some = sum(n_per) > 0
@@ -456,6 +471,7 @@ def _survivor_order(keep: torch.Tensor, n_per: list[int], k_per: list[int], kmax
     """Rows to gather (existing rows first, then the (B * K) piece slots) image by image, and how many
     per image: each image's surviving existing instances, then its surviving pieces."""
     n_old = sum(n_per)
+    keep = keep.tolist()  # Python bools: indexing a tensor per row costs a dispatch each
     order, counts, start = [], [], 0
     for i, (n, k) in enumerate(zip(n_per, k_per)):
         rows = [r for r in range(start, start + n) if keep[r]]

@@ -275,3 +275,16 @@ LAYOUTS = {"random": RandomLayout, "sos": SOSLayout, "existing": ExistingBoxesLa
 def grid_step(height: int, width: int, cells: int = 64) -> int:
     """Pixel step of the coarse occupancy grid layouts check visibility on."""
     return max(1, math.ceil(max(height, width) / cells))
+
+
+def clip_window(box: list[float], ph: int, pw: int, height: int, width: int):
+    """Where a (ph, pw) patch centred on ``box`` lands: (patch crop, canvas window), or None if off-canvas."""
+    bx0, by0, bx1, by1 = (int(v) for v in box)
+    y0 = by0 + ((by1 - by0) - ph) // 2
+    x0 = bx0 + ((bx1 - bx0) - pw) // 2
+    cy0, cx0 = max(0, -y0), max(0, -x0)
+    cy1, cx1 = min(ph, height - y0), min(pw, width - x0)
+    if cy1 <= cy0 or cx1 <= cx0:
+        return None
+    crop = (slice(cy0, cy1), slice(cx0, cx1))
+    return crop, (slice(y0 + cy0, y0 + cy1), slice(x0 + cx0, x0 + cx1))

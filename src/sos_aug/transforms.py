@@ -25,8 +25,10 @@ from .bank.store import SegmentBank, normalize_name
 from .composite import (
     DropRule,
     PasteResult,
+    check_warp,
     consecutive_base,
     count_pixels,
+    flat_base,
     paste_batch,
     paste_into,
     same_size_groups,
@@ -61,10 +63,13 @@ class PasteSegments:
     def _moved(self, move: Callable[[torch.Tensor], torch.Tensor]) -> PasteSegments:
         """The same segments after ``move`` of their one flat buffer (a single copy)."""
         shapes = [tuple(r.shape) for r in self.rgba]
-        rgba = _views(move(_flat_base(self.rgba)), shapes) if self.rgba else []
+        rgba = _views(move(flat_base(self.rgba)), shapes) if self.rgba else []
         return PasteSegments(rgba, self.image, self.labels, self.names, self.bank_rows, self.placements, self.sizes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteSegments:
+        """The segments on ``device``: one copy of their buffer, or themselves when already there."""
+        if all(_on_device(r, torch.device(device)) for r in self.rgba[:1]):
+            return self
         return self._moved(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PasteSegments:
@@ -75,9 +80,16 @@ class PasteSegments:
 
     def __reduce__(self):  # one buffer across processes, not a storage per view
         shapes = [tuple(r.shape) for r in self.rgba]
-        flat = _flat_base(self.rgba) if self.rgba else torch.zeros(0, dtype=torch.uint8)
+        flat = flat_base(self.rgba)
         return _unpack, (flat, shapes, self.image, self.labels, self.names, self.bank_rows, self.placements,
                          self.sizes)
+
+
+def _on_device(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``tensor`` lives on ``device`` ("cuda" meaning the current CUDA device)."""
+    if device.index is None and device.type != "cpu":
+        device = torch.empty(0, device=device).device
+    return tensor.device == device
 
 
 def _unpack(flat, shapes, image, labels, names, bank_rows, placements, sizes) -> PasteSegments:
@@ -105,12 +117,6 @@ def _restack(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images) if base is None else base.view(len(images), *images[0].shape)
 
 
-def _flat_base(rgba: list[torch.Tensor]) -> torch.Tensor:
-    """The flat buffer the segments are consecutive views of, or a packed copy when they are not."""
-    base = consecutive_base(rgba)
-    return base if base is not None else torch.cat([t.reshape(-1) for t in rgba])
-
-
 class CopyPaste:
     """Paste segments from a :class:`~sos_aug.SegmentBank` into images, keeping targets exact.
 
@@ -135,6 +141,11 @@ class CopyPaste:
             call (few device launches per segment, one sync per batch) instead of image by image.
             None (default) batches on accelerators and goes image by image on the CPU, where the
             ROI-local per-image path is faster.
+        warp: how the batched path warps and writes the pieces: ``"groups"`` all at once, in a few
+            batched matmuls by size (hard alpha without rotation; launches do not grow with the
+            number of pieces; batches with rotation or feathering loop), ``"loop"`` piece by
+            piece, ``"auto"`` (default) groups on accelerators. Results agree up to float
+            rounding (see :mod:`sos_aug.batched_warp`).
     """
 
     def __init__(
@@ -149,15 +160,17 @@ class CopyPaste:
         open_vocabulary: bool = False,
         relight=None,
         batched: bool | None = None,
+        warp: str = "auto",
     ):
         if num_pastes[0] < 0 or num_pastes[1] < num_pastes[0]:
             raise ValueError(f"num_pastes must be (low, high) with 0 <= low <= high, got {num_pastes}")
+        check_warp(warp)
         self.layout = layout or RandomLayout()
         self.num_pastes, self.p, self.feather_sigma = num_pastes, p, feather_sigma
         self.drop = drop if isinstance(drop, DropRule) else DropRule(drop)
         self.open_vocabulary = open_vocabulary
         self.relight = relight
-        self.batched = batched
+        self.batched, self.warp = batched, warp
         self.skipped = 0  # segments that could not be read (counted, warned about)
         self.label_of = _resolve_labels(bank, label_map, open_vocabulary)
         usable = [c for c, lab in self.label_of.items() if lab >= 0 or open_vocabulary]
@@ -316,7 +329,8 @@ class CopyPaste:
         areas = [t.get("area") for t in targets]
         piece_labels = [segments.labels[p.segment] for p in params]
         return paste_batch(batch.as_subclass(torch.Tensor), list(masks), list(boxes), list(crowd), rgba, params,
-                           self.drop, self.feather_sigma, labels=labels, areas=areas, piece_labels=piece_labels)
+                           self.drop, self.feather_sigma, labels=labels, areas=areas, piece_labels=piece_labels,
+                           warp=self.warp)
 
     def _new_target(self, image: torch.Tensor, target: Target, segments: PasteSegments, kept_src: torch.Tensor,
                     new_labels: torch.Tensor, res: PasteResult):
