@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torchvision.ops import masks_to_boxes
 
 from sos_aug import CopyPaste, DropRule, ExistingBoxesLayout, RandomLayout, SOSLayout, label_map_from_coco
-from sos_aug.composite import place_piece, warp_segment
+from sos_aug.batched_warp import ALPHA_CUT
+from sos_aug.composite import PastedPiece, warp_segment
+from sos_aug.layout import clip_window
 
 LAYOUTS = {
     "random": lambda: RandomLayout(scale=(0.3, 2.5), rotation=0.0),
@@ -23,15 +25,30 @@ LAYOUTS = {
 }
 
 
-def reference_pieces(segments, placement, height, width):
+def reference_pieces(segments, placement, height, width, grouped=False):
+    """Each piece warped on its own by torchvision/torch, clipped to the canvas and thresholded:
+    through the uint8 kernel as the CPU paths do, or (``grouped``) the float kernel rounded once,
+    as the grouped path computes it; pixels within float error of the threshold are not decidable
+    between two float implementations, so such draws are skipped."""
     pieces = []
     for k in range(len(placement)):
         box = placement.boxes[k]
-        patch = warp_segment(segments.rgba[int(placement.segment[k])], int(box[3] - box[1]), int(box[2] - box[0]),
+        segment = segments.rgba[int(placement.segment[k])]
+        patch = warp_segment(segment.float() if grouped else segment, int(box[3] - box[1]), int(box[2] - box[0]),
                              bool(placement.flip[k]), float(placement.angle[k]))
-        piece = place_piece(patch, box, height, width)
-        if piece is not None:
-            pieces.append((piece, int(placement.segment[k])))
+        where = clip_window(box.tolist(), patch.shape[-2], patch.shape[-1], height, width)
+        if where is None:
+            continue
+        crop, window = where
+        patch = patch[(slice(None), *crop)]
+        if grouped:
+            assume(not ((patch[3] - ALPHA_CUT).abs() < 1e-4).any())
+            mask, rgb = patch[3] >= ALPHA_CUT, patch[:3].round().clamp(0, 255).to(torch.uint8)
+        else:
+            mask, rgb = patch[3] >= 128, patch[:3]
+        if mask.any():
+            pieces.append((PastedPiece(rgb, patch[3], mask, window[0].start, window[1].start),
+                           int(placement.segment[k])))
     return pieces
 
 
@@ -47,7 +64,7 @@ def tight(masks):
     return masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                     HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -56,15 +73,17 @@ def tight(masks):
     num=st.tuples(st.integers(0, 6), st.integers(0, 8)).map(lambda t: (min(t), max(t))),
     drop=st.sampled_from(["visible_fraction", "mmdet"]),
     min_visible=st.floats(0.05, 0.9),
-    batched=st.booleans(),
+    path=st.sampled_from(["per_image", "batched_loop", "batched_groups"]),
 )
 def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, layout, num, drop, min_visible,
-                                     batched):
-    """Both paths: image by image (the CPU default) and batched (the accelerator default)."""
+                                     path):
+    """Every path: image by image (the CPU default), batched piece by piece, and batched with all
+    pieces warped in size groups (the accelerator default; it loops for rotated layouts)."""
     rule = DropRule(drop, min_visible=min_visible)
     label_map = label_map_from_coco(val_ann)
     cp = CopyPaste(train_bank, layout=LAYOUTS[layout](), num_pastes=num, drop=rule, label_map=label_map,
-                   batched=batched)
+                   batched=path != "per_image", warp="groups" if path == "batched_groups" else "loop")
+    grouped = path == "batched_groups" and layout != "random_rotated"
     images, targets = zip(*[val_set[i % len(val_set)] for i in picks])
     g = torch.Generator().manual_seed(seed)
     segments = cp.fetch(len(images), g)
@@ -76,7 +95,7 @@ def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, 
 
     for image, target, placement, out_image, out in zip(images, targets, params, out_images, out_targets):
         h, w = image.shape[-2:]
-        pieces = reference_pieces(segments, placement, h, w)
+        pieces = reference_pieces(segments, placement, h, w, grouped)
         piece_masks = [full_mask(p, h, w) for p, _ in pieces]
         covered = torch.zeros(h, w, dtype=torch.bool)
         for m in piece_masks:
@@ -150,7 +169,9 @@ def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, 
         for j, (piece, _) in enumerate(pieces):
             full_rgb = torch.zeros(3, h, w, dtype=torch.uint8)
             full_rgb[(slice(None), *piece.window)] = piece.rgb
-            assert torch.equal(out_image[:, visible[j]], full_rgb[:, visible[j]])
+            # rounding a float result of two implementations may differ by one level at .5
+            diff = (out_image[:, visible[j]].int() - full_rgb[:, visible[j]].int()).abs()
+            assert not (diff > int(grouped)).any()
         assert torch.equal(out_image[:, ~covered], image[:, ~covered])
 
 

@@ -18,7 +18,10 @@ import torch
 
 from .layout import Placement, clip_window
 
-ALPHA_CUT = 127.5  # round(alpha) >= 128: the per-piece path's threshold on float alpha
+# round(alpha) >= 128 on float alpha. Binary segment alpha resized lands on exactly 127.5 often
+# (a pixel centred on an edge); float kernels put it a hair either side, so the cut sits 1e-3 lower
+# and every float path agrees on those pixels (and with the uint8 kernel, which rounds them up).
+ALPHA_CUT = 127.5 - 1e-3
 # a piece's host numbers, one row each in the table that goes to the device in one copy
 (FULL_AT, TOP_AT, OUT_AT, SLOT1, OFFSET, PLANE, HS, WS, HS1, WS1, CY0, CA, CS, Y0, X0, HC, WC) = range(17)
 GROUP_COST_FLOPS = {"cpu": 3e7}  # what one more group costs in launches, as matmul work; 1e10 elsewhere
@@ -133,6 +136,27 @@ def full_fp32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
+def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement], height: int,
+                width: int, kmax: int, group_cost: float | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every piece that lands on the canvas, resized, flipped and cropped, in groups of similar
+    size: per group its piece-table rows on ``flat``'s device and its (G, 4, hc, wc) float pixels.
+    ``group_cost``: see :func:`group_rows` (default: what a group costs on that device)."""
+    dev = flat.device
+    rows, scales = piece_table(segments, placements, height, width, kmax)
+    groups = group_rows(rows, GROUP_COST_FLOPS.get(dev.type, 1e10) if group_cost is None else group_cost)
+    order = [r for grp in groups for r in grp]
+    table = torch.tensor([rows[r] for r in order] or [[0] * (WC + 1)], dtype=torch.long).to(dev, non_blocking=True)
+    ftable = torch.tensor([scales[r] for r in order] or [[0.0] * 4]).to(dev, non_blocking=True)
+    ar = torch.arange(max([4, height, width] + [max(r[HS], r[WS]) for r in rows]), device=dev)
+    out, start = [], 0
+    for grp in groups:
+        t, f = table[start : start + len(grp)], ftable[start : start + len(grp)]
+        start += len(grp)
+        sizes = tuple(max(rows[r][c] for r in grp) for c in (HS, WS, HC, WC))
+        out.append((t, warp_group(flat, t, f, sizes, ar)))
+    return out
+
+
 def paste_groups(images: torch.Tensor, segments: list[torch.Tensor], flat: torch.Tensor,
                  placements: list[Placement], kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Composite every piece of a (B, 3, H, W) batch (hard alpha, no rotation), in paste order.
@@ -143,24 +167,16 @@ def paste_groups(images: torch.Tensor, segments: list[torch.Tensor], flat: torch
     """
     b, _, height, width = images.shape
     dev = images.device
-    rows, scales = piece_table(segments, placements, height, width, kmax)
-    groups = group_rows(rows, GROUP_COST_FLOPS.get(dev.type, 1e10))
-    order = [r for grp in groups for r in grp]
-    table = torch.tensor([rows[r] for r in order] or [[0] * (WC + 1)], dtype=torch.long).to(dev, non_blocking=True)
-    ftable = torch.tensor([scales[r] for r in order] or [[0.0] * 4]).to(dev, non_blocking=True)
-    longest = max([4, height, width] + [max(r[HS], r[WS]) for r in rows])
-    ar = torch.arange(longest, device=dev)
+    groups = warp_groups(flat, segments, placements, height, width, kmax)
     full_flat = torch.zeros(b * kmax * height * width + 1, dtype=torch.bool, device=dev)  # last: discarded writes
-    warped, start = [], 0
-    for grp in groups:
-        t, f = table[start : start + len(grp)], ftable[start : start + len(grp)]
-        start += len(grp)
-        sizes = tuple(max(rows[r][c] for r in grp) for c in (HS, WS, HC, WC))
-        pieces = warp_group(flat, t, f, sizes, ar)
-        inside = (ar[: sizes[2]] < t[:, HC:HC + 1]).unsqueeze(2) & (ar[: sizes[3]] < t[:, WC:WC + 1]).unsqueeze(1)
+    ar = torch.arange(max(height, width, 4), device=dev)
+    warped = []
+    for t, pieces in groups:
+        hc, wc = pieces.shape[-2:]
+        inside = (ar[:hc] < t[:, HC:HC + 1]).unsqueeze(2) & (ar[:wc] < t[:, WC:WC + 1]).unsqueeze(1)
         mask = inside.logical_and_(pieces[:, 3] >= ALPHA_CUT)
-        ys = (t[:, Y0:Y0 + 1] + ar[: sizes[2]]).clamp_(max=height - 1)
-        xs = (t[:, X0:X0 + 1] + ar[: sizes[3]]).clamp_(max=width - 1)
+        ys = (t[:, Y0:Y0 + 1] + ar[:hc]).clamp_(max=height - 1)
+        xs = (t[:, X0:X0 + 1] + ar[:wc]).clamp_(max=width - 1)
         pixel = ys.unsqueeze(2) * width + xs.unsqueeze(1)  # (G, hc, wc) position on the canvas
         full_flat[torch.where(mask, t[:, FULL_AT].view(-1, 1, 1) + pixel, len(full_flat) - 1)] = True
         warped.append((t, pieces, mask, pixel))

@@ -21,7 +21,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .batched_warp import paste_groups, topmost
+from .batched_warp import ALPHA_CUT, paste_groups, topmost
 from .layout import Placement, clip_window
 
 ALPHA_THRESHOLD = 128  # alpha >= this is inside the object's mask
@@ -389,7 +389,7 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
             if crop[0].stop - crop[0].start != patch.shape[-2] or crop[1].stop - crop[1].start != patch.shape[-1]:
                 patch = patch[(slice(None), *crop)]
             mask = full[(i, k, *window)]
-            torch.ge(patch[3], ALPHA_THRESHOLD - 0.5, out=mask)  # = round(alpha) >= 128
+            torch.ge(patch[3], ALPHA_CUT, out=mask)  # = round(alpha) >= 128
             rgb = patch[:3] if as_uint8 else patch[:3] / 255
             view = canvas[(i, slice(None), *window)]
             if feather_sigma > 0:

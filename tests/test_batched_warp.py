@@ -1,0 +1,87 @@
+"""The grouped warp (all pieces of a batch resized in a few batched matmuls) against torch's own
+antialiased resize, piece by piece, on real bank segments; and how it groups."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sos_aug.batched_warp import (
+    GROUP_BYTES,
+    HC,
+    HS,
+    SLOT1,
+    TOP_AT,
+    WC,
+    WS,
+    _group_bytes,
+    group_rows,
+    piece_table,
+    warp_groups,
+)
+from sos_aug.composite import flat_base, warp_segment
+from sos_aug.layout import Placement, clip_window
+from sos_aug.transforms import PasteSegments
+
+
+def draw_pieces(bank, seed: int, count: int, height: int, width: int) -> tuple[list[torch.Tensor], Placement]:
+    """``count`` real segments and one image's placement: sizes from 1/8x to 3x native, some boxes
+    hanging off the canvas, about half flipped."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(len(bank), (count,), generator=g).tolist()
+    segments = PasteSegments.pack([bank.read_rgba(r)[0] for r in rows])
+    boxes = []
+    for seg in segments:
+        scale = float(torch.empty(1).uniform_(0.125, 3.0, generator=g))
+        h, w = (max(1, round(s * scale)) for s in seg.shape[-2:])
+        y0 = int(torch.randint(-h // 2, height, (1,), generator=g))
+        x0 = int(torch.randint(-w // 2, width, (1,), generator=g))
+        boxes.append([x0, y0, x0 + w, y0 + h])
+    flip = torch.rand(count, generator=g) < 0.5
+    return segments, Placement(torch.tensor(boxes, dtype=torch.float32), torch.arange(count), flip,
+                               torch.zeros(count))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), count=st.integers(1, 12), size=st.sampled_from([(96, 128), (240, 180)]),
+       group_cost=st.sampled_from([0.0, 3e7, 1e15]))
+def test_grouped_warp_equals_torch_resize_piece_by_piece(train_bank, seed, count, size, group_cost):
+    height, width = size
+    segments, placement = draw_pieces(train_bank, seed, count, height, width)
+    torch.set_float32_matmul_precision("high")  # a caller's TF32 setting must not reach the warp
+    try:
+        groups = warp_groups(flat_base(segments), segments, [placement], height, width, count, group_cost)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    seen = set()
+    for t, pieces in groups:
+        for row, piece in zip(t.tolist(), pieces):
+            assert row[TOP_AT] == 0
+            k = row[SLOT1] - 1
+            seen.add(k)
+            x0, y0, x1, y1 = (int(v) for v in placement.boxes[k])
+            want = warp_segment(segments[k].float(), y1 - y0, x1 - x0, bool(placement.flip[k]), 0.0)
+            crop, _ = clip_window(placement.boxes[k].tolist(), y1 - y0, x1 - x0, height, width)
+            want = want[(slice(None), *crop)]
+            got = piece[:, : row[HC], : row[WC]]
+            assert got.shape == want.shape
+            assert (got - want).abs().max() < 2e-3  # 0..255 scale: float rounding only
+    on_canvas = {k for k in range(count) if clip_window(placement.boxes[k].tolist(),
+                                                         int(placement.boxes[k, 3] - placement.boxes[k, 1]),
+                                                         int(placement.boxes[k, 2] - placement.boxes[k, 0]),
+                                                         height, width) is not None}
+    assert seen == on_canvas
+
+
+def test_groups_cover_every_piece_once_within_the_memory_cap(train_bank):
+    segments, placement = draw_pieces(train_bank, 3, 40, 1024, 1024)
+    rows, _ = piece_table(segments, [placement], 1024, 1024, 40)
+    for cost in (0.0, 1e10, float("inf")):
+        groups = group_rows(rows, cost)
+        assert sorted(r for grp in groups for r in grp) == list(range(len(rows)))
+        for grp in groups:
+            sizes = [max(rows[r][c] for r in grp) for c in (HS, WS, HC, WC)]
+            assert len(grp) == 1 or _group_bytes(len(grp), *sizes) <= GROUP_BYTES
+    assert len(group_rows(rows, 0.0)) > len(group_rows(rows, float("inf")))
