@@ -24,7 +24,8 @@ from .layout import Placement, clip_window
 ALPHA_CUT = 127.5 - 1e-3
 # a piece's host numbers, one row each in the table that goes to the device in one copy
 (FULL_AT, TOP_AT, OUT_AT, SLOT1, OFFSET, PLANE, HS, WS, HS1, WS1, CY0, CA, CS, Y0, X0, HC, WC) = range(17)
-GROUP_COST_FLOPS = {"cpu": 3e7}  # what one more group costs in launches, as matmul work; 1e10 elsewhere
+# what one more group costs (its launches and host time), counted as matmul work it could pad
+GROUP_COST_FLOPS = {"cpu": 3e7, "accelerator": 1e10}
 GROUP_BYTES = 256 * 2**20  # most transient memory one group may take
 
 
@@ -100,16 +101,19 @@ def warp_group(flat: torch.Tensor, t: torch.Tensor, f: torch.Tensor, sizes: tupl
     col = lambda c: t[:, c].view(g, 1, 1)  # noqa: E731 - one piece number, broadcast over pixels
     pixel = (torch.minimum(ar[:hs_max].view(1, -1, 1), col(HS1)) * col(WS)
              + torch.minimum(ar[:ws_max].view(1, 1, -1), col(WS1)) + col(OFFSET))  # padding repeats edges
-    src = flat[pixel.unsqueeze(1) + ar[:4].view(1, 4, 1, 1) * col(PLANE).unsqueeze(1)].float()
+    channels = ar[:4].view(1, 1, 4, 1) * col(PLANE).unsqueeze(3)
+    src = flat[pixel.unsqueeze(2) + channels].float()  # (G, hs, 4, ws): both products are plain bmm
     arf = ar.float()
     rows = t[:, CY0:CY0 + 1] + arf[:hc_max]
     cols = t[:, CA:CA + 1] + t[:, CS:CS + 1] * arf[:wc_max]
-    wy = aa_weights(rows, f[:, 0:1], f[:, 1:2], t[:, HS:HS + 1], ar[:hs_max]).unsqueeze(1)
-    wx = aa_weights(cols, f[:, 2:3], f[:, 3:4], t[:, WS:WS + 1], ar[:ws_max]).transpose(1, 2).unsqueeze(1)
+    wy = aa_weights(rows, f[:, 0:1], f[:, 1:2], t[:, HS:HS + 1], ar[:hs_max])  # (G, hc, hs)
+    wx = aa_weights(cols, f[:, 2:3], f[:, 3:4], t[:, WS:WS + 1], ar[:ws_max]).transpose(1, 2)  # (G, ws, wc)
     with full_fp32_matmul():  # contract the cheaper axis first
         if hc_max * hs_max * ws_max + hc_max * ws_max * wc_max < hs_max * ws_max * wc_max + hc_max * hs_max * wc_max:
-            return (wy @ src) @ wx
-        return wy @ (src @ wx)
+            out = torch.bmm(torch.bmm(wy, src.view(g, hs_max, 4 * ws_max)).view(g, hc_max * 4, ws_max), wx)
+        else:
+            out = torch.bmm(wy, torch.bmm(src.view(g, hs_max * 4, ws_max), wx).view(g, hs_max, 4 * wc_max))
+    return out.view(g, hc_max, 4, wc_max).transpose(1, 2)
 
 
 def aa_weights(pos: torch.Tensor, scale: torch.Tensor, inv_support: torch.Tensor, in_size: torch.Tensor,
@@ -143,7 +147,9 @@ def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: li
     ``group_cost``: see :func:`group_rows` (default: what a group costs on that device)."""
     dev = flat.device
     rows, scales = piece_table(segments, placements, height, width, kmax)
-    groups = group_rows(rows, GROUP_COST_FLOPS.get(dev.type, 1e10) if group_cost is None else group_cost)
+    if group_cost is None:
+        group_cost = GROUP_COST_FLOPS.get(dev.type, GROUP_COST_FLOPS["accelerator"])
+    groups = group_rows(rows, group_cost)
     order = [r for grp in groups for r in grp]
     table = torch.tensor([rows[r] for r in order] or [[0] * (WC + 1)], dtype=torch.long).to(dev, non_blocking=True)
     ftable = torch.tensor([scales[r] for r in order] or [[0.0] * 4]).to(dev, non_blocking=True)

@@ -343,7 +343,7 @@ def paste_batch(
     # untouched instances keep the area they came with (COCO's polygon area) when labels are gathered
     untouched = _untouched_area(occ, areas) if labels is not None else torch.full_like(occ.after, -1)
     existing_area = torch.where(occ.touched, occ.after.to(untouched.dtype), untouched)
-    all_area = torch.cat([existing_area, occ.pasted_visible.to(untouched.dtype)]).index_select(0, order_t)
+    all_area = torch.cat([existing_area, occ.pasted_visible.to(untouched.dtype)]).index_select(0, order_t).float()
     extra = [(None, None, None)] * b
     if labels is not None:
         extra = _gather_labels(labels, occ.old_crowd, piece_labels, placements, kmax, order_t, counts, n_old,
@@ -457,7 +457,7 @@ def _occlusion(full: torch.Tensor, masks: list[torch.Tensor], boxes: list[torch.
     touched = after < before
     old_boxes = torch.cat([bx.float() for bx in boxes]) if some else torch.zeros(0, 4, device=device)
     new_boxes = torch.where(touched[:, None], visible_old_boxes, old_boxes)
-    old_crowd = torch.cat([c.bool() for c in crowd]) if some else torch.zeros(0, dtype=torch.bool, device=device)
+    old_crowd = torch.cat(crowd).bool() if some else torch.zeros(0, dtype=torch.bool, device=device)
     keep_old = drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched
     pasted_full, full_boxes = _counts_and_boxes(full.flatten(0, 1))
     pasted_visible, visible_boxes = _counts_and_boxes(visible.flatten(0, 1))
@@ -489,10 +489,10 @@ def _untouched_area(occ: _Occlusion, areas: list[torch.Tensor | None] | None) ->
     if len(occ.before) == 0:
         return occ.before.double()
     areas = areas or [None] * len(occ.n_per)
-    given = [torch.zeros(n, dtype=torch.float64, device=device) if a is None else a.to(device, torch.float64)
-             for a, n in zip(areas, occ.n_per)]
+    given = torch.cat([occ.before.new_zeros(n) if a is None else a.to(device)
+                       for a, n in zip(areas, occ.n_per)]).double()  # one cast for the batch
     has = torch.tensor([a is not None for a in areas]).repeat_interleave(torch.tensor(occ.n_per)).to(device)
-    return torch.where(has, torch.cat(given), occ.before.double())
+    return torch.where(has, given, occ.before.double())
 
 
 def _gather_labels(labels, old_crowd, piece_labels, placements, kmax, order_t, counts, n_old, device):

@@ -317,7 +317,8 @@ class CopyPaste:
         masks, boxes, crowd = _instances(target, device)
         rgba = [segments.rgba[int(i)].to(device) for i in placement.segment] if len(placement) else []
         local = Placement(placement.boxes, torch.arange(len(placement)), placement.flip, placement.angle)
-        return paste_into(torch.as_tensor(image), masks, boxes, crowd, rgba, local, self.drop, self.feather_sigma)
+        return paste_into(torch.as_tensor(image), masks, boxes, crowd.bool(), rgba, local, self.drop,
+                          self.feather_sigma)
 
     def _paste_group(self, batch: torch.Tensor, targets: list[Target], segments: PasteSegments,
                      params: list[Placement]) -> list[PasteResult]:
@@ -382,9 +383,10 @@ _INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "n
 
 
 def _instances(target: Target, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A target's masks (bool), XYXY boxes and crowd flags on ``device``."""
-    crowd = target.get("iscrowd", torch.zeros(len(target["labels"]), dtype=torch.long))
-    return target["masks"].to(device).bool(), _xyxy(target).to(device), crowd.to(device).bool()
+    """A target's masks (bool), XYXY boxes and crowd flags (any dtype: one conversion for the
+    batch is cheaper than one per image) on ``device``."""
+    crowd = target["iscrowd"] if "iscrowd" in target else torch.zeros(len(target["labels"]), dtype=torch.bool)
+    return target["masks"].to(device).bool(), _xyxy(target).to(device), crowd.to(device)
 
 
 def _check_target(image: torch.Tensor, target: Target) -> None:
