@@ -5,8 +5,9 @@ fetched and decoded by DataLoader workers (not timed here, see ``copypaste.py``)
 batch in one copy. Timed with the device synchronised before and after, median of ``--repeats``:
 
 * ``layout``: drawing the placements (CPU, the generator's side);
-* ``paste``: compositing and every target update on the GPU, batched (the default there) and, for
-  comparison, image by image;
+* ``paste``: compositing and every target update on the GPU, batched (the default there: pieces
+  warped in size groups, ``warp="groups"``) and, for comparison, batched piece by piece
+  (``warp="loop"``) and image by image;
 * ``relight net``: ``RelightNet`` on the pasted segments of the same batch, and net + LabBlend.
 
 Also checks that the GPU and CPU paths agree on the same draws (labels, masks, pixels).
@@ -71,6 +72,9 @@ def bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, d
                                             max(3, args.repeats // 4))
     rows[f"{name}: paste + targets, batched"] = cuda_ms(lambda: cp.apply(images, targets, seg_gpu, params),
                                                         args.repeats)
+    looped = CopyPaste(bank, layout=layout, num_pastes=n, warp="loop")
+    rows[f"{name}: paste + targets, batched, warp=loop"] = cuda_ms(
+        lambda: looped.apply(images, targets, seg_gpu, params), args.repeats)
     rows[f"{name}: paste + targets, image by image"] = cuda_ms(
         lambda: per_image.apply(list(images), targets, seg_gpu, params), max(3, args.repeats // 4))
     out_images, out_targets = cp.apply(images, targets, seg_gpu, params)
