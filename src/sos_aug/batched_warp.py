@@ -185,18 +185,17 @@ def paste_groups(images: torch.Tensor, segments: list[torch.Tensor], flat: torch
         xs = (t[:, X0:X0 + 1] + ar[:wc]).clamp_(max=width - 1)
         pixel = ys.unsqueeze(2) * width + xs.unsqueeze(1)  # (G, hc, wc) position on the canvas
         full_flat[torch.where(mask, t[:, FULL_AT].view(-1, 1, 1) + pixel, len(full_flat) - 1)] = True
-        warped.append((t, pieces, mask, pixel))
+        warped.append((t, _as_image_values(pieces[:, :3], images.dtype), mask, pixel))  # drop alpha and floats
     full = full_flat[:-1].view(b, kmax, height, width)
     top = topmost(full)
     out_flat = torch.empty(b * 3 * height * width + 1, dtype=images.dtype, device=dev)
     out = out_flat[:-1].view(b, 3, height, width)
     out.copy_(images)
     channel = (ar[:3] * (height * width)).view(1, 3, 1, 1)
-    for t, pieces, mask, pixel in warped:  # each pixel written once, by its topmost piece
+    for t, values, mask, pixel in warped:  # each pixel written once, by its topmost piece
         on_top = mask.logical_and_(top.view(-1)[t[:, TOP_AT].view(-1, 1, 1) + pixel] == t[:, SLOT1].view(-1, 1, 1))
         where = (t[:, OUT_AT].view(-1, 1, 1) + pixel).unsqueeze(1) + channel
-        out_flat[torch.where(on_top.unsqueeze(1), where, len(out_flat) - 1)] = _as_image_values(pieces[:, :3],
-                                                                                                 images.dtype)
+        out_flat[torch.where(on_top.unsqueeze(1), where, len(out_flat) - 1)] = values
     return out, full, top
 
 
