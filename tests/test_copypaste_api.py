@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -15,7 +17,7 @@ from sos_aug import (
     SOSLayout,
     label_map_from_coco,
 )
-from sos_aug.layout import Scene
+from sos_aug.layout import Scene, grid_step
 
 
 def test_same_seed_same_output_and_different_seed_differs(train_bank, val_set):
@@ -115,6 +117,36 @@ def test_sos_layout_size_mix_and_visibility():
             m[b:d, a:c] = False
         assert m.sum() >= 0.4 * areas[j]  # grid approximation of the 50% rule
     assert bool((areas[:-1] >= areas[1:] * 0.5).all()) or len(areas) < 2
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), image=st.integers(0, 78), k=st.integers(1, 14),
+       rules=st.sampled_from([(0.5, 0.8), (0.9, 0.95), (0.2, 0.5)]))
+def test_sos_layout_keeps_every_instance_visible_on_its_grid(val_set, seed, image, k, rules):
+    """The SOS rules hold for the final layout on a real image's instances: on the occupancy grid the
+    layout checks, every instance (existing or pasted) keeps ``min_visible`` of its cells and the mean
+    visibility is at least ``mean_visible``, re-counted here cell by cell."""
+    min_visible, mean_visible = rules
+    _, target = val_set[image]
+    masks = target["masks"].as_subclass(torch.Tensor).bool()
+    h, w = masks.shape[-2:]
+    step = grid_step(h, w)
+    grid = masks[:, ::step, ::step]
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.randint(8, 300, (k, 2), generator=g)
+    scene = Scene(h, w, seg, ["person"] * k, target["boxes"].as_subclass(torch.Tensor), grid, step)
+    placement = SOSLayout(min_visible=min_visible, mean_visible=mean_visible)(scene, g)
+    ys = torch.arange(grid.shape[1]) * step
+    xs = torch.arange(grid.shape[2]) * step
+    covers = [((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
+              for x0, y0, x1, y1 in placement.boxes.int().tolist()]  # a cell is covered if its corner is
+    full = [int(m.sum()) for m in [*grid, *covers]]
+    cells = list(grid)
+    for cover in covers:  # pasted in order; each hides what is under it
+        cells = [m & ~cover for m in cells] + [cover]
+    fracs = [int(c.sum()) / f for c, f in zip(cells, full) if f > 0]
+    assert all(fr >= min_visible for fr in fracs)
+    assert not fracs or sum(fracs) / len(fracs) >= mean_visible - 1e-12
 
 
 def test_dataset_stats_layout_sizes_like_the_category(train_ann):

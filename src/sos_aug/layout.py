@@ -149,8 +149,9 @@ class SOSLayout(Layout):
         k, r = len(sizes), self.candidates
         step = scene.grid_step
         grid = scene.existing_grid if scene.existing_grid is not None else torch.zeros(0, 1, 1, dtype=torch.bool)
-        visible = grid.clone()
-        full = grid.flatten(1).sum(1).double()
+        visible = grid.double()  # (n, gh, gw) 0/1: the cells each instance still shows
+        full = visible.flatten(1).sum(1)  # (n,) its cells before any pasting
+        shown = full.clone()  # (n,) its cells still visible
         ys = torch.arange(grid.shape[1], dtype=torch.float64) * step
         xs = torch.arange(grid.shape[2], dtype=torch.float64) * step
         room = torch.tensor([scene.height, scene.width], dtype=torch.float64) - sizes + 1
@@ -159,10 +160,12 @@ class SOSLayout(Layout):
         accepted = []
         for j in torch.argsort(sizes.prod(1), descending=True, stable=True).tolist():  # large first
             c = cand[j]
-            rows = (ys[None] >= c[:, :1]) & (ys[None] < c[:, :1] + sizes[j, 0])  # (r, gh)
-            cols = (xs[None] >= c[:, 1:]) & (xs[None] < c[:, 1:] + sizes[j, 1])  # (r, gw)
-            cover = rows[:, :, None] & cols[:, None, :]  # (r, gh, gw)
-            after = (visible[None] & ~cover[:, None]).flatten(2).sum(2).double()  # (r, n)
+            rows = ((ys[None] >= c[:, :1]) & (ys[None] < c[:, :1] + sizes[j, 0])).double()  # (r, gh)
+            cols = ((xs[None] >= c[:, 1:]) & (xs[None] < c[:, 1:] + sizes[j, 1])).double()  # (r, gw)
+            # cells of each instance each candidate would cover: rows^T . visible . cols, one matmul
+            # (exact: sums of 0/1 in float64) instead of a (r, n, gh, gw) boolean reduction
+            hidden = (torch.matmul(rows, visible) * cols).sum(-1).T  # (r, n)
+            after = shown - hidden
             counted = full > 0
             frac = torch.where(counted, after / full.clamp(min=1), torch.ones_like(after))
             n_counted = counted.sum()
@@ -172,8 +175,10 @@ class SOSLayout(Layout):
                 continue  # bounded retries used up: this segment is not pasted
             pick = int(ok.to(torch.uint8).argmax())
             tops[j] = c[pick]
-            visible = torch.cat([visible & ~cover[pick], cover[pick][None]])
-            full = torch.cat([full, cover[pick].sum().double()[None]])
+            cover = rows[pick, :, None] * cols[pick, None, :]
+            visible = torch.cat([visible * (1 - cover), cover[None]])
+            shown = torch.cat([after[pick], cover.sum()[None]])
+            full = torch.cat([full, cover.sum()[None]])
             accepted.append(j)
         return tops, torch.tensor(accepted, dtype=torch.long)
 
