@@ -149,8 +149,8 @@ class SOSLayout(Layout):
         k, r = len(sizes), self.candidates
         step = scene.grid_step
         grid = scene.existing_grid if scene.existing_grid is not None else torch.zeros(0, 1, 1, dtype=torch.bool)
-        visible = grid.double()  # (n, gh, gw) 0/1: the cells each instance still shows
-        full = visible.flatten(1).sum(1)  # (n,) its cells before any pasting
+        visible = grid.float()  # (n, gh, gw) 0/1: the cells each instance still shows
+        full = visible.flatten(1).sum(1).double()  # (n,) its cells before any pasting
         shown = full.clone()  # (n,) its cells still visible
         ys = torch.arange(grid.shape[1], dtype=torch.float64) * step
         xs = torch.arange(grid.shape[2], dtype=torch.float64) * step
@@ -160,11 +160,11 @@ class SOSLayout(Layout):
         accepted = []
         for j in torch.argsort(sizes.prod(1), descending=True, stable=True).tolist():  # large first
             c = cand[j]
-            rows = ((ys[None] >= c[:, :1]) & (ys[None] < c[:, :1] + sizes[j, 0])).double()  # (r, gh)
-            cols = ((xs[None] >= c[:, 1:]) & (xs[None] < c[:, 1:] + sizes[j, 1])).double()  # (r, gw)
+            rows = ((ys[None] >= c[:, :1]) & (ys[None] < c[:, :1] + sizes[j, 0])).float()  # (r, gh)
+            cols = ((xs[None] >= c[:, 1:]) & (xs[None] < c[:, 1:] + sizes[j, 1])).float()  # (r, gw)
             # cells of each instance each candidate would cover: rows^T . visible . cols, one matmul
-            # (exact: sums of 0/1 in float64) instead of a (r, n, gh, gw) boolean reduction
-            hidden = (torch.matmul(rows, visible) * cols).sum(-1).T  # (r, n)
+            # (exact: sums of 0/1 below 2^24) instead of a (r, n, gh, gw) boolean reduction
+            hidden = (torch.matmul(rows, visible) * cols).sum(-1).T.double()  # (r, n)
             after = shown - hidden
             counted = full > 0
             frac = torch.where(counted, after / full.clamp(min=1), torch.ones_like(after))
@@ -177,8 +177,8 @@ class SOSLayout(Layout):
             tops[j] = c[pick]
             cover = rows[pick, :, None] * cols[pick, None, :]
             visible = torch.cat([visible * (1 - cover), cover[None]])
-            shown = torch.cat([after[pick], cover.sum()[None]])
-            full = torch.cat([full, cover.sum()[None]])
+            shown = torch.cat([after[pick], cover.sum().double()[None]])
+            full = torch.cat([full, cover.sum().double()[None]])
             accepted.append(j)
         return tops, torch.tensor(accepted, dtype=torch.long)
 
