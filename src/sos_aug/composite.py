@@ -62,13 +62,23 @@ def warp_segment(rgba: torch.Tensor, height: int, width: int, flip: bool, angle:
     out = rgba
     if tuple(out.shape[-2:]) != (height, width) and out.dtype == torch.uint8:
         out = F.resize(out, [height, width], antialias=True)
-    elif tuple(out.shape[-2:]) != (height, width):  # F.interpolate's kernel, without its per-call checks
-        out = torch._C._nn._upsample_bilinear2d_aa(out[None], [height, width], False, None)[0]
+    elif tuple(out.shape[-2:]) != (height, width):
+        out = _resize_float(out, height, width)
     if flip:
         out = out.flip(-1)
     if angle:
         out = F.rotate(out, float(angle), interpolation=InterpolationMode.BILINEAR, expand=True)
     return out
+
+
+def _resize_float(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a float (C, h, w) tensor: F.interpolate's kernel without its
+    per-call checks. That kernel (torch 2.14, CPU) returns the first output row in every row when the
+    output is one pixel wide, so that case runs transposed (one pixel high is right)."""
+    if width == 1 and height > 1:
+        return torch._C._nn._upsample_bilinear2d_aa(image.transpose(-1, -2)[None], [width, height], False,
+                                                   None)[0].transpose(-1, -2)
+    return torch._C._nn._upsample_bilinear2d_aa(image[None], [height, width], False, None)[0]
 
 
 @dataclass
