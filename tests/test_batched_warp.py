@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sos_aug.batched_warp import (
+    DENSE_LIMIT,
     GROUP_BYTES,
     HC,
     HS,
@@ -16,6 +17,7 @@ from sos_aug.batched_warp import (
     WC,
     WS,
     _group_bytes,
+    _group_flops,
     group_rows,
     piece_table,
     warp_groups,
@@ -46,13 +48,16 @@ def draw_pieces(bank, seed: int, count: int, height: int, width: int) -> tuple[l
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), count=st.integers(1, 12), size=st.sampled_from([(96, 128), (240, 180)]),
-       group_cost=st.sampled_from([0.0, 3e7, 1e15]))
-def test_grouped_warp_equals_torch_resize_piece_by_piece(train_bank, seed, count, size, group_cost):
+       group_cost=st.sampled_from([0.0, 3e7, 1e15]), dense_limit=st.sampled_from([DENSE_LIMIT, 1e5, -1.0]))
+def test_grouped_warp_equals_torch_resize_piece_by_piece(train_bank, seed, count, size, group_cost, dense_limit):
+    """Every piece, whether resized in a group by matmuls or alone by torch's kernel (over
+    ``dense_limit``), equals torch's resize of that piece alone, flipped and cropped."""
     height, width = size
     segments, placement = draw_pieces(train_bank, seed, count, height, width)
     torch.set_float32_matmul_precision("high")  # a caller's TF32 setting must not reach the warp
     try:
-        groups = warp_groups(flat_base(segments), segments, [placement], height, width, count, group_cost)
+        groups = warp_groups(flat_base(segments), segments, [placement], height, width, count, group_cost,
+                             dense_limit)
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision("highest")
@@ -86,6 +91,8 @@ def test_groups_cover_every_piece_once_within_the_memory_cap(train_bank):
             sizes = [max(rows[r][c] for r in grp) for c in (HS, WS, HC, WC)]
             assert len(grp) == 1 or _group_bytes(len(grp), *sizes) <= GROUP_BYTES
     assert len(group_rows(rows, 0.0)) > len(group_rows(rows, float("inf")))
+    big = [r for r in range(len(rows)) if _group_flops(1, *(rows[r][c] for c in (HS, WS, HC, WC))) > 1e8]
+    assert big and all(len(grp) == 1 for grp in group_rows(rows, float("inf"), 1e8) if set(grp) & set(big))
 
 
 def test_float_resize_to_one_pixel_wide_is_right(train_bank):

@@ -23,10 +23,13 @@ from .layout import Placement, clip_window
 # and every float path agrees on those pixels (and with the uint8 kernel, which rounds them up).
 ALPHA_CUT = 127.5 - 1e-3
 # a piece's host numbers, one row each in the table that goes to the device in one copy
-(FULL_AT, TOP_AT, OUT_AT, SLOT1, OFFSET, PLANE, HS, WS, HS1, WS1, CY0, CA, CS, Y0, X0, HC, WC) = range(17)
+(FULL_AT, TOP_AT, OUT_AT, SLOT1, OFFSET, PLANE, HS, WS, HS1, WS1, CY0, CA, CS, Y0, X0, HC, WC, HO, WO) = range(19)
 # what one more group costs (its launches and host time), counted as matmul work it could pad
 GROUP_COST_FLOPS = {"cpu": 3e7, "accelerator": 1e10}
 GROUP_BYTES = 256 * 2**20  # most transient memory one group may take
+# a piece whose dense resize alone is more multiply-adds than this (a very large piece, e.g. on a 4K
+# canvas) is resized on its own by torch's kernel: its band matrices would be mostly zeros
+DENSE_LIMIT = 8e9
 
 
 def piece_table(segments: list[torch.Tensor], placements: list[Placement], height: int, width: int,
@@ -52,7 +55,7 @@ def piece_table(segments: list[torch.Tensor], placements: list[Placement], heigh
             col_start, step = (wo - 1 - cx.start, -1) if flip else (cx.start, 1)  # crop after flip
             rows.append([(i * kmax + k) * hw, i * hw, i * 3 * hw, k + 1, offsets[seg], hs * ws, hs, ws, hs - 1,
                          ws - 1, cy.start, col_start, step, wy.start, wx.start, cy.stop - cy.start,
-                         cx.stop - cx.start])
+                         cx.stop - cx.start, ho, wo])
             scales.append([hs / ho, 1 / max(hs / ho, 1.0), ws / wo, 1 / max(ws / wo, 1.0)])
     return rows, scales
 
@@ -67,10 +70,11 @@ def _group_bytes(n: int, hs: int, ws: int, hc: int, wc: int) -> int:
     return n * (4 * hs * ws * 12 + 4 * (hc * wc + max(hc * ws, hs * wc)) * 4 + (hc * hs + wc * ws) * 4)
 
 
-def group_rows(rows: list[list[int]], group_cost: float) -> list[list[int]]:
+def group_rows(rows: list[list[int]], group_cost: float, dense_limit: float = DENSE_LIMIT) -> list[list[int]]:
     """Pieces grouped to resize together (indices into ``rows``): in order of size, a piece joins
     the current group while padding the group to it costs less than a group of its own
-    (``group_cost`` flops for the launches) and the group stays under ``GROUP_BYTES``."""
+    (``group_cost`` flops for the launches) and the group stays under ``GROUP_BYTES``. A piece over
+    ``dense_limit`` on its own always gets a group of its own."""
     order = sorted(range(len(rows)), key=lambda r: max(rows[r][HS], rows[r][HC]) * max(rows[r][WS], rows[r][WC]))
     groups: list[list[int]] = []
     sizes = (0, 0, 0, 0)
@@ -81,7 +85,8 @@ def group_rows(rows: list[list[int]], group_cost: float) -> list[list[int]]:
         n = len(groups[-1]) if groups else 0
         joined = _group_flops(n + 1, *grown)
         apart = _group_flops(n, *sizes) + _group_flops(1, *own) + group_cost
-        if groups and joined <= apart and _group_bytes(n + 1, *grown) <= GROUP_BYTES:
+        alone = _group_flops(1, *own) > dense_limit or (n == 1 and _group_flops(1, *sizes) > dense_limit)
+        if groups and not alone and joined <= apart and _group_bytes(n + 1, *grown) <= GROUP_BYTES:
             groups[-1].append(r)
             sizes = grown
         else:
@@ -141,17 +146,18 @@ def full_fp32_matmul() -> Iterator[None]:
 
 
 def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement], height: int,
-                width: int, kmax: int, group_cost: float | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                width: int, kmax: int, group_cost: float | None = None,
+                dense_limit: float = DENSE_LIMIT) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every piece that lands on the canvas, resized, flipped and cropped, in groups of similar
     size: per group its piece-table rows on ``flat``'s device and its (G, 4, hc, wc) float pixels.
-    ``group_cost``: see :func:`group_rows` (default: what a group costs on that device)."""
+    ``group_cost`` and ``dense_limit``: see :func:`group_rows` (default group cost: that device's)."""
     dev = flat.device
     rows, scales = piece_table(segments, placements, height, width, kmax)
     if group_cost is None:
         group_cost = GROUP_COST_FLOPS.get(dev.type, GROUP_COST_FLOPS["accelerator"])
-    groups = group_rows(rows, group_cost)
+    groups = group_rows(rows, group_cost, dense_limit)
     order = [r for grp in groups for r in grp]
-    table = torch.tensor([rows[r] for r in order] or [[0] * (WC + 1)], dtype=torch.long).to(dev, non_blocking=True)
+    table = torch.tensor([rows[r] for r in order] or [[0] * (WO + 1)], dtype=torch.long).to(dev, non_blocking=True)
     ftable = torch.tensor([scales[r] for r in order] or [[0.0] * 4]).to(dev, non_blocking=True)
     ar = torch.arange(max([4, height, width] + [max(r[HS], r[WS]) for r in rows]), device=dev)
     out, start = [], 0
@@ -159,8 +165,23 @@ def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: li
         t, f = table[start : start + len(grp)], ftable[start : start + len(grp)]
         start += len(grp)
         sizes = tuple(max(rows[r][c] for r in grp) for c in (HS, WS, HC, WC))
-        out.append((t, warp_group(flat, t, f, sizes, ar)))
+        if len(grp) == 1 and _group_flops(1, *sizes) > dense_limit:
+            out.append((t, _warp_alone(flat, rows[grp[0]])))
+        else:
+            out.append((t, warp_group(flat, t, f, sizes, ar)))
     return out
+
+
+def _warp_alone(flat: torch.Tensor, row: list[int]) -> torch.Tensor:
+    """One large piece resized by torch's kernel, flipped and cropped, as a (1, 4, hc, wc) group."""
+    from .composite import _resize_float
+
+    segment = flat[row[OFFSET] : row[OFFSET] + 4 * row[PLANE]].view(4, row[HS], row[WS]).float()
+    piece = _resize_float(segment, row[HO], row[WO])
+    if row[CS] < 0:
+        piece = piece.flip(-1)
+    col0 = row[CA] if row[CS] > 0 else row[WO] - 1 - row[CA]
+    return piece[:, row[CY0] : row[CY0] + row[HC], col0 : col0 + row[WC]][None]
 
 
 def paste_groups(images: torch.Tensor, segments: list[torch.Tensor], flat: torch.Tensor,
