@@ -51,6 +51,24 @@ def test_stacked_batch_float_images_and_empty_targets(train_bank, val_set, batch
                for k in ("masks", "boxes", "labels", "area", "iscrowd", "is_pasted"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_images_on_every_path(train_bank, val_set, dtype):
+    """Half-precision batches (what an AMP pipeline may hold) paste on every path and keep their
+    dtype and range; the two CPU-kernel paths agree exactly (the grouped one resizes in float, so
+    border pixels may differ from them)."""
+    resize = v2.Resize((128, 160), antialias=True)
+    images, targets = zip(*[resize(*val_set[i]) for i in range(3)])
+    batch = torch.stack([im.as_subclass(torch.Tensor) for im in images]).to(dtype) / 255
+    outs = []
+    for batched, warp in ((False, "auto"), (True, "loop"), (True, "groups")):
+        cp = CopyPaste(train_bank, num_pastes=(2, 5), batched=batched, warp=warp)
+        out, out_targets = cp(batch, list(targets), generator=torch.Generator().manual_seed(3))
+        assert out.dtype == dtype and out.min() >= 0 and out.max() <= 1
+        outs.append(out_targets)
+    assert all(torch.equal(a["masks"], b["masks"]) and torch.equal(a["labels"], b["labels"])
+               for a, b in zip(outs[0], outs[1]))
+
+
 def test_tv_tensors_in_and_out_with_other_box_formats(train_bank, val_set):
     image, target = val_set[0]
     h, w = image.shape[-2:]

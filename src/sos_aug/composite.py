@@ -400,7 +400,7 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
                 patch = patch[(slice(None), *crop)]
             mask = full[(i, k, *window)]
             torch.ge(patch[3], ALPHA_CUT, out=mask)  # = round(alpha) >= 128
-            rgb = patch[:3] if as_uint8 else patch[:3] / 255
+            rgb = patch[:3] if as_uint8 else (patch[:3] / 255).to(canvas.dtype)
             view = canvas[(i, slice(None), *window)]
             if feather_sigma > 0:
                 view.copy_(_blend(view, rgb, mask, feather_sigma))
