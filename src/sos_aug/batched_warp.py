@@ -173,14 +173,13 @@ def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: li
 
 
 def _warp_alone(flat: torch.Tensor, row: list[int]) -> torch.Tensor:
-    """One large piece resized by torch's kernel, flipped and cropped, as a (1, 4, hc, wc) group."""
-    from .composite import _resize_float
+    """One large piece warped by :func:`~sos_aug.composite.warp_segment` (torch's kernel) and
+    cropped, as a (1, 4, hc, wc) group."""
+    from .composite import warp_segment
 
     segment = flat[row[OFFSET] : row[OFFSET] + 4 * row[PLANE]].view(4, row[HS], row[WS]).float()
-    piece = _resize_float(segment, row[HO], row[WO])
-    if row[CS] < 0:
-        piece = piece.flip(-1)
-    col0 = row[CA] if row[CS] > 0 else row[WO] - 1 - row[CA]
+    piece = warp_segment(segment, row[HO], row[WO], row[CS] < 0, 0.0)
+    col0 = row[CA] if row[CS] > 0 else row[WO] - 1 - row[CA]  # the crop's first column, after the flip
     return piece[:, row[CY0] : row[CY0] + row[HC], col0 : col0 + row[WC]][None]
 
 

@@ -176,9 +176,10 @@ class SOSLayout(Layout):
             pick = int(ok.to(torch.uint8).argmax())
             tops[j] = c[pick]
             cover = rows[pick, :, None] * cols[pick, None, :]
+            cells = cover.sum().double()[None]
             visible = torch.cat([visible * (1 - cover), cover[None]])
-            shown = torch.cat([after[pick], cover.sum().double()[None]])
-            full = torch.cat([full, cover.sum().double()[None]])
+            shown = torch.cat([after[pick], cells])
+            full = torch.cat([full, cells])
             accepted.append(j)
         return tops, torch.tensor(accepted, dtype=torch.long)
 

@@ -63,7 +63,7 @@ class PasteSegments:
     def _moved(self, move: Callable[[torch.Tensor], torch.Tensor]) -> PasteSegments:
         """The same segments after ``move`` of their one flat buffer (a single copy)."""
         shapes = [tuple(r.shape) for r in self.rgba]
-        rgba = _views(move(flat_base(self.rgba)), shapes) if self.rgba else []
+        rgba = _views(move(flat_base(self.rgba)), shapes)
         return PasteSegments(rgba, self.image, self.labels, self.names, self.bank_rows, self.placements, self.sizes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteSegments:
