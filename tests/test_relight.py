@@ -167,10 +167,10 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout):
 
 
 @pytest.mark.parametrize("as_uint8", [True, False])
-def test_compiled_lab_blend_blends_like_the_eager_one(pasted, as_uint8):
+def test_compiled_lab_blend_blends_like_the_eager_one(pasted, as_uint8, monkeypatch):
     """``LabBlend(compile_cpu=True)`` (each box in one compiled loop, Lab written out with exp/log
-    powers) against the eager LabBlend: uint8 within one level, float within 1e-4, background
-    bit-identical; and its colour conversions against kornia's."""
+    powers), and the accelerator's per-pixel form, against the eager LabBlend: uint8 within one
+    level, float within 1e-4, background bit-identical; and its colour conversions against kornia's."""
     from sos_aug.relight.color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_fused
 
     x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
@@ -186,10 +186,14 @@ def test_compiled_lab_blend_blends_like_the_eager_one(pasted, as_uint8):
         warnings.simplefilter("always")
         fused = LabBlend(compile_cpu=True)(step)
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
-    for a, b, p, masks in zip(LabBlend()(step), fused, plain, batch.masks):
+    # the accelerator's form (every pasted pixel at once, elementwise Lab), run here eagerly
+    monkeypatch.setenv("SOS_AUG_COMPILE", "0")
+    per_pixel = [LabBlend()._blend_pixels(r[None], p[None], [m])[0] for r, p, m in zip(relit, plain, batch.masks)]
+    for a, b, c, p, masks in zip(LabBlend()(step), fused, per_pixel, plain, batch.masks):
         covered = masks.any(0)
-        assert torch.equal(b[:, ~covered], p[:, ~covered])
+        assert torch.equal(b[:, ~covered], p[:, ~covered]) and torch.equal(c[:, ~covered], p[:, ~covered])
         assert (a.float() - b.float()).abs().max() <= (1 if as_uint8 else 1e-4)
+        assert (a.float() - c.float()).abs().max() <= (1 if as_uint8 else 1e-4)
 
 
 def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, no_compiler):
@@ -219,7 +223,11 @@ def test_net_relights_on_gpu_like_on_cpu(pasted):
     cpu = relight(net, batch)
     gpu_batch = RelightBatch([im.cuda() for im in batch.images], [im.cuda() for im in batch.plain],
                              [m.cuda() for m in batch.masks])
-    gpu = relight(net, gpu_batch)
+    with warnings.catch_warnings(record=True) as caught:  # forward, pixel pass and LabBlend compile there
+        warnings.simplefilter("always")
+        gpu = relight(net, gpu_batch)
+        relight(LabBlend(), gpu_batch)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
     for a, b, plain, masks in zip(cpu, gpu, batch.plain, batch.masks):
         covered = masks.any(0)
         b = b.cpu()

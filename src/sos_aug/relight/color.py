@@ -34,12 +34,17 @@ def _mix(m, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([m[i][0] * x[0] + m[i][1] * x[1] + m[i][2] * x[2] for i in range(3)])
 
 
+def _white(like: torch.Tensor) -> torch.Tensor:
+    """The D65 white point, shaped to divide (3, ...) channels like ``like`` (its dtype and device)."""
+    return torch.tensor(_WHITE, dtype=like.dtype, device=like.device).view(3, *[1] * (like.ndim - 1))
+
+
 def rgb_to_lab_fused(rgb: torch.Tensor) -> torch.Tensor:
     """:func:`rgb_to_lab` on (3, ...) RGB in [0, 1], with kornia's constants, written for
     ``torch.compile`` on the CPU (elementwise only, powers as exp/log)."""
     rgb = rgb.clamp(0, 1)
     lin = torch.where(rgb > 0.04045, _pow((rgb + 0.055) / 1.055, 2.4), rgb / 12.92)
-    xyz = _mix(_RGB_TO_XYZ, lin) / torch.tensor(_WHITE, dtype=rgb.dtype).view(3, *[1] * (rgb.ndim - 1))
+    xyz = _mix(_RGB_TO_XYZ, lin) / _white(rgb)
     f = torch.where(xyz > 0.008856, _pow(xyz.clamp(min=0.008856), 1 / 3), 7.787 * xyz + 4 / 29)
     return torch.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
 
@@ -49,7 +54,7 @@ def lab_to_rgb_fused(lab: torch.Tensor) -> torch.Tensor:
     fy = (lab[0] + 16) / 116
     f = torch.stack([lab[1] / 500 + fy, fy, (fy - lab[2] / 200).clamp(min=0)])
     xyz = torch.where(f > 0.2068966, f * f * f, (f - 4 / 29) / 7.787)
-    lin = _mix(_XYZ_TO_RGB, xyz * torch.tensor(_WHITE, dtype=lab.dtype).view(3, *[1] * (lab.ndim - 1)))
+    lin = _mix(_XYZ_TO_RGB, xyz * _white(lab))
     rgb = torch.where(lin > 0.0031308, 1.055 * _pow(lin.clamp(min=0.0031308), 1 / 2.4) - 0.055, 12.92 * lin)
     return rgb.clamp(0, 1)
 
