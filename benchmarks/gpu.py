@@ -31,7 +31,19 @@ from _common import coco_mini, machine, train_bank  # noqa: E402
 from copypaste import load_images  # noqa: E402
 
 from sos_aug import CopyPaste, RandomLayout, SOSLayout  # noqa: E402
+from sos_aug.batched_warp import GROUP_COST_FLOPS  # noqa: E402
 from sos_aug.relight import LabBlend, RelightBatch, RelightNet, relight  # noqa: E402
+from sos_aug.relight import net as net_module  # noqa: E402
+
+GROUP_COSTS = (1e9, 1e11)  # besides the default (batched_warp.GROUP_COST_FLOPS["accelerator"])
+
+
+class Rows(dict):
+    """The figures, each printed as it is measured (a later failure keeps what came before)."""
+
+    def __setitem__(self, key: str, value: dict) -> None:
+        super().__setitem__(key, value)
+        print(f"{key:60s} " + " ".join(f"{a}={b:.2f}" for a, b in value.items()), flush=True)
 
 
 def cuda_ms(fn, repeats: int) -> dict:
@@ -72,6 +84,13 @@ def bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, d
                                             max(3, args.repeats // 4))
     rows[f"{name}: paste + targets, batched"] = cuda_ms(lambda: cp.apply(images, targets, seg_gpu, params),
                                                         args.repeats)
+    for cost in GROUP_COSTS:  # how many groups the grouped warp forms (see batched_warp.group_rows)
+        default, GROUP_COST_FLOPS["accelerator"] = GROUP_COST_FLOPS["accelerator"], cost
+        try:
+            rows[f"{name}: paste + targets, batched, group cost {cost:.0e}"] = cuda_ms(
+                lambda: cp.apply(images, targets, seg_gpu, params), args.repeats)
+        finally:
+            GROUP_COST_FLOPS["accelerator"] = default
     looped = CopyPaste(bank, layout=layout, num_pastes=n, warp="loop")
     rows[f"{name}: paste + targets, batched, warp=loop"] = cuda_ms(
         lambda: looped.apply(images, targets, seg_gpu, params), args.repeats)
@@ -90,21 +109,37 @@ def bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, d
     return out_images, out_targets
 
 
+def first_call_ms(fn, dev) -> dict:
+    """Milliseconds of one call (the first: what compiling costs, once per process)."""
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize() if dev.type == "cuda" else None
+    return {"ms": 1000 * (time.perf_counter() - start)}
+
+
 def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
-    """Relighting the pasted segments of the pasted batch: the net alone, and net + LabBlend."""
+    """Relighting the pasted segments of the pasted batch: the net alone (forward and pixel pass
+    compiled, the default on accelerators; forward eager; all eager), LabBlend, and both."""
     net = RelightNet.pretrained().to(dev)
     plain = list(out_images)
     masks = pasted_masks(out_targets)
     batch = RelightBatch(plain, plain, masks)
-    start = time.perf_counter()
-    relight(net, batch)
-    torch.cuda.synchronize() if dev.type == "cuda" else None
-    rows["relight net, first call (compiles the pixel pass)"] = {"ms": 1000 * (time.perf_counter() - start)}
+    rows["relight net, first call (compiles forward and pixel pass)"] = first_call_ms(lambda: relight(net, batch),
+                                                                                        dev)
     rows["relight net (B images, their pasted segments)"] = cuda_ms(lambda: relight(net, batch), repeats)
+    eager_forward = RelightNet.pretrained().to(dev)
+    net_module._FORWARDS[eager_forward] = eager_forward._forward  # the pixel pass alone compiled
+    rows["relight net, forward eager"] = cuda_ms(lambda: relight(eager_forward, batch), repeats)
+    blend = LabBlend()
+    rows["LabBlend, first call (compiles its pixel pass)"] = first_call_ms(lambda: relight(blend, batch), dev)
+    rows["LabBlend"] = cuda_ms(lambda: relight(blend, batch), repeats)
+    rows["relight net + LabBlend"] = cuda_ms(lambda: relight([net, blend], batch), repeats)
     os.environ["SOS_AUG_COMPILE"] = "0"
-    rows["relight net, pixel pass eager (SOS_AUG_COMPILE=0)"] = cuda_ms(lambda: relight(net, batch), repeats)
-    del os.environ["SOS_AUG_COMPILE"]
-    rows["relight net + LabBlend"] = cuda_ms(lambda: relight([net, LabBlend()], batch), max(3, repeats // 4))
+    try:
+        rows["relight net, all eager (SOS_AUG_COMPILE=0)"] = cuda_ms(lambda: relight(net, batch), repeats)
+        rows["LabBlend, eager (SOS_AUG_COMPILE=0)"] = cuda_ms(lambda: relight(blend, batch), repeats)
+    finally:
+        del os.environ["SOS_AUG_COMPILE"]
     rows["segments relit"] = {"count": sum(len(m) for m in masks)}
 
 
@@ -152,7 +187,9 @@ def main(argv=None) -> int:
     targets_cpu = [t for _, t in data]
     images = torch.stack(images_cpu).to(dev)
     targets = [{k: v.to(dev) for k, v in t.items()} for t in targets_cpu]
-    rows, checks = {}, {}
+    rows, checks = Rows(), {}
+    print(f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}; B={args.batch} at "
+          f"{args.size}x{args.size}, {args.pastes} segments per image", flush=True)
     for name, layout in (("random", RandomLayout(scale=(0.5, 2.0))), ("sos", SOSLayout())):
         out_images, out_targets = bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, dev,
                                                args, rows, checks)
@@ -163,9 +200,6 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (trial run)"
     info = {"machine": machine(), "gpu": gpu, "batch": args.batch, "size": args.size,
             "pastes": args.pastes, "rows": rows, "cpu_vs_gpu": checks}
-    print(f"{info['gpu']}; B={args.batch} at {args.size}x{args.size}, {args.pastes} segments per image")
-    for k, v in rows.items():
-        print(f"{k:55s} " + " ".join(f"{a}={b:.2f}" for a, b in v.items()))
     print(json.dumps(checks, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
