@@ -172,10 +172,9 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
 
     if next(net.parameters()).device != images.device:  # follow the batch (e.g. onto the GPU)
         net.to(images.device)
-    b, _, height, width = images.shape
     segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
-    owner = torch.repeat_interleave(torch.arange(b, device=images.device),
-                                    torch.tensor([len(m) for m in masks], device=images.device))
+    owner = torch.tensor([i for i, m in enumerate(masks) for _ in range(len(m))], dtype=torch.long)
+    owner = owner.to(images.device, non_blocking=True)  # built on the host: no wait on the device
     tight = tight_boxes(segs) if boxes is None else torch.cat(boxes).to(segs.device).float()
     ctx = context_boxes(segs, tight)
     unit = to_unit(images)
