@@ -114,3 +114,25 @@ def test_float_resize_to_one_pixel_wide_is_right(train_bank):
         as_uint8 = warp_segment(segment, height, 1, False, 0.0)
         assert as_float.shape == as_uint8.shape == (4, height, 1)
         assert (as_float - as_uint8.float()).abs().max() <= 1.0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pick=st.integers(0, 78), width=st.sampled_from([8, 640, 1024, 2040, 2048, 1023, 999]),
+       offset=st.integers(0, 9))
+def test_packed_row_counts_equal_a_plain_sum(val_set, pick, width, offset):
+    """The accelerator path counts mask pixels eight columns per int64 (no int32 copy of the stack):
+    on real masks, widened or cropped to widths that pack (multiples of 8 up to 2040) and that do
+    not, and as views starting anywhere in a row, it equals a plain sum, and so do the boxes."""
+    from sos_aug.composite import _counts_and_boxes, _row_counts, tight_boxes
+
+    _, target = val_set[pick]
+    masks = target["masks"].as_subclass(torch.Tensor).bool()
+    canvas = torch.zeros(len(masks), masks.shape[1], width + offset, dtype=torch.bool)
+    w = min(width, masks.shape[2])
+    canvas[:, :, offset : offset + w] = masks[:, :, :w]
+    canvas[:, -1] = True  # a full row: each byte lane counts width / 8 pixels, the most it can carry
+    view = canvas[:, :, offset:]  # packs only where the view starts on an 8-byte boundary
+    want = view.sum(2, dtype=torch.int32)
+    assert torch.equal(_row_counts(view.view(torch.uint8)), want)
+    counts, boxes = _counts_and_boxes(view)
+    assert torch.equal(counts, want.sum(1).long()) and torch.equal(boxes, tight_boxes(view))

@@ -232,4 +232,5 @@ def topmost(full: torch.Tensor) -> torch.Tensor:
     if kmax == 0:
         return torch.zeros(b, height, width, dtype=slot_type, device=full.device)
     slot = torch.arange(1, kmax + 1, device=full.device, dtype=slot_type).view(1, kmax, 1, 1)
-    return (full.to(slot_type) * slot).amax(1)
+    as_slots = full.view(torch.uint8) if slot_type == torch.uint8 else full.to(slot_type)  # a view: no copy
+    return (as_slots * slot).amax(1)

@@ -191,8 +191,21 @@ def _counts_and_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if len(masks) == 0:
         return torch.zeros(0, dtype=torch.long, device=masks.device), torch.zeros(0, 4, device=masks.device)
     as_bytes = masks.view(torch.uint8)
-    row_counts = as_bytes.sum(2, dtype=torch.int32)
+    row_counts = _row_counts(as_bytes)
     return row_counts.sum(1).long(), _boxes_from((row_counts > 0).to(torch.uint8), as_bytes.amax(1))
+
+
+def _row_counts(as_bytes: torch.Tensor) -> torch.Tensor:
+    """Set pixels in each row of (M, H, W) uint8 0/1 masks, as int32, reading the masks once: eight
+    columns at a time as one int64 whose bytes each count one column (no carry while W / 8 <= 255),
+    then the eight byte counts added. (A sum with ``dtype=int32`` first converts the whole stack.)"""
+    m, h, w = as_bytes.shape
+    packs = (w % 8 == 0 and w // 8 <= 255 and as_bytes.stride(2) == 1 and as_bytes.storage_offset() % 8 == 0
+             and as_bytes.stride(0) % 8 == 0 and as_bytes.stride(1) % 8 == 0)
+    if not packs:
+        return as_bytes.sum(2, dtype=torch.int32)
+    lanes = as_bytes.view(torch.int64).sum(2)  # (M, H): byte j counts columns j, j + 8, j + 16, ...
+    return lanes.view(torch.uint8).view(m, h, 8).sum(2, dtype=torch.int32)
 
 
 def count_pixels(masks: torch.Tensor) -> torch.Tensor:
@@ -201,7 +214,10 @@ def count_pixels(masks: torch.Tensor) -> torch.Tensor:
         flat = masks.numpy().reshape(-1, *masks.shape[-2:])
         counts = np.fromiter((np.count_nonzero(m) for m in flat), np.int64, len(flat))
         return torch.from_numpy(counts.reshape(masks.shape[:-2]))
-    return masks.flatten(-2).sum(-1)
+    if masks.numel() == 0:
+        return torch.zeros(masks.shape[:-2], dtype=torch.long, device=masks.device)
+    rows = _row_counts(masks.reshape(-1, *masks.shape[-2:]).view(torch.uint8))
+    return rows.sum(1).long().view(masks.shape[:-2])
 
 
 @dataclass
@@ -348,7 +364,7 @@ def paste_batch(
     order, counts = _survivor_order(keep_cpu, occ.n_per, [len(p) for p in placements], kmax)
     order_t = torch.tensor(order, dtype=torch.long, device=images.device)
     n_old = len(occ.old_visible)
-    all_masks = torch.cat([occ.old_visible, occ.visible.flatten(0, 1)]).index_select(0, order_t)
+    all_masks = occ.rows.index_select(0, order_t)
     all_boxes = torch.cat([occ.new_boxes, occ.visible_boxes]).index_select(0, order_t)
     # untouched instances keep the area they came with (COCO's polygon area) when labels are gathered
     untouched = _untouched_area(occ, areas) if labels is not None else torch.full_like(occ.after, -1)
@@ -434,8 +450,9 @@ class _Occlusion:
     """What pasting did to a batch's instances, as whole-batch tensors (existing rows image by image)."""
 
     n_per: list[int]  # existing instances per image
-    visible: torch.Tensor  # (B, K, H, W) pasted pieces minus later pieces
-    old_visible: torch.Tensor  # (N, H, W) existing masks minus every piece
+    rows: torch.Tensor  # (N + B * K, H, W): old_visible, then visible, in one buffer
+    visible: torch.Tensor  # (B, K, H, W) pasted pieces minus later pieces (a view of rows)
+    old_visible: torch.Tensor  # (N, H, W) existing masks minus every piece (a view of rows)
     before: torch.Tensor  # (N,) pixels of each existing mask before pasting
     after: torch.Tensor  # (N,) and after
     touched: torch.Tensor  # (N,) covered at all
@@ -454,15 +471,17 @@ def _occlusion(full: torch.Tensor, masks: list[torch.Tensor], boxes: list[torch.
     b, kmax, height, width = full.shape
     device = full.device
     top = topmost(full) if top is None else top
-    slot = torch.arange(1, kmax + 1, device=device, dtype=top.dtype).view(1, kmax, 1, 1)
-    visible = full & (top.unsqueeze(1) == slot)
     n_per = [len(m) for m in masks]
     some = sum(n_per) > 0
+    # the masks that can be returned, existing rows then piece slots, in one buffer (no copy to join them)
+    rows = torch.empty(sum(n_per) + b * kmax, height, width, dtype=torch.bool, device=device)
+    slot = torch.arange(1, kmax + 1, device=device, dtype=top.dtype).view(1, kmax, 1, 1)
+    visible = torch.eq(top.unsqueeze(1), slot, out=rows[sum(n_per):].view(b, kmax, height, width))
     old = torch.cat([m.bool() for m in masks]) if some else torch.zeros(0, height, width, dtype=torch.bool,
                                                                         device=device)
-    owner = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(n_per, device=device))
-    old_visible = old & (top[owner] == 0)
-    before = old.flatten(1).sum(1)
+    owner = torch.tensor([i for i, n in enumerate(n_per) for _ in range(n)], dtype=torch.long).to(device)
+    old_visible = torch.logical_and(old, (top == 0)[owner], out=rows[: sum(n_per)])
+    before = count_pixels(old)
     after, visible_old_boxes = _counts_and_boxes(old_visible)
     touched = after < before
     old_boxes = torch.cat([bx.float() for bx in boxes]) if some else torch.zeros(0, 4, device=device)
@@ -473,7 +492,7 @@ def _occlusion(full: torch.Tensor, masks: list[torch.Tensor], boxes: list[torch.
     pasted_visible, visible_boxes = _counts_and_boxes(visible.flatten(0, 1))
     keep_new = drop.keep(pasted_visible, pasted_full, full_boxes, visible_boxes,
                          torch.zeros_like(pasted_full, dtype=torch.bool))
-    return _Occlusion(n_per, visible, old_visible, before, after, touched, new_boxes, old_crowd, keep_old,
+    return _Occlusion(n_per, rows, visible, old_visible, before, after, touched, new_boxes, old_crowd, keep_old,
                       pasted_visible, visible_boxes, keep_new)
 
 
