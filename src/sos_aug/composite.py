@@ -208,6 +208,13 @@ def _row_counts(as_bytes: torch.Tensor) -> torch.Tensor:
     return lanes.view(torch.uint8).view(m, h, 8).sum(2, dtype=torch.int32)
 
 
+def row_owners(counts: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Which image each row of a batch's concatenated per-image rows belongs to (``counts`` rows per
+    image), built on the host: a ``repeat_interleave`` over device counts would wait on the device."""
+    owners = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)], dtype=torch.long)
+    return owners.to(device, non_blocking=True) if device is not None else owners
+
+
 def count_pixels(masks: torch.Tensor) -> torch.Tensor:
     """Pixels set in each (..., H, W) bool mask, as int64; NumPy's popcount path on CPU."""
     if masks.device.type == "cpu":  # per-mask count_nonzero is ~8x faster than an axis reduction
@@ -472,15 +479,15 @@ def _occlusion(full: torch.Tensor, masks: list[torch.Tensor], boxes: list[torch.
     device = full.device
     top = topmost(full) if top is None else top
     n_per = [len(m) for m in masks]
-    some = sum(n_per) > 0
+    n_old = sum(n_per)
+    some = n_old > 0
     # the masks that can be returned, existing rows then piece slots, in one buffer (no copy to join them)
-    rows = torch.empty(sum(n_per) + b * kmax, height, width, dtype=torch.bool, device=device)
+    rows = torch.empty(n_old + b * kmax, height, width, dtype=torch.bool, device=device)
     slot = torch.arange(1, kmax + 1, device=device, dtype=top.dtype).view(1, kmax, 1, 1)
-    visible = torch.eq(top.unsqueeze(1), slot, out=rows[sum(n_per):].view(b, kmax, height, width))
+    visible = torch.eq(top.unsqueeze(1), slot, out=rows[n_old:].view(b, kmax, height, width))
     old = torch.cat([m.bool() for m in masks]) if some else torch.zeros(0, height, width, dtype=torch.bool,
                                                                         device=device)
-    owner = torch.tensor([i for i, n in enumerate(n_per) for _ in range(n)], dtype=torch.long).to(device)
-    old_visible = torch.logical_and(old, (top == 0)[owner], out=rows[: sum(n_per)])
+    old_visible = torch.logical_and(old, (top == 0)[row_owners(n_per, device)], out=rows[:n_old])
     before = count_pixels(old)
     after, visible_old_boxes = _counts_and_boxes(old_visible)
     touched = after < before

@@ -182,12 +182,14 @@ class LabBlend:
     def _blend_pixels(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
         """The accelerator path: every pasted pixel of a same-size batch at once, only those pixels
         through Lab and back (no windows, no loop over segments, one small sync for the areas)."""
+        from ..composite import count_pixels, row_owners
+
+        counts = [len(m) for m in masks]
         segs = torch.cat([m.bool() for m in masks])
-        owner = torch.repeat_interleave(torch.arange(len(masks)), torch.tensor([len(m) for m in masks]))
-        areas = segs.flatten(1).sum(1).cpu()  # one small sync: the area ranks are per image
-        weights = torch.cat([self.weights(a) for a in areas.split([len(m) for m in masks])]).to(relit.device)
+        areas = count_pixels(segs).cpu()  # one small sync: the area ranks are per image
+        weights = torch.cat([self.weights(a) for a in areas.split(counts)]).to(relit.device)
         seg, y, x = segs.nonzero(as_tuple=True)
-        img = owner.to(relit.device)[seg]
+        img = row_owners(counts, relit.device)[seg]
         result = relit.clone()
         result[img, :, y, x] = blend_pixels(relit[img, :, y, x], plain[img, :, y, x], weights[seg],
                                             self.ab == "relit")

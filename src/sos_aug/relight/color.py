@@ -40,8 +40,9 @@ def _white(like: torch.Tensor) -> torch.Tensor:
 
 
 def rgb_to_lab_fused(rgb: torch.Tensor) -> torch.Tensor:
-    """:func:`rgb_to_lab` on (3, ...) RGB in [0, 1], with kornia's constants, written for
-    ``torch.compile`` on the CPU (elementwise only, powers as exp/log)."""
+    """:func:`rgb_to_lab` on (3, ...) RGB in [0, 1], with kornia's constants, elementwise only (powers
+    as exp/log): what ``torch.compile`` vectorises on the CPU, and about half kornia's time eagerly on
+    a GPU."""
     rgb = rgb.clamp(0, 1)
     lin = torch.where(rgb > 0.04045, _pow((rgb + 0.055) / 1.055, 2.4), rgb / 12.92)
     xyz = _mix(_RGB_TO_XYZ, lin) / _white(rgb)

@@ -167,14 +167,13 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
     and one forward, then one pass over just the segments' pixels."""
     from torchvision.ops import roi_align
 
-    from ..composite import tight_boxes
+    from ..composite import row_owners, tight_boxes
     from .classical import to_unit
 
     if next(net.parameters()).device != images.device:  # follow the batch (e.g. onto the GPU)
         net.to(images.device)
     segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
-    owner = torch.tensor([i for i, m in enumerate(masks) for _ in range(len(m))], dtype=torch.long)
-    owner = owner.to(images.device, non_blocking=True)  # built on the host: no wait on the device
+    owner = row_owners([len(m) for m in masks], images.device)
     tight = tight_boxes(segs) if boxes is None else torch.cat(boxes).to(segs.device).float()
     ctx = context_boxes(segs, tight)
     unit = to_unit(images)
