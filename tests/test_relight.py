@@ -133,6 +133,36 @@ def test_lab_blend_pixel_path_equals_its_window_path(pasted, as_uint8):
         assert torch.equal(pixels[:, ~covered], relit[:, ~covered])
 
 
+@pytest.mark.parametrize("as_uint8", [False, True])
+def test_reinhard_pixel_path_equals_its_window_path(pasted, as_uint8):
+    """ReinhardTransfer's accelerator path (every segment's ring and statistics at once, elementwise
+    Lab) against its CPU path (segment by segment, kornia's Lab), run here on the CPU, on a batch of
+    two images cut to one size; an empty mask and a segment whose ring is too small stay untouched."""
+    batch = pasted[0]
+    h, w = (min(im.shape[i] for im in batch.images) for i in (1, 2))
+    images = [im[:, :h, :w] for im in batch.images]
+    if as_uint8:
+        images = [(im * 255).round().to(torch.uint8) for im in images]
+    plain = [im.clone() for im in images]
+    images[0] = (images[0].float() * 0.7).to(images[0].dtype)  # the composite differs from the plain image
+    walled = torch.zeros(h, w, dtype=torch.bool)  # a segment inside a closed wall: no ring pixels
+    walled[2:4, 2:4] = True
+    wall = torch.zeros(h, w, dtype=torch.bool)
+    wall[:12, :12] = True
+    wall[2:4, 2:4] = False
+    masks = [torch.cat([m[:, :h, :w], torch.zeros(1, h, w, dtype=torch.bool)]) for m in batch.masks]
+    masks[1] = torch.cat([masks[1] & ~(wall | walled), walled[None], wall[None]])
+    transfer = ReinhardTransfer(strength=0.8)
+    pixels = transfer._transfer_pixels(torch.stack(images), torch.stack(plain), masks)
+    for image, plain_image, m, got in zip(images, plain, masks, pixels):
+        want = transfer._transfer_windows(image, plain_image, m)
+        assert (want.float() - got.float()).abs().max() <= (1 if as_uint8 else 1e-4)
+        covered = m.any(0)
+        assert torch.equal(got[:, ~covered], image[:, ~covered])
+        assert (got[:, covered].float() - image[:, covered].float()).abs().mean() > 1e-3
+    assert torch.equal(pixels[1][:, walled], images[1][:, walled])  # its ring is empty: left as it was
+
+
 @pytest.fixture
 def no_compiler(monkeypatch):
     """``torch.compile`` whose compiled functions fail when called, as a missing C++ compiler does."""

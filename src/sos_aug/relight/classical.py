@@ -63,39 +63,103 @@ class ReinhardTransfer:
         self.strength, self.ring = strength, ring
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
+        from ..composite import same_size_groups
+
+        out, on_device = list(batch.images), []  # accelerators: same-size images go together
+        for i, (image, plain, masks) in enumerate(zip(batch.images, batch.plain, batch.masks)):
+            if image.device.type == "cpu":
+                out[i] = self._transfer_windows(image, plain, masks)
+            elif len(masks):
+                on_device.append(i)
+        for group in same_size_groups([batch.images[i] for i in on_device]):
+            idx = [on_device[j] for j in group]
+            moved = self._transfer_pixels(torch.stack([batch.images[i] for i in idx]),
+                                          torch.stack([batch.plain[i] for i in idx]), [batch.masks[i] for i in idx])
+            for i, image in zip(idx, moved):
+                out[i] = image
+        return out
+
+    def _transfer_windows(self, image: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The CPU path, segment by segment over its grown box: only the segment's and its ring's
+        pixels go through Lab, and only the segment's come back."""
         from ..composite import count_pixels
 
-        out = []
-        for image, plain, masks in zip(batch.images, batch.plain, batch.masks):
-            result = image.clone()
-            radii = [max(3, int(self.ring * float(a) ** 0.5)) for a in count_pixels(masks).tolist()]
-            for m, win in zip(masks, _windows(masks, torch.tensor(radii, dtype=torch.long))):
-                if win is None:
-                    continue
-                mw = m[win]
-                ring = masks[(slice(None), *win)].view(torch.uint8).amax(0) == 0
-                if int(ring.sum()) < 8:
-                    continue
-                # only the segment's pixels and its ring go through Lab (and only the segment back)
-                view = result[(slice(None), *win)]
-                window = view.contiguous()
-                flat = window.view(3, -1)
-                inside = mw.reshape(-1).nonzero().squeeze(1)
-                around = ring.reshape(-1).nonzero().squeeze(1)
-                lab = _lab_pixels(flat.index_select(1, inside))
-                ref = _lab_pixels(plain[(slice(None), *win)].reshape(3, -1).index_select(1, around))
-                fg_mean, fg_std = _stats(lab)
-                bg_mean, bg_std = _stats(ref)
-                moved = (lab - fg_mean) / fg_std * bg_std + bg_mean
-                _put_pixels(flat, inside, lab + self.strength * (moved - lab))
-                view.copy_(window)
-            out.append(result)
-        return out
+        result = image.clone()
+        radii = [max(3, int(self.ring * float(a) ** 0.5)) for a in count_pixels(masks).tolist()]
+        for m, win in zip(masks, _windows(masks, torch.tensor(radii, dtype=torch.long))):
+            if win is None:
+                continue
+            mw = m[win]
+            ring = masks[(slice(None), *win)].view(torch.uint8).amax(0) == 0
+            if int(ring.sum()) < 8:
+                continue
+            # only the segment's pixels and its ring go through Lab (and only the segment back)
+            view = result[(slice(None), *win)]
+            window = view.contiguous()
+            flat = window.view(3, -1)
+            inside = mw.reshape(-1).nonzero().squeeze(1)
+            around = ring.reshape(-1).nonzero().squeeze(1)
+            lab = _lab_pixels(flat.index_select(1, inside))
+            ref = _lab_pixels(plain[(slice(None), *win)].reshape(3, -1).index_select(1, around))
+            fg_mean, fg_std = _stats(lab)
+            bg_mean, bg_std = _stats(ref)
+            moved = (lab - fg_mean) / fg_std * bg_std + bg_mean
+            _put_pixels(flat, inside, lab + self.strength * (moved - lab))
+            view.copy_(window)
+        return result
+
+    def _transfer_pixels(self, images: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+        """The accelerator path for a (B, 3, H, W) batch: every segment's ring as one (S, H, W) mask,
+        the segments' and the rings' pixels listed once, their Lab statistics summed per segment, the
+        segments' pixels moved and written back at once (two waits on the device, not several per
+        segment). Same rules as :meth:`_transfer_windows`."""
+        from ..composite import count_pixels, row_owners, tight_boxes
+
+        dev, (height, width) = images.device, images.shape[-2:]
+        segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
+        owner = row_owners([len(m) for m in masks], dev)
+        area = count_pixels(segs)
+        grow = (self.ring * area.double().sqrt()).floor().long().clamp(min=3)
+        box = tight_boxes(segs).long()
+        lo = (box[:, :2] - grow[:, None]).clamp(min=0)  # the grown box, (x, y)
+        hi = torch.minimum(box[:, 2:] + grow[:, None], torch.tensor([width, height], device=dev))
+        free = torch.stack([m.bool().any(0) for m in masks]).logical_not_()  # (B, H, W): no segment there
+        rows, cols = torch.arange(height, device=dev), torch.arange(width, device=dev)
+        in_rows = (rows >= lo[:, 1:]) & (rows < hi[:, 1:])  # (S, H)
+        in_cols = (cols >= lo[:, :1]) & (cols < hi[:, :1])  # (S, W)
+        ring = in_rows.unsqueeze(2) & in_cols.unsqueeze(1) & free[owner]  # (S, H, W): grown box, no segment
+        fs, fy, fx = segs.nonzero(as_tuple=True)
+        rs, ry, rx = ring.nonzero(as_tuple=True)
+        lab = rgb_to_lab_fused(to_unit(images[owner[fs], :, fy, fx]).T)  # (3, N) the segments' pixels
+        fg_mean, fg_std, _ = _stats_per_segment(lab, fs, len(segs))
+        bg_mean, bg_std, n_ring = _stats_per_segment(rgb_to_lab_fused(to_unit(plain[owner[rs], :, ry, rx]).T), rs,
+                                                     len(segs))
+        moved = (lab - fg_mean[:, fs]) / fg_std[:, fs] * bg_std[:, fs] + bg_mean[:, fs]
+        rgb = lab_to_rgb_fused(lab + self.strength * (moved - lab)).T  # (N, 3) in [0, 1]
+        if images.dtype == torch.uint8:
+            rgb = (rgb * 255).round().clamp(0, 255)
+        applies = (n_ring >= 8)[fs, None]  # a ring of under 8 pixels: left as it is
+        result = images.clone()
+        result[owner[fs], :, fy, fx] = torch.where(applies, rgb.to(images.dtype), images[owner[fs], :, fy, fx])
+        return result
 
 
 def _stats(px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of (3, n) pixels, as (3, 1)."""
     return px.mean(1, keepdim=True), px.std(1, keepdim=True).nan_to_num(0).clamp(min=1e-3)
+
+
+def _stats_per_segment(px: torch.Tensor, seg: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_stats` of (3, N) pixels grouped by their segment ``seg`` (N,), for ``n`` segments:
+    (3, n) means and stds and (n,) pixel counts, from float64 sums (one pass, no cancellation)."""
+    x = px.double().T
+    count = torch.zeros(n, dtype=torch.float64, device=px.device).index_add_(0, seg, torch.ones_like(x[:, 0]))
+    total = torch.zeros(n, 3, dtype=torch.float64, device=px.device).index_add_(0, seg, x)
+    squares = torch.zeros(n, 3, dtype=torch.float64, device=px.device).index_add_(0, seg, x * x)
+    mean = total / count.clamp(min=1)[:, None]
+    var = (squares - total * mean) / (count - 1)[:, None]  # unbiased, as torch.std; one pixel: 0 / 0
+    std = var.clamp(min=0).sqrt().nan_to_num(0).clamp(min=1e-3)
+    return mean.T.float(), std.T.float(), count
 
 
 def _lab_pixels(rgb: torch.Tensor) -> torch.Tensor:
