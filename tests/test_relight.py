@@ -285,6 +285,8 @@ def test_net_relights_on_gpu_like_on_cpu(pasted):
     assert all((a - b.cpu()).abs().max() < 1e-4 for a, b in zip(exact_cpu, exact_gpu))
     chain_cpu, chain_gpu = relight([const, LabBlend()], batch), relight([const, LabBlend()], gpu_batch)
     assert all((a - b.cpu()).abs().max() < 1e-3 for a, b in zip(chain_cpu, chain_gpu))
+    transfer_cpu, transfer_gpu = relight(ReinhardTransfer(), batch), relight(ReinhardTransfer(), gpu_batch)
+    assert all((a - b.cpu()).abs().max() < 1e-3 for a, b in zip(transfer_cpu, transfer_gpu))
 
 
 def test_lab_blend_weights_follow_the_area_rank():
