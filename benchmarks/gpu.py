@@ -32,7 +32,7 @@ from copypaste import load_images  # noqa: E402
 
 from sos_aug import CopyPaste, RandomLayout, SOSLayout  # noqa: E402
 from sos_aug.batched_warp import GROUP_COST_FLOPS  # noqa: E402
-from sos_aug.relight import LabBlend, RelightBatch, RelightNet, relight  # noqa: E402
+from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch, RelightNet, relight  # noqa: E402
 from sos_aug.relight import net as net_module  # noqa: E402
 
 GROUP_COSTS = (1e9, 1e11)  # besides the default (batched_warp.GROUP_COST_FLOPS["accelerator"])
@@ -120,7 +120,7 @@ def first_call_ms(fn, dev) -> dict:
 def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     """Relighting the pasted segments of the pasted batch: the net alone (forward and pixel pass
     compiled, the default on accelerators; forward eager; all eager), LabBlend on the net's
-    output, and both."""
+    output, both, ReinhardTransfer, and LabBlend alone (over Reinhard)."""
     net = RelightNet.pretrained().to(dev)
     plain = list(out_images)
     masks = pasted_masks(out_targets)
@@ -139,6 +139,8 @@ def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     after_net = RelightBatch(relight(net, batch), plain, masks)
     rows["LabBlend on the net's output"] = cuda_ms(lambda: LabBlend()(after_net), repeats)
     rows["relight net + LabBlend"] = cuda_ms(lambda: relight([net, LabBlend()], batch), repeats)
+    rows["ReinhardTransfer"] = cuda_ms(lambda: relight(ReinhardTransfer(), batch), repeats)
+    rows["LabBlend alone (over its Reinhard fallback)"] = cuda_ms(lambda: relight(LabBlend(), batch), repeats)
     rows["segments relit"] = {"count": sum(len(m) for m in masks)}
 
 
