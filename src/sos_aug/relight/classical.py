@@ -130,7 +130,9 @@ class ReinhardTransfer:
         ring = in_rows.unsqueeze(2) & in_cols.unsqueeze(1) & free[owner]  # (S, H, W): grown box, no segment
         fs, fy, fx = segs.nonzero(as_tuple=True)
         rs, ry, rx = ring.nonzero(as_tuple=True)
-        lab = rgb_to_lab_fused(to_unit(images[owner[fs], :, fy, fx]).T)  # (3, N) the segments' pixels
+        img = owner[fs]
+        pixels = images[img, :, fy, fx]  # (N, 3): the segments' pixels
+        lab = rgb_to_lab_fused(to_unit(pixels).T)
         fg_mean, fg_std, _ = _stats_per_segment(lab, fs, len(segs))
         bg_mean, bg_std, n_ring = _stats_per_segment(rgb_to_lab_fused(to_unit(plain[owner[rs], :, ry, rx]).T), rs,
                                                      len(segs))
@@ -140,7 +142,7 @@ class ReinhardTransfer:
             rgb = (rgb * 255).round().clamp(0, 255)
         applies = (n_ring >= 8)[fs, None]  # a ring of under 8 pixels: left as it is
         result = images.clone()
-        result[owner[fs], :, fy, fx] = torch.where(applies, rgb.to(images.dtype), images[owner[fs], :, fy, fx])
+        result[img, :, fy, fx] = torch.where(applies, rgb.to(images.dtype), pixels)
         return result
 
 
@@ -151,7 +153,8 @@ def _stats(px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _stats_per_segment(px: torch.Tensor, seg: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_stats` of (3, N) pixels grouped by their segment ``seg`` (N,), for ``n`` segments:
-    (3, n) means and stds and (n,) pixel counts, from float64 sums (one pass, no cancellation)."""
+    (3, n) means and stds and (n,) pixel counts, from one pass of float64 sums (in which the
+    variance's cancellation costs nothing visible)."""
     x = px.double().T
     count = torch.zeros(n, dtype=torch.float64, device=px.device).index_add_(0, seg, torch.ones_like(x[:, 0]))
     total = torch.zeros(n, 3, dtype=torch.float64, device=px.device).index_add_(0, seg, x)
