@@ -40,6 +40,28 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
+def by_device(images: list[torch.Tensor], plain: list[torch.Tensor], masks: list[torch.Tensor],
+              on_cpu: Callable, on_batch: Callable) -> list[torch.Tensor]:
+    """A classical relighter's two paths: ``on_cpu(image, plain, masks)`` image by image on the CPU,
+    ``on_batch(images, plain, masks)`` on accelerators for stacked images of one size; images
+    without pasted segments come back as they are."""
+    from ..composite import same_size_groups
+
+    out, on_device = list(images), []
+    for i, (image, m) in enumerate(zip(images, masks)):
+        if len(m) and image.device.type == "cpu":
+            out[i] = on_cpu(image, plain[i], m)
+        elif len(m):
+            on_device.append(i)
+    for group in same_size_groups([images[i] for i in on_device]):
+        idx = [on_device[j] for j in group]
+        changed = on_batch(torch.stack([images[i] for i in idx]), torch.stack([plain[i] for i in idx]),
+                           [masks[i] for i in idx])
+        for i, image in zip(idx, changed):
+            out[i] = image
+    return out
+
+
 def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0) -> list[tuple[slice, slice] | None]:
     """Each mask's box grown by ``grow`` pixels and clipped (None for an empty mask)."""
     from ..composite import tight_boxes
@@ -63,21 +85,11 @@ class ReinhardTransfer:
         self.strength, self.ring = strength, ring
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
-        from ..composite import same_size_groups
+        return by_device(batch.images, batch.plain, batch.masks, self._transfer_windows, self._transfer_pixels)
 
-        out, on_device = list(batch.images), []  # accelerators: same-size images go together
-        for i, (image, plain, masks) in enumerate(zip(batch.images, batch.plain, batch.masks)):
-            if image.device.type == "cpu":
-                out[i] = self._transfer_windows(image, plain, masks)
-            elif len(masks):
-                on_device.append(i)
-        for group in same_size_groups([batch.images[i] for i in on_device]):
-            idx = [on_device[j] for j in group]
-            moved = self._transfer_pixels(torch.stack([batch.images[i] for i in idx]),
-                                          torch.stack([batch.plain[i] for i in idx]), [batch.masks[i] for i in idx])
-            for i, image in zip(idx, moved):
-                out[i] = image
-        return out
+    def ring_widths(self, areas: torch.Tensor) -> torch.Tensor:
+        """How far each segment's box grows into its ring: ``ring`` x sqrt(area), at least 3 pixels."""
+        return (self.ring * areas.double().sqrt()).floor().long().clamp(min=3)
 
     def _transfer_windows(self, image: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """The CPU path, segment by segment over its grown box: only the segment's and its ring's
@@ -85,8 +97,7 @@ class ReinhardTransfer:
         from ..composite import count_pixels
 
         result = image.clone()
-        radii = [max(3, int(self.ring * float(a) ** 0.5)) for a in count_pixels(masks).tolist()]
-        for m, win in zip(masks, _windows(masks, torch.tensor(radii, dtype=torch.long))):
+        for m, win in zip(masks, _windows(masks, self.ring_widths(count_pixels(masks)))):
             if win is None:
                 continue
             mw = m[win]
@@ -119,7 +130,7 @@ class ReinhardTransfer:
         segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
         owner = row_owners([len(m) for m in masks], dev)
         area = count_pixels(segs)
-        grow = (self.ring * area.double().sqrt()).floor().long().clamp(min=3)
+        grow = self.ring_widths(area)
         box = tight_boxes(segs).long()
         lo = (box[:, :2] - grow[:, None]).clamp(min=0)  # the grown box, (x, y)
         hi = torch.minimum(box[:, 2:] + grow[:, None], torch.tensor([width, height], device=dev))
@@ -210,25 +221,10 @@ class LabBlend:
         return 0.3 + 0.6 * torch.sigmoid(-10 * (r - 0.5))
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
-        from ..composite import same_size_groups
-
         relit_images = batch.images
         if all(a is b for a, b in zip(batch.images, batch.plain)):  # nothing relit yet
             relit_images = self.fallback(batch)
-        out = list(relit_images)
-        on_device = []  # accelerators: same-size images blend together
-        for i, (image, masks) in enumerate(zip(relit_images, batch.masks)):
-            if len(masks) and image.device.type == "cpu":
-                out[i] = self._blend_windows(image, batch.plain[i], masks)
-            elif len(masks):
-                on_device.append(i)
-        for group in same_size_groups([relit_images[i] for i in on_device]):
-            idx = [on_device[j] for j in group]
-            blended = self._blend_pixels(torch.stack([relit_images[i] for i in idx]),
-                                         torch.stack([batch.plain[i] for i in idx]), [batch.masks[i] for i in idx])
-            for i, image in zip(idx, blended):
-                out[i] = image
-        return out
+        return by_device(relit_images, batch.plain, batch.masks, self._blend_windows, self._blend_pixels)
 
     def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """The CPU path, segment by segment: eagerly only the pixels under its mask go through Lab
