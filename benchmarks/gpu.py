@@ -5,10 +5,11 @@ fetched and decoded by DataLoader workers (not timed here, see ``copypaste.py``)
 batch in one copy. Timed with the device synchronised before and after, median of ``--repeats``:
 
 * ``layout``: drawing the placements (CPU, the generator's side);
-* ``paste``: compositing and every target update on the GPU, batched (the default there: pieces
-  warped in size groups, ``warp="groups"``) and, for comparison, batched piece by piece
-  (``warp="loop"``) and image by image;
-* ``relight net``: ``RelightNet`` on the pasted segments of the same batch, and net + LabBlend.
+* ``paste``: compositing and every target update on the GPU, batched (the default there: the
+  Triton kernels, ``warp="kernel"``) and, for comparison, batched with pieces warped in size groups
+  by matmuls (``warp="groups"``), batched piece by piece (``warp="loop"``) and image by image;
+* ``relight net``: ``RelightNet`` on the pasted segments of the same batch (its pixel pass the
+  Triton kernel, the default on CUDA, and the torch pass), and net + LabBlend.
 
 Also checks that the GPU and CPU paths agree on the same draws (labels, masks, pixels).
 Needs a CUDA device; prints a table and writes ``--json``.
@@ -30,12 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import coco_mini, machine, train_bank  # noqa: E402
 from copypaste import load_images  # noqa: E402
 
-from sos_aug import CopyPaste, RandomLayout, SOSLayout  # noqa: E402
-from sos_aug.batched_warp import GROUP_COST_FLOPS  # noqa: E402
+from sos_aug import CopyPaste, RandomLayout, SOSLayout, kernels  # noqa: E402
 from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch, RelightNet, relight  # noqa: E402
 from sos_aug.relight import net as net_module  # noqa: E402
-
-GROUP_COSTS = (1e9, 1e11)  # besides the default (batched_warp.GROUP_COST_FLOPS["accelerator"])
 
 
 class Rows(dict):
@@ -82,18 +80,15 @@ def bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, d
     redraw = torch.Generator().manual_seed(1)
     rows[f"{name}: layout (CPU)"] = cuda_ms(lambda: cp.make_params(sizes, targets_cpu, segments, redraw),
                                             max(3, args.repeats // 4))
+    if name == "random":  # Triton compiles the paste kernels on their first call in a process
+        rows["paste, first call (compiles the kernels)"] = first_call_ms(
+            lambda: cp.apply(images, targets, seg_gpu, params), dev)
     rows[f"{name}: paste + targets, batched"] = cuda_ms(lambda: cp.apply(images, targets, seg_gpu, params),
                                                         args.repeats)
-    for cost in GROUP_COSTS:  # how many groups the grouped warp forms (see batched_warp.group_rows)
-        default, GROUP_COST_FLOPS["accelerator"] = GROUP_COST_FLOPS["accelerator"], cost
-        try:
-            rows[f"{name}: paste + targets, batched, group cost {cost:.0e}"] = cuda_ms(
-                lambda: cp.apply(images, targets, seg_gpu, params), args.repeats)
-        finally:
-            GROUP_COST_FLOPS["accelerator"] = default
-    looped = CopyPaste(bank, layout=layout, num_pastes=n, warp="loop")
-    rows[f"{name}: paste + targets, batched, warp=loop"] = cuda_ms(
-        lambda: looped.apply(images, targets, seg_gpu, params), args.repeats)
+    for warp in ("groups", "loop"):
+        other = CopyPaste(bank, layout=layout, num_pastes=n, warp=warp)
+        rows[f"{name}: paste + targets, batched, warp={warp}"] = cuda_ms(
+            lambda other=other: other.apply(images, targets, seg_gpu, params), args.repeats)
     rows[f"{name}: paste + targets, image by image"] = cuda_ms(
         lambda: per_image.apply(list(images), targets, seg_gpu, params), max(3, args.repeats // 4))
     out_images, out_targets = cp.apply(images, targets, seg_gpu, params)
@@ -128,6 +123,11 @@ def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     rows["relight net, first call (compiles forward and pixel pass)"] = first_call_ms(lambda: relight(net, batch),
                                                                                         dev)
     rows["relight net (B images, their pasted segments)"] = cuda_ms(lambda: relight(net, batch), repeats)
+    kernels.FAILED.add("relight")  # the torch pixel pass (nonzero, gather, compiled transform, scatter)
+    try:
+        rows["relight net, torch pixel pass"] = cuda_ms(lambda: relight(net, batch), repeats)
+    finally:
+        kernels.FAILED.discard("relight")
     eager_forward = RelightNet.pretrained().to(dev)
     net_module._FORWARDS[eager_forward] = eager_forward._forward  # the pixel pass alone compiled
     rows["relight net, forward eager"] = cuda_ms(lambda: relight(eager_forward, batch), repeats)

@@ -25,10 +25,11 @@ LAYOUTS = {
 }
 
 
-# every path on the CPU; with a CUDA device also the two batched paths there (its default), whose
-# pieces are warped by the float kernel and rounded once, like the grouped path on the CPU
+# every path on the CPU; with a CUDA device also the batched paths there (the Triton kernels are its
+# default), whose pieces are warped by float kernels and rounded once, like the grouped path on the CPU
 PATHS = ["per_image", "batched_loop", "batched_groups"] + (
-    ["cuda_batched_loop", "cuda_batched_groups"] if torch.cuda.is_available() else [])
+    ["cuda_batched_loop", "cuda_batched_groups", "cuda_batched_kernel"] if torch.cuda.is_available() else [])
+WARPS = {"groups": "groups", "kernel": "kernel"}  # by the path's last word; others loop
 
 
 def on(device, images, targets, segments):
@@ -99,7 +100,7 @@ def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, 
     label_map = label_map_from_coco(val_ann)
     device = "cuda" if path.startswith("cuda_") else "cpu"
     cp = CopyPaste(train_bank, layout=LAYOUTS[layout](), num_pastes=num, drop=rule, label_map=label_map,
-                   batched=path != "per_image", warp="groups" if path.endswith("groups") else "loop")
+                   batched=path != "per_image", warp=WARPS.get(path.rsplit("_", 1)[-1], "loop"))
     grouped = device != "cpu" or (path == "batched_groups" and layout != "random_rotated")
     images, targets = zip(*[val_set[i % len(val_set)] for i in picks])
     g = torch.Generator().manual_seed(seed)

@@ -21,6 +21,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from . import kernels
 from .batched_warp import ALPHA_CUT, paste_groups, topmost
 from .layout import Placement, clip_window
 
@@ -363,9 +364,9 @@ def paste_batch(
     ``"loop"`` piece by piece (on the CPU through the uint8 kernel, bit-identical to
     :func:`paste_into`); ``"auto"`` groups on accelerators and loops on the CPU.
     """
-    out_images, full, top = _composite_batch(images, segments, placements, feather_sigma, warp)
-    occ = _occlusion(full, masks, boxes, crowd, drop, top)
-    b, kmax = full.shape[:2]
+    out_images, full, top, stats = _composite_batch(images, segments, placements, feather_sigma, warp)
+    b, kmax = len(placements), max((len(p) for p in placements), default=0)
+    occ = _occlusion((b, kmax, *images.shape[-2:]), masks, boxes, crowd, drop, full, top, stats)
     # one sync: which rows survive, gathered image by image in a single index_select
     keep_cpu = torch.cat([occ.keep_old, occ.keep_new]).cpu()
     order, counts = _survivor_order(keep_cpu, occ.n_per, [len(p) for p in placements], kmax)
@@ -396,15 +397,25 @@ def paste_batch(
 
 
 def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement],
-                     feather_sigma: float, warp: str = "auto",
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                     feather_sigma: float, warp: str = "auto"):
     """Warp and paste every piece in order: the composited batch, each piece's full hard mask in a
-    (B, K, H, W) stack (K = the most pieces of any image), and the topmost piece per pixel when the
-    grouped path computed it already. Python numbers only on the host, no wait for the device."""
+    (B, K, H, W) stack (K = the most pieces of any image; None from the kernels, which never build
+    it), the topmost piece per pixel when the path computed it, and the kernels' per-piece counts
+    and boxes (else None). Python numbers only on the host, no wait for the device."""
     b, _, height, width = images.shape
     kmax = max((len(p) for p in placements), default=0)
-    if _grouped_warp(warp, images, placements, feather_sigma):
-        return paste_groups(images, segments, flat_base(segments), placements, kmax)
+    path = warp_path(warp, images, placements, feather_sigma)
+    groups = lambda: (*paste_groups(images, segments, flat_base(segments), placements, kmax), None)  # noqa: E731
+    if path == "kernel":
+        from .paste_kernel import paste_kernels
+
+        def kernel():
+            out, top, stats = paste_kernels(images, segments, flat_base(segments), placements, kmax)
+            return out, None, top, stats
+
+        return kernels.run_or_fallback("paste", kernel, groups)
+    if path == "groups":
+        return groups()
     as_uint8 = images.dtype == torch.uint8
     canvas = images.float() if as_uint8 else images.clone()
     full = torch.zeros(b, kmax, height, width, dtype=torch.bool, device=images.device)
@@ -429,19 +440,27 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
                 view.copy_(_blend(view, rgb, mask, feather_sigma))
             else:
                 torch.where(mask, rgb, view, out=view)
-    return (canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas), full, None
+    return (canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas), full, None, None
 
 
-def _grouped_warp(warp: str, images: torch.Tensor, placements: list[Placement], feather_sigma: float) -> bool:
-    """Whether :func:`_composite_batch` takes the grouped path (see :func:`paste_batch`'s ``warp``)."""
+def warp_path(warp: str, images: torch.Tensor, placements: list[Placement], feather_sigma: float) -> str:
+    """How :func:`_composite_batch` warps and writes pieces (see :func:`paste_batch`'s ``warp``):
+    ``"kernel"``, ``"groups"`` or ``"loop"``. Feathered or rotated pieces always loop."""
     check_warp(warp)
-    applies = feather_sigma == 0 and not any(bool(p.angle.any()) for p in placements)
-    return applies and (warp == "groups" or (warp == "auto" and images.device.type != "cpu"))
+    if feather_sigma > 0 or any(bool(p.angle.any()) for p in placements) or warp == "loop":
+        return "loop"
+    if warp == "auto":
+        device = images.device
+        return "loop" if device.type == "cpu" else ("kernel" if kernels.available(device, "paste") else "groups")
+    if warp == "kernel" and not kernels.available(images.device, "paste"):
+        raise RuntimeError(f"warp='kernel' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), "
+                           f"with compiling on; the batch is on {images.device}")
+    return warp
 
 
 def check_warp(warp: str) -> None:
-    if warp not in ("auto", "groups", "loop"):
-        raise ValueError(f"unknown warp {warp!r}; use 'auto', 'groups' or 'loop'")
+    if warp not in ("auto", "kernel", "groups", "loop"):
+        raise ValueError(f"unknown warp {warp!r}; use 'auto', 'kernel', 'groups' or 'loop'")
 
 
 def flat_base(segments: list[torch.Tensor]) -> torch.Tensor:
@@ -471,12 +490,15 @@ class _Occlusion:
     keep_new: torch.Tensor  # (B * K,) survives the drop rule (padding slots never do)
 
 
-def _occlusion(full: torch.Tensor, masks: list[torch.Tensor], boxes: list[torch.Tensor],
-               crowd: list[torch.Tensor], drop: DropRule, top: torch.Tensor | None = None) -> _Occlusion:
-    """Occlusion, counts, boxes and the drop rule for the whole batch, from the topmost piece at
-    each pixel (1-based; 0 = none; computed here unless given)."""
-    b, kmax, height, width = full.shape
-    device = full.device
+def _occlusion(shape: tuple[int, int, int, int], masks: list[torch.Tensor], boxes: list[torch.Tensor],
+               crowd: list[torch.Tensor], drop: DropRule, full: torch.Tensor | None, top: torch.Tensor | None,
+               stats=None) -> _Occlusion:
+    """Occlusion, counts, boxes and the drop rule for a (B, K, H, W) batch of pieces, from the
+    topmost piece at each pixel (1-based; 0 = none; computed from ``full`` unless given). The pieces'
+    counts and boxes come from ``stats`` (:class:`~sos_aug.paste_kernel.PieceStats`) where the
+    kernels computed them, else from the ``full`` and visible mask stacks."""
+    b, kmax, height, width = shape
+    device = top.device if top is not None else full.device
     top = topmost(full) if top is None else top
     n_per = [len(m) for m in masks]
     n_old = sum(n_per)
@@ -495,8 +517,12 @@ def _occlusion(full: torch.Tensor, masks: list[torch.Tensor], boxes: list[torch.
     new_boxes = torch.where(touched[:, None], visible_old_boxes, old_boxes)
     old_crowd = torch.cat(crowd).bool() if some else torch.zeros(0, dtype=torch.bool, device=device)
     keep_old = drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched
-    pasted_full, full_boxes = _counts_and_boxes(full.flatten(0, 1))
-    pasted_visible, visible_boxes = _counts_and_boxes(visible.flatten(0, 1))
+    if stats is None:
+        pasted_full, full_boxes = _counts_and_boxes(full.flatten(0, 1))
+        pasted_visible, visible_boxes = _counts_and_boxes(visible.flatten(0, 1))
+    else:
+        pasted_full, full_boxes = stats.full_count, stats.full_boxes
+        pasted_visible, visible_boxes = stats.visible_count, stats.visible_boxes
     keep_new = drop.keep(pasted_visible, pasted_full, full_boxes, visible_boxes,
                          torch.zeros_like(pasted_full, dtype=torch.bool))
     return _Occlusion(n_per, rows, visible, old_visible, before, after, touched, new_boxes, old_crowd, keep_old,

@@ -4,17 +4,14 @@ an eager fallback, so that a compiler problem costs speed, never a crash mid-epo
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 
 import torch
 
+from ..kernels import compile_off
+
 COMPILED: dict[str, Callable] = {}  # name -> what to call (compiled, or the eager fallback)
-
-
-def compile_off() -> bool:
-    return os.environ.get("SOS_AUG_COMPILE", "1") == "0"
 
 
 def compiled(name: str, fn: Callable) -> Callable:

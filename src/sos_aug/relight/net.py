@@ -17,8 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 from torchvision.transforms.v2.functional import resize
 
+from .. import kernels
+from ..kernels import compile_off
 from .color import rgb_to_lab
-from .compiling import compile_off, compiled, mask_01, once_with_fallback, with_fallback
+from .compiling import compiled, mask_01, once_with_fallback, with_fallback
 from .family import GRID, KNOTS, N_PARAMS, FamilyTables, apply_family_pixels, apply_tables, box_pass, family_tables
 from .perturb import masked_stats
 
@@ -180,6 +182,18 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
     rois = torch.cat([owner[:, None].to(ctx.dtype), ctx], 1)
     rgb_small = roi_align(unit, rois, output_size=INPUT, sampling_ratio=4, aligned=True)
     params = net.forward(torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1))
+    if kernels.available(images.device, "relight"):  # one launch over the segments' boxes, no pixel list
+        from .pixel_kernel import relight_pixels
+
+        return kernels.run_or_fallback("relight", lambda: relight_pixels(images, segs, owner, tight, ctx, params),
+                                       lambda: _scatter_relit(images, unit, params, ctx, owner, segs))
+    return _scatter_relit(images, unit, params, ctx, owner, segs)
+
+
+def _scatter_relit(images: torch.Tensor, unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor,
+                   owner: torch.Tensor, segs: torch.Tensor) -> torch.Tensor:
+    """The torch pixel pass: the segments' pixels listed, relit (compiled on accelerators) and
+    written into a copy of the batch."""
     seg, y, x = segs.nonzero(as_tuple=True)  # the pixels that change (empty masks have none)
     relit = _pixel_pass(images.device)(unit, params, ctx, owner, seg, y, x)
     result = images.clone()

@@ -1,0 +1,38 @@
+"""When sos_aug's Triton kernels run (the paste and the relight pixel pass on CUDA), and what
+happens when they cannot: the torch path they replace runs instead, so a compiler problem costs
+speed, never a crash mid-epoch. ``SOS_AUG_COMPILE=0`` turns them off with everything compiled."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+FAILED: set[str] = set()  # kernels that failed once in this process: not tried again
+
+
+def compile_off() -> bool:
+    return os.environ.get("SOS_AUG_COMPILE", "1") == "0"
+
+
+def available(device: torch.device, name: str) -> bool:
+    """Whether kernel ``name`` runs on ``device``: CUDA with Triton installed, or the CPU under
+    Triton's interpreter (``TRITON_INTERPRET=1``, for tests); not where compiling is off or the
+    kernel failed before."""
+    if compile_off() or name in FAILED or importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def run_or_fallback(name: str, kernel: Callable, fallback: Callable):
+    """``kernel()``, or ``fallback()`` (with one warning; ``name`` is not tried again) if it raises."""
+    try:
+        return kernel()
+    except Exception as err:  # noqa: BLE001 - any Triton or driver failure: stay correct, get slower
+        warnings.warn(f"sos_aug: the Triton kernel {name!r} failed ({err!r:.200}); using the torch path",
+                      stacklevel=3)
+        FAILED.add(name)
+        return fallback()
