@@ -134,6 +134,21 @@ def aa_weights(pos: torch.Tensor, scale: torch.Tensor, inv_support: torch.Tensor
     return w / w.sum(-1, keepdim=True).clamp_(min=torch.finfo(w.dtype).tiny)
 
 
+def resize_by_weights(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A float (C, h, w) image resized as torch's antialiased bilinear resize does, by one weight
+    matrix per axis: for downscales too large for a device's own kernel."""
+    (hs, ws), dev = image.shape[-2:], image.device
+
+    def weights(out: int, size: int) -> torch.Tensor:
+        scale = size / out
+        pos = torch.arange(out, device=dev, dtype=torch.float32)[None]
+        return aa_weights(pos, torch.tensor([[scale]], device=dev), torch.tensor([[1 / max(scale, 1.0)]], device=dev),
+                          torch.tensor([[size]], device=dev), torch.arange(size, device=dev))[0]
+
+    with full_fp32_matmul():
+        return weights(height, hs) @ image.float() @ weights(width, ws).T
+
+
 @contextmanager
 def full_fp32_matmul() -> Iterator[None]:
     """Run matmuls in full fp32, whatever the caller set (TF32 would move pixels by ~0.3 levels and

@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from . import kernels
-from .batched_warp import ALPHA_CUT, paste_groups, topmost
+from .batched_warp import ALPHA_CUT, paste_groups, resize_by_weights, topmost
 from .layout import Placement, clip_window
 
 ALPHA_THRESHOLD = 128  # alpha >= this is inside the object's mask
@@ -75,11 +75,18 @@ def warp_segment(rgba: torch.Tensor, height: int, width: int, flip: bool, angle:
 def _resize_float(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Antialiased bilinear resize of a float (C, h, w) tensor: F.interpolate's kernel without its
     per-call checks. That kernel (torch 2.14, CPU) returns the first output row in every row when the
-    output is one pixel wide, so that case runs transposed (one pixel high is right)."""
-    if width == 1 and height > 1:
-        return torch._C._nn._upsample_bilinear2d_aa(image.transpose(-1, -2)[None], [width, height], False,
-                                                   None)[0].transpose(-1, -2)
-    return torch._C._nn._upsample_bilinear2d_aa(image[None], [height, width], False, None)[0]
+    output is one pixel wide, so that case runs transposed (one pixel high is right). CUDA's kernel
+    refuses large downscales (its taps must fit in shared memory): those take the same filter as
+    two weight matrices."""
+    transposed = width == 1 and height > 1
+    source, size = (image.transpose(-1, -2), [width, height]) if transposed else (image, [height, width])
+    try:
+        out = torch._C._nn._upsample_bilinear2d_aa(source[None], size, False, None)[0]
+    except RuntimeError as err:
+        if "shared memory" not in str(err):
+            raise
+        out = resize_by_weights(source, *size)
+    return out.transpose(-1, -2) if transposed else out
 
 
 @dataclass

@@ -71,7 +71,7 @@ def _store(at, value, on):
 
 
 @triton.jit
-def _relight(images, result, masks, owner, boxes, ctx, params, height, width,
+def _relight(images, result, masks, owner, boxes, ctx, coeffs, height, width,
              BLOCK: tl.constexpr, PROGRAMS: tl.constexpr):
     s = tl.program_id(1)
     x0, y0 = tl.load(boxes + 4 * s).to(tl.int32), tl.load(boxes + 4 * s + 1).to(tl.int32)
@@ -84,7 +84,7 @@ def _relight(images, result, masks, owner, boxes, ctx, params, height, width,
     plane = height * width
     src = images + tl.load(owner + s) * 3 * plane
     dst = result + tl.load(owner + s) * 3 * plane
-    p = params + s * _P
+    p = coeffs + s * _P
     count = tl.maximum(box_w, 0) * tl.maximum(box_h, 0)
     for tile in range(tl.program_id(0), tl.cdiv(count, BLOCK), PROGRAMS):
         idx = tile * BLOCK + tl.arange(0, BLOCK)
@@ -115,6 +115,7 @@ def relight_pixels(images: torch.Tensor, masks: torch.Tensor, owner: torch.Tenso
         return result
     height, width = images.shape[-2:]
     block, programs = (BLOCK, PROGRAMS) if images.device.type != "cpu" else (4096, 2)  # the interpreter: wide
+    # (a kernel argument named "params" would meet a local of that name in some Triton versions' binder)
     _relight[(programs, len(masks))](images, result, masks.contiguous().view(torch.uint8), owner, boxes.float(),
                                      ctx.float(), params.float().contiguous(), height, width, BLOCK=block,
                                      PROGRAMS=programs)
