@@ -128,11 +128,17 @@ def check_relight(images: torch.Tensor, masks: list[torch.Tensor], device: str) 
 
 
 def real_masks(target: dict, size: tuple[int, int]) -> torch.Tensor:
-    """An image's real instance masks resized (nearest) to ``size``, plus one empty mask."""
+    """An image's real instance masks resized (nearest) to ``size``, each minus the later ones (the
+    visible parts, disjoint as pasted segments are: where masks overlap, which segment's transform
+    lands is a race on any path), plus one empty mask."""
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
     masks = resize(target["masks"].as_subclass(torch.Tensor).to(torch.uint8), list(size),
                    interpolation=InterpolationMode.NEAREST).bool()
+    later = torch.zeros(size, dtype=torch.bool)
+    for i in range(len(masks) - 1, -1, -1):
+        masks[i] &= ~later
+        later |= masks[i]
     return torch.cat([masks, torch.zeros(1, *size, dtype=torch.bool)])
 
 
