@@ -366,10 +366,11 @@ def paste_batch(
     gathers labels, crowd flags, final areas (``areas`` where given, else pixel counts, for
     untouched instances) and ``is_pasted`` for the whole batch in the same single gather.
 
-    ``warp`` picks how pieces are warped and written: ``"groups"`` all at once, grouped by size
-    (:mod:`sos_aug.batched_warp`), for batches with hard alpha and no rotation (others loop);
-    ``"loop"`` piece by piece (on the CPU through the uint8 kernel, bit-identical to
-    :func:`paste_into`); ``"auto"`` groups on accelerators and loops on the CPU.
+    ``warp`` picks how pieces are warped and written, for batches with hard alpha and no rotation
+    (others loop): ``"kernel"`` all at once in two Triton kernels (:mod:`sos_aug.paste_kernel`;
+    CUDA); ``"groups"`` all at once, grouped by size (:mod:`sos_aug.batched_warp`); ``"loop"`` piece
+    by piece (on the CPU through the uint8 kernel, bit-identical to :func:`paste_into`); ``"auto"``
+    the kernels on CUDA where Triton runs, else groups on accelerators, and loops on the CPU.
     """
     out_images, full, top, stats = _composite_batch(images, segments, placements, feather_sigma, warp)
     b, kmax = len(placements), max((len(p) for p in placements), default=0)

@@ -141,11 +141,12 @@ class CopyPaste:
             call (few device launches per segment, one sync per batch) instead of image by image.
             None (default) batches on accelerators and goes image by image on the CPU, where the
             ROI-local per-image path is faster.
-        warp: how the batched path warps and writes the pieces: ``"groups"`` all at once, in a few
-            batched matmuls by size (hard alpha without rotation; launches do not grow with the
-            number of pieces; batches with rotation or feathering loop), ``"loop"`` piece by
-            piece, ``"auto"`` (default) groups on accelerators. Results agree up to float
-            rounding (see :mod:`sos_aug.batched_warp`).
+        warp: how the batched path warps and writes the pieces (hard alpha without rotation;
+            batches with rotation or feathering loop): ``"kernel"`` all at once in two Triton
+            kernels (CUDA), ``"groups"`` all at once in a few batched matmuls by size (launches do
+            not grow with the number of pieces), ``"loop"`` piece by piece, ``"auto"`` (default)
+            the kernels on CUDA where Triton runs, else groups, on accelerators. Results agree up
+            to float rounding (see :mod:`sos_aug.paste_kernel`, :mod:`sos_aug.batched_warp`).
     """
 
     def __init__(
