@@ -151,3 +151,15 @@ def test_resize_by_weights_equals_torch_resize(train_bank, row, height, width, d
     got = resize_by_weights(segment.to(device), height, width).cpu()
     assert got.shape == want.shape
     assert (got - want).abs().max() < (2e-3 if device == "cpu" else 1e-2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=st.integers(0, 700), height=st.integers(1, 400), width=st.integers(1, 400))
+def test_uint8_warp_is_torchvisions_resize(train_bank, row, height, width):
+    """The per-image path calls torch's uint8 antialiased kernel directly: the same pixels as
+    torchvision's ``F.resize`` (which wraps it), one-pixel strips included."""
+    from torchvision.transforms.v2 import functional as F
+
+    segment = torch.tensor(train_bank.read_rgba(row % len(train_bank))[0])
+    assert torch.equal(warp_segment(segment, height, width, False, 0.0),
+                       F.resize(segment, [height, width], antialias=True))

@@ -62,7 +62,8 @@ def warp_segment(rgba: torch.Tensor, height: int, width: int, flip: bool, angle:
     rotation grows the canvas."""
     out = rgba
     if tuple(out.shape[-2:]) != (height, width) and out.dtype == torch.uint8:
-        out = F.resize(out, [height, width], antialias=True)
+        # torch's native uint8 kernel, as torchvision's F.resize calls it, without its per-call checks
+        out = torch._C._nn._upsample_bilinear2d_aa(out[None], [height, width], False, None)[0]
     elif tuple(out.shape[-2:]) != (height, width):
         out = _resize_float(out, height, width)
     if flip:
