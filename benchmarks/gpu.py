@@ -59,9 +59,11 @@ def cuda_ms(fn, repeats: int) -> dict:
     return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times), "min_ms": min(times)}
 
 
-def pasted_masks(targets) -> list[torch.Tensor]:
-    """Each target's pasted masks (they are the last rows)."""
-    return [t["masks"][len(t["is_pasted"]) - int(t["is_pasted"].sum()):] for t in targets]
+def pasted_batch(images, targets) -> RelightBatch:
+    """What CopyPaste hands its relighters: the composites, their pasted masks and tight boxes."""
+    first = [len(t["is_pasted"]) - int(t["is_pasted"].sum()) for t in targets]
+    return RelightBatch(list(images), list(images), [t["masks"][f:] for t, f in zip(targets, first)],
+                        [t["boxes"][f:] for t, f in zip(targets, first)])
 
 
 def bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, dev, args, rows, checks):
@@ -117,9 +119,8 @@ def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     compiled, the default on accelerators; forward eager; all eager), LabBlend on the net's
     output, both, ReinhardTransfer, and LabBlend alone (over Reinhard)."""
     net = RelightNet.pretrained().to(dev)
-    plain = list(out_images)
-    masks = pasted_masks(out_targets)
-    batch = RelightBatch(plain, plain, masks)
+    batch = pasted_batch(out_images, out_targets)
+    plain, masks = batch.plain, batch.masks
     rows["relight net, first call (compiles forward and pixel pass)"] = first_call_ms(lambda: relight(net, batch),
                                                                                         dev)
     rows["relight net (B images, their pasted segments)"] = cuda_ms(lambda: relight(net, batch), repeats)
@@ -136,7 +137,7 @@ def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
         rows["relight net, all eager (SOS_AUG_COMPILE=0)"] = cuda_ms(lambda: relight(net, batch), repeats)
     finally:
         del os.environ["SOS_AUG_COMPILE"]
-    after_net = RelightBatch(relight(net, batch), plain, masks)
+    after_net = RelightBatch(relight(net, batch), plain, masks, batch.boxes)
     rows["LabBlend on the net's output"] = cuda_ms(lambda: LabBlend()(after_net), repeats)
     rows["relight net + LabBlend"] = cuda_ms(lambda: relight([net, LabBlend()], batch), repeats)
     rows["ReinhardTransfer"] = cuda_ms(lambda: relight(ReinhardTransfer(), batch), repeats)
@@ -154,7 +155,7 @@ def profile(bank, layout, images, targets, targets_cpu, out_images, out_targets,
     params = cp.make_params([(args.size, args.size)] * args.batch, targets_cpu, segments)
     seg = segments.to(dev)
     net = RelightNet.pretrained().to(dev)
-    batch = RelightBatch(list(out_images), list(out_images), pasted_masks(out_targets))
+    batch = pasted_batch(out_images, out_targets)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     runs = (("paste", lambda: cp.apply(images, targets, seg, params)), ("relight", lambda: relight(net, batch)))

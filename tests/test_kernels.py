@@ -102,6 +102,25 @@ def check_kernels(bank, image: torch.Tensor, seed: int, count: int, device: str,
     return checked
 
 
+def check_nothing_lands(image: torch.Tensor, segments: list[torch.Tensor], device: str) -> None:
+    """No pieces at all, and pieces that all land off the canvas: the batch comes back as it was,
+    with an empty topmost map and zero statistics."""
+    from sos_aug.composite import flat_base
+    from sos_aug.layout import Placement
+    from sos_aug.paste_kernel import paste_kernels
+
+    height, width = image.shape[-2:]
+    off = torch.tensor([[-50.0, -50.0, -10.0, -10.0], [width + 5.0, 0.0, width + 40.0, 30.0]])
+    for placement in (Placement(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
+                                torch.zeros(0)),
+                      Placement(off, torch.arange(2), torch.zeros(2, dtype=torch.bool), torch.zeros(2))):
+        on_device = [s.to(device) for s in segments[:2]]
+        kmax = len(placement)
+        out, top, stats = paste_kernels(image[None].to(device), on_device, flat_base(on_device), [placement], kmax)
+        assert torch.equal(out.cpu()[0], image) and not top.any(), "nothing lands: the batch must not change"
+        assert stats.full_count.tolist() == [0] * kmax and stats.visible_boxes.abs().sum() == 0
+
+
 def check_relight(images: torch.Tensor, masks: list[torch.Tensor], device: str) -> int:
     """The net's relight of a batch through the kernel against the torch pixel pass (same
     parameters: a net that sees only the alpha windows, different for every segment). Returns how
@@ -156,6 +175,10 @@ def run_checks(bank_dir: str, data_root: str, device: str) -> dict:
     pixels = 0
     for seed, size, as_float in ((0, (96, 128), False), (7, (120, 80), False), (11, (96, 128), True)):
         pixels += check_kernels(bank, resize(image, list(size), antialias=True), seed, 6, device, as_float)
+    from sos_aug.transforms import PasteSegments
+
+    check_nothing_lands(resize(image, [64, 80], antialias=True),
+                        PasteSegments.pack([bank.read_rgba(r)[0] for r in (0, 1)]), device)
     size = (120, 160)
     pairs = [val[i] for i in (0, 1)]
     images = torch.stack([resize(im.as_subclass(torch.Tensor), list(size), antialias=True) for im, _ in pairs])

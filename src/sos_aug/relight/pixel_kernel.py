@@ -50,7 +50,9 @@ def _shade(grid, u, v):
     """exp of the shading grid, bilinear at grid coordinates (u, v) (the cell clamped to the grid)."""
     u0 = tl.minimum(tl.maximum(tl.floor(u), 0.0), _G - 2.0)
     v0 = tl.minimum(tl.maximum(tl.floor(v), 0.0), _G - 2.0)
-    fu, fv = u - u0, v - v0
+    # in [0, 1] for a segment's pixels; clamped so that lanes past the box (never stored) stay finite
+    fu = tl.minimum(tl.maximum(u - u0, 0.0), 1.0)
+    fv = tl.minimum(tl.maximum(v - v0, 0.0), 1.0)
     corner = grid + v0.to(tl.int32) * _G + u0.to(tl.int32)
     top = tl.load(corner) * (1 - fu) + tl.load(corner + 1) * fu
     bottom = tl.load(corner + _G) * (1 - fu) + tl.load(corner + _G + 1) * fu
