@@ -74,7 +74,9 @@ def check_kernels(bank, image: torch.Tensor, seed: int, count: int, device: str,
     batch = torch.stack([image, image.flip(-1)])
     on_device = [s.to(device) for s in segments]
     given = batch.float() / 255 if as_float else batch
-    out, top, stats = paste_kernels(given.to(device), on_device, flat_base(on_device), placements, count)
+    layout = torch.channels_last if as_float else torch.contiguous_format  # the output is contiguous either way
+    out, top, stats = paste_kernels(given.to(device).contiguous(memory_format=layout), on_device,
+                                    flat_base(on_device), placements, count)
     out, top = out.cpu(), top.cpu()
     checked = 0
     for i in range(2):

@@ -185,7 +185,7 @@ def paste_kernels(images: torch.Tensor, segments: list[torch.Tensor], flat: torc
     dev = images.device
     rows, scales = piece_table(segments, placements, height, width, kmax)
     top = torch.zeros(b, height, width, dtype=torch.int32, device=dev)
-    out = images.clone()
+    out = images.clone(memory_format=torch.contiguous_format)  # the kernels write planes of a contiguous batch
     per_slot = torch.zeros(b * kmax, NSTAT, dtype=torch.int32)
     if rows:
         table = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
