@@ -72,7 +72,7 @@ def _store(at, value, on):
         tl.store(at, value.to(at.dtype.element_ty), mask=on)
 
 
-@triton.jit
+@triton.jit  # ("coeffs", not "params": some Triton versions' launchers have a local of that name)
 def _relight(images, result, masks, owner, boxes, ctx, coeffs, height, width,
              BLOCK: tl.constexpr, PROGRAMS: tl.constexpr):
     s = tl.program_id(1)
@@ -117,8 +117,7 @@ def relight_pixels(images: torch.Tensor, masks: torch.Tensor, owner: torch.Tenso
         return result
     height, width = images.shape[-2:]
     block, programs = (BLOCK, PROGRAMS) if images.device.type != "cpu" else (4096, 2)  # the interpreter: wide
-    # (a kernel argument named "params" would meet a local of that name in some Triton versions' binder)
-    _relight[(programs, len(masks))](images, result, masks.contiguous().view(torch.uint8), owner, boxes.float(),
-                                     ctx.float(), params.float().contiguous(), height, width, BLOCK=block,
-                                     PROGRAMS=programs)
+    tables = [t.float().contiguous() for t in (boxes, ctx, params)]  # the kernel reads them as packed rows
+    _relight[(programs, len(masks))](images, result, masks.contiguous().view(torch.uint8), owner.contiguous(),
+                                     *tables, height, width, BLOCK=block, PROGRAMS=programs)
     return result
