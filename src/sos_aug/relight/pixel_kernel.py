@@ -75,6 +75,7 @@ def _store(at, value, on):
 @triton.jit  # ("coeffs", not "params": some Triton versions' launchers have a local of that name)
 def _relight(images, result, masks, owner, boxes, ctx, coeffs, height, width,
              BLOCK: tl.constexpr, PROGRAMS: tl.constexpr):
+    """Program (j, s): tiles j, j + PROGRAMS, ... of segment s's box; its masked pixels relit."""
     s = tl.program_id(1)
     x0, y0 = tl.load(boxes + 4 * s).to(tl.int32), tl.load(boxes + 4 * s + 1).to(tl.int32)
     box_w = tl.load(boxes + 4 * s + 2).to(tl.int32) - x0
