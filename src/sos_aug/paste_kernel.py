@@ -132,14 +132,18 @@ def _mark(flat, table, ftable, top, stats, width, CUT: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
+def round_half_even(v):
+    """``torch.round`` of non-negative floats (halves to the even neighbour), as a float."""
+    r = tl.floor(v + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
 def _as_pixel(value, dtype: tl.constexpr):
-    """A 0..255 float as the batch stores it: uint8 rounded half to even (as ``torch.round``), or a
-    float in [0, 1]."""
+    """A 0..255 float as the batch stores it: uint8 clamped and rounded, or a float in [0, 1]."""
     if dtype == tl.uint8:
-        v = tl.minimum(tl.maximum(value, 0.0), 255.0)
-        r = tl.floor(v + 0.5)
-        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-        return tl.where(((r - v) == 0.5) & odd, r - 1.0, r).to(tl.uint8)
+        return round_half_even(tl.minimum(tl.maximum(value, 0.0), 255.0)).to(tl.uint8)
     return (value / 255.0).to(dtype)
 
 

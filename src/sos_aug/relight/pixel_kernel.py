@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..paste_kernel import round_half_even
 from .family import GRID, KNOTS, N_AFFINE, N_CURVE, N_PARAMS
 
 BLOCK = 256  # pixels per tile
@@ -64,10 +65,7 @@ def _store(at, value, on):
     """A relit value in [0, 1] stored in the image's dtype (uint8: x 255, rounded half to even)."""
     value = tl.minimum(tl.maximum(value, 0.0), 1.0)
     if at.dtype.element_ty == tl.uint8:
-        v = value * 255.0
-        r = tl.floor(v + 0.5)
-        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-        tl.store(at, tl.where(((r - v) == 0.5) & odd, r - 1.0, r).to(tl.uint8), mask=on)
+        tl.store(at, round_half_even(value * 255.0).to(tl.uint8), mask=on)
     else:
         tl.store(at, value.to(at.dtype.element_ty), mask=on)
 
