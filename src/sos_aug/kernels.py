@@ -4,6 +4,7 @@ speed, never a crash mid-epoch. ``SOS_AUG_COMPILE=0`` turns them off with everyt
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -36,3 +37,9 @@ def run_or_fallback(name: str, kernel: Callable, fallback: Callable):
                       stacklevel=3)
         FAILED.add(name)
         return fallback()
+
+
+def on(device: torch.device):
+    """The context to launch a kernel for tensors on ``device`` in: Triton launches on torch's current
+    CUDA device, which need not be the tensors' (``cuda:1`` without ``torch.cuda.set_device``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import batched_warp as bw
+from . import kernels
 from .batched_warp import ALPHA_CUT, piece_table
 from .layout import Placement
 
@@ -198,8 +199,9 @@ def paste_kernels(images: torch.Tensor, segments: list[torch.Tensor], flat: torc
         stats = torch.tensor([[0, BIG, BIG, 0, 0] * 2] * len(rows), dtype=torch.int32).to(dev, non_blocking=True)
         block = BLOCK if dev.type != "cpu" else 4096
         grid = (max(-(-row[bw.HC] * row[bw.WC] // block) for row in rows), len(rows))
-        _mark[grid](flat, table, ftable, top, stats, width, CUT=ALPHA_CUT, BLOCK=block)
-        _paint[grid](flat, table, ftable, top, stats, out, width, height * width, BLOCK=block)
+        with kernels.on(dev):
+            _mark[grid](flat, table, ftable, top, stats, width, CUT=ALPHA_CUT, BLOCK=block)
+            _paint[grid](flat, table, ftable, top, stats, out, width, height * width, BLOCK=block)
         slots = torch.tensor([row[bw.TOP_AT] // (height * width) * kmax + row[bw.SLOT1] - 1 for row in rows])
         per_slot = per_slot.to(dev).index_copy_(0, slots.to(dev, non_blocking=True), stats)
     return out, top, _piece_stats(per_slot.to(dev))

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import kernels
 from ..paste_kernel import round_half_even
 from .family import GRID, KNOTS, N_AFFINE, N_CURVE, N_PARAMS
 
@@ -117,6 +118,7 @@ def relight_pixels(images: torch.Tensor, masks: torch.Tensor, owner: torch.Tenso
     height, width = images.shape[-2:]
     block, programs = (BLOCK, PROGRAMS) if images.device.type != "cpu" else (4096, 2)  # the interpreter: wide
     tables = [t.float().contiguous() for t in (boxes, ctx, params)]  # the kernel reads them as packed rows
-    _relight[(programs, len(masks))](images, result, masks.contiguous().view(torch.uint8), owner.contiguous(),
-                                     *tables, height, width, BLOCK=block, PROGRAMS=programs)
+    with kernels.on(images.device):
+        _relight[(programs, len(masks))](images, result, masks.contiguous().view(torch.uint8), owner.contiguous(),
+                                         *tables, height, width, BLOCK=block, PROGRAMS=programs)
     return result
