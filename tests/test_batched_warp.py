@@ -139,6 +139,22 @@ def test_packed_row_counts_equal_a_plain_sum(val_set, pick, width, offset):
     assert torch.equal(counts, want.sum(1).long()) and torch.equal(boxes, tight_boxes(view))
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pick=st.integers(0, 78), row=st.integers(0, 40), crop=st.tuples(st.integers(0, 200), st.integers(0, 200)),
+       device=st.sampled_from(DEVICES))
+def test_mask_stats_equal_torch_counts_and_boxes(val_set, pick, row, crop, device):
+    """The per-image path's host-side bookkeeping (NumPy views on the CPU, one reduction elsewhere)
+    on real masks, whole and as windows (strided views), empty ones included."""
+    from sos_aug.composite import mask_stats, tight_boxes
+
+    _, target = val_set[pick]
+    masks = target["masks"].as_subclass(torch.Tensor).bool()
+    mask = masks[row % len(masks)]
+    for m in (mask, mask[crop[0] : crop[0] + 120, crop[1] : crop[1] + 90], torch.zeros_like(mask)):
+        count, box = mask_stats(m.to(device))
+        assert count == int(m.sum()) and box == [int(v) for v in tight_boxes(m[None])[0].tolist()]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(row=st.integers(0, 700), height=st.integers(1, 300), width=st.integers(1, 300), device=st.sampled_from(DEVICES))
 def test_resize_by_weights_equals_torch_resize(train_bank, row, height, width, device):
