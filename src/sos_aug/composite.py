@@ -444,7 +444,9 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
     b, _, height, width = images.shape
     kmax = max((len(p) for p in placements), default=0)
     path = warp_path(warp, images, placements, feather_sigma)
-    groups = lambda: (*paste_groups(images, segments, flat_base(segments), placements, kmax), None)  # noqa: E731
+    def groups():
+        return (*paste_groups(images, segments, flat_base(segments), placements, kmax), None)
+
     if path == "kernel":
         from .paste_kernel import paste_kernels
 

@@ -28,15 +28,25 @@ def available(device: torch.device, name: str) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def with_fallback(first: Callable, fallback: Callable, give_up: Callable[[], None], what: str = "torch.compile",
+                  instead: str = "running eagerly") -> Callable:
+    """``first``, or ``fallback`` (with one warning, and ``give_up()`` so it is not tried again) when
+    it raises: a compiler or kernel problem costs speed, never a crash mid-epoch."""
+    def run(*args):
+        try:
+            return first(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler, Triton or driver failure: stay correct
+            warnings.warn(f"sos_aug: {what} failed ({err!r:.200}); {instead}", stacklevel=3)
+            give_up()
+            return fallback(*args)
+
+    return run
+
+
 def run_or_fallback(name: str, kernel: Callable, fallback: Callable):
     """``kernel()``, or ``fallback()`` (with one warning; ``name`` is not tried again) if it raises."""
-    try:
-        return kernel()
-    except Exception as err:  # noqa: BLE001 - any Triton or driver failure: stay correct, get slower
-        warnings.warn(f"sos_aug: the Triton kernel {name!r} failed ({err!r:.200}); using the torch path",
-                      stacklevel=3)
-        FAILED.add(name)
-        return fallback()
+    return with_fallback(kernel, fallback, lambda: FAILED.add(name), f"the Triton kernel {name!r}",
+                         "using the torch path")()
 
 
 def on(device: torch.device):

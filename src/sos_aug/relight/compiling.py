@@ -4,12 +4,11 @@ an eager fallback, so that a compiler problem costs speed, never a crash mid-epo
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from ..kernels import compile_off
+from ..kernels import compile_off, with_fallback
 
 COMPILED: dict[str, Callable] = {}  # name -> what to call (compiled, or the eager fallback)
 
@@ -38,17 +37,3 @@ def mask_01(mask: torch.Tensor) -> torch.Tensor:
     ``where`` on them, do not vectorise), applied there as ``x + (new - x) * mask``."""
     as_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
     return as_bytes.contiguous()
-
-
-def with_fallback(compiled: Callable, eager: Callable, give_up: Callable[[], None]) -> Callable:
-    """``compiled``, or ``eager`` (with one warning, and ``give_up()`` so it is not tried again) when
-    compiling fails: a compiler problem costs speed, never a crash mid-epoch."""
-    def run(*args):
-        try:
-            return compiled(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure: stay correct, get slower
-            warnings.warn(f"sos_aug: torch.compile failed ({err!r:.200}); running eagerly", stacklevel=3)
-            give_up()
-            return eager(*args)
-
-    return run
