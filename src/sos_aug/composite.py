@@ -60,17 +60,23 @@ class DropRule:
 def warp_segment(rgba: torch.Tensor, height: int, width: int, flip: bool, angle: float) -> torch.Tensor:
     """Resize (antialiased), flip and rotate a (4, h, w) segment (uint8, or float kept unrounded);
     rotation grows the canvas."""
-    out = rgba
-    if tuple(out.shape[-2:]) != (height, width) and out.dtype == torch.uint8:
-        # torch's native uint8 kernel, as torchvision's F.resize calls it, without its per-call checks
-        out = torch._C._nn._upsample_bilinear2d_aa(out[None], [height, width], False, None)[0]
-    elif tuple(out.shape[-2:]) != (height, width):
-        out = _resize_float(out, height, width)
+    out = resize_aa(rgba, height, width)
     if flip:
         out = out.flip(-1)
     if angle:
         out = F.rotate(out, float(angle), interpolation=InterpolationMode.BILINEAR, expand=True)
     return out
+
+
+def resize_aa(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a (C, h, w) uint8 or float tensor (float kept unrounded), as
+    torchvision's ``F.resize(..., antialias=True)`` computes it, without its per-call checks (they
+    cost more than the resize of a small window)."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    if image.dtype == torch.uint8:  # torch's native uint8 kernel, the one F.resize calls
+        return torch._C._nn._upsample_bilinear2d_aa(image[None], [height, width], False, None)[0]
+    return _resize_float(image, height, width)
 
 
 def _resize_float(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

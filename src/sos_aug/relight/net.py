@@ -14,8 +14,6 @@ from importlib import resources
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as nnf
-from torchvision.transforms.v2.functional import resize
 
 from .. import kernels
 from ..kernels import compile_off
@@ -224,11 +222,12 @@ def _pixel_pass(device: torch.device) -> Callable:
 
 def _small_rgb(rgb: torch.Tensor) -> torch.Tensor:
     """A context window's RGB at INPUT², antialiased, as (1, 3, ., .) in [0, 1]; uint8 images take
-    torchvision's uint8 resize kernel, several times faster on the CPU."""
+    torch's uint8 resize kernel, several times faster on the CPU."""
+    from ..composite import resize_aa
+
     if rgb.dtype == torch.uint8:
-        return resize(rgb, [INPUT, INPUT], antialias=True)[None].float() / 255
-    return nnf.interpolate(rgb.float()[None], size=(INPUT, INPUT), mode="bilinear", antialias=True,
-                           align_corners=False)
+        return resize_aa(rgb, INPUT, INPUT)[None].float() / 255
+    return resize_aa(rgb.float(), INPUT, INPUT)[None]
 
 
 def _alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
