@@ -80,12 +80,11 @@ def _tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float = 1.0)
 
 @torch.no_grad()
 def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor,
-                 within: tuple[int, int, int, int] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 within: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Segment ``row``'s transform on (3, h, w) ``rgb`` (the segment's box, any dtype and strides:
-    read once into a float buffer), returned as (3, h, w) float in the tables' scales; same values
-    as :func:`apply_family`. Every pixel of the box is transformed: dense passes over a box cost
-    less than gathering and scattering just the mask's pixels. With a (h, w) bool ``mask``, pixels
-    outside it come back as they were."""
+    read once into a float buffer, unless it is one already), returned as (3, h, w) float in the
+    tables' scales; same values as :func:`apply_family`. Every pixel of the box is transformed:
+    dense passes over a box cost less than gathering and scattering just the mask's pixels."""
     h, w = rgb.shape[-2:]
     full_h, full_w, y0, x0 = (h, w, 0, 0) if within is None else within
     shade = (_lerp_weights(full_h, y0, h, tables.grid) @ tables.grid[row] @ _lerp_weights(full_w, x0, w, tables.grid).T)
@@ -95,8 +94,7 @@ def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor,
     idx = x.clamp(0, KNOTS - 1).int().add_(channel).view(-1)  # truncation = floor here; int32 indices
     out = tables.per_t[row].index_select(0, idx).view_as(x).mul_(x)
     out.add_(tables.intercept[row].index_select(0, idx).view_as(x)).mul_(shade.exp_().reshape(1, -1))
-    out = out.view(3, h, w)
-    return out if mask is None else torch.where(mask, out, pixels.view(3, h, w))
+    return out.view(3, h, w)
 
 
 def box_pass(window: torch.Tensor, mask: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor,

@@ -282,9 +282,16 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
 
 def _tables_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
                 mask: torch.Tensor) -> torch.Tensor:
-    """A segment's box relit eagerly (:func:`apply_tables`): its new pixels, in the image's dtype."""
-    relit = apply_tables(tables, row, view, within, mask.bool())
-    return relit.clamp_(0, 255).round_() if view.dtype == torch.uint8 else relit.clamp_(0, 1)
+    """A segment's box relit eagerly (:func:`apply_tables`): its new pixels, as float values of the
+    image's dtype (rounded for uint8), the old ones outside ``mask``."""
+    plain = view.to(torch.float32, memory_format=torch.contiguous_format)  # planar: apply_tables' layout
+    relit = apply_tables(tables, row, plain, within)
+    if view.dtype == torch.uint8:
+        relit.clamp_(0, 255).round_()
+    else:
+        relit.clamp_(0, 1)
+    # blended by arithmetic (relit is finite after the clamp): ~3x cheaper than torch.where here
+    return relit.sub_(plain).mul_(mask).add_(plain)
 
 
 def _fused_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
