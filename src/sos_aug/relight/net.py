@@ -176,16 +176,17 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
     owner = row_owners([len(m) for m in masks], images.device)
     tight = tight_boxes(segs) if boxes is None else torch.cat(boxes).to(segs.device).float()
     ctx = context_boxes(segs, tight)
-    unit = to_unit(images)
     rois = torch.cat([owner[:, None].to(ctx.dtype), ctx], 1)
-    rgb_small = roi_align(unit, rois, output_size=INPUT, sampling_ratio=4, aligned=True)
+    rgb_small = roi_align(images.float(), rois, output_size=INPUT, sampling_ratio=4, aligned=True)
+    if images.dtype == torch.uint8:  # the windows scaled to [0, 1], not the batch: one pass over it fewer
+        rgb_small = rgb_small / 255
     params = net.forward(torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1))
     if kernels.available(images.device, "relight"):  # one launch over the segments' boxes, no pixel list
         from .pixel_kernel import relight_pixels
 
         return kernels.run_or_fallback("relight", lambda: relight_pixels(images, segs, owner, tight, ctx, params),
-                                       lambda: _scatter_relit(images, unit, params, ctx, owner, segs))
-    return _scatter_relit(images, unit, params, ctx, owner, segs)
+                                       lambda: _scatter_relit(images, to_unit(images), params, ctx, owner, segs))
+    return _scatter_relit(images, to_unit(images), params, ctx, owner, segs)
 
 
 def _scatter_relit(images: torch.Tensor, unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor,
