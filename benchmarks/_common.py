@@ -38,3 +38,19 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def add_allocator_flag(parser) -> None:
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc as it is; by default the process keeps freed memory, as "
+                             "DataLoader workers under CopyPasteCollate do (sos_aug.allocator), for every method")
+
+
+def set_allocator(args) -> str:
+    """The allocator the benchmark's methods all run under, as a worker under CopyPasteCollate would
+    (unless ``--default-allocator``); returns how to describe it."""
+    if args.default_allocator:
+        return "glibc default"
+    from sos_aug.allocator import keep_freed_memory
+
+    return "keep_freed_memory" if keep_freed_memory() else "default (keep_freed_memory not available here)"

@@ -37,7 +37,7 @@ import torch
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import coco_mini, machine, train_bank  # noqa: E402
+from _common import add_allocator_flag, coco_mini, machine, set_allocator, train_bank  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, RandomLayout  # noqa: E402
 from sos_aug.composite import tight_boxes  # noqa: E402
@@ -259,7 +259,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="bench_out", help="where the bank is built")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--skip-peers", action="store_true")
+    add_allocator_flag(p)
     args = p.parse_args(argv)
+    allocator = set_allocator(args)
     torch.set_num_threads(1)
     root = coco_mini()
     bank = train_bank(root, Path(args.work))
@@ -283,7 +285,8 @@ def main(argv=None) -> int:
         passes = {"ultralytics CopyPaste flip": 4, "ultralytics CopyPaste mixup": 4}
     rows = measure(runners, args.repeats, len(data), passes)
     ref = rows["sos_aug hard alpha, 10/img, B=8"]["images_per_s"]
-    print(f"machine: {machine()}; {len(data)} real COCO images at {args.size}x{args.size}, one thread per method")
+    print(f"machine: {machine()}; {len(data)} real COCO images at {args.size}x{args.size}, one thread per method; "
+          f"allocator: {allocator}")
     print(f"{'method':50s} {'img/s':>8s} {'ms/img':>8s} {'pasted/img':>10s} {'peak MiB':>9s} {'vs sos':>7s}")
     for name, r in rows.items():
         print(f"{name:50s} {r['images_per_s']:8.1f} {r['ms_per_image']:8.2f} {r['pasted_per_image']:10.2f} "
@@ -300,8 +303,8 @@ def main(argv=None) -> int:
                       / rows["output floor: copy image and masks, no pasting"]["images_per_s"]}
         print("; ".join(f"{name}: {v:.2f}x" for name, v in ratios.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "size": args.size, "rows": rows,
-                                               "ratios": ratios}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": machine(), "allocator": allocator, "size": args.size,
+                                               "rows": rows, "ratios": ratios}, indent=1))
     return 0
 
 

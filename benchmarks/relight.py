@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import coco_mini, machine, train_bank  # noqa: E402
+from _common import add_allocator_flag, coco_mini, machine, set_allocator, train_bank  # noqa: E402
 from copypaste import load_images, measure  # noqa: E402
 
 from sos_aug import CopyPaste, RandomLayout  # noqa: E402
@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="rounds; each configuration's median is reported")
     p.add_argument("--work", default="bench_out")
     p.add_argument("--json")
+    add_allocator_flag(p)
     args = p.parse_args(argv)
+    allocator = set_allocator(args)
     torch.set_num_threads(1)
     root = coco_mini()
     bank = train_bank(root, Path(args.work))
@@ -61,14 +63,15 @@ def main(argv=None) -> int:
     rows = {name: t["ms_per_image"] for name, t in timing.items()}
     paired = {name: paired_ratio(timing[name]["ms_per_image_all_rounds"], timing["off"]["ms_per_image_all_rounds"])
               for name in rows}
-    print(f"machine: {machine()}; {len(data)} real COCO images at {args.size}², 10 segments each, one thread")
+    print(f"machine: {machine()}; {len(data)} real COCO images at {args.size}², 10 segments each, one thread; "
+          f"allocator: {allocator}")
     print(f"compile_cpu: first passes, compiling included, {first_call_s:.1f} s (not in the figures below)")
     print(f"{'relight':28s} {'ms/img':>8s} {'relight cost':>13s} {'vs compositing':>15s} {'per round (min-max)':>22s}")
     for name, ms in rows.items():
         mid, lo, hi = paired[name]
         print(f"{name:28s} {ms:8.2f} {ms - rows['off']:13.2f} {mid:14.2f}x {lo:10.2f}x - {hi:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "ms_per_image": rows,
+        Path(args.json).write_text(json.dumps({"machine": machine(), "allocator": allocator, "ms_per_image": rows,
                                                "cost_vs_compositing_per_round": paired,
                                                "compile_cpu_first_pass_s": first_call_s}, indent=1))
     return 0

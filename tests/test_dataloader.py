@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -66,3 +70,60 @@ def test_segments_travel_as_one_buffer(train_bank):
     assert all(torch.equal(a, b) for a, b in zip(segments.rgba, back.rgba))
     moved = segments.to("cpu")
     assert all(torch.equal(a, b) for a, b in zip(segments.rgba, moved.rgba))
+
+
+def worker_allocator_state(batch):
+    """A collate_fn run after CopyPaste in the worker: reports whether the worker kept freed memory."""
+    from sos_aug import allocator
+
+    return [allocator.applied]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_workers_keep_freed_memory_and_the_main_process_is_left_alone(train_bank, val_set, keep):
+    from sos_aug import allocator
+
+    cp = CopyPaste(train_bank, num_pastes=(1, 2))
+    collate = CopyPasteCollate(cp, collate_fn=worker_allocator_state, keep_freed_memory=keep)
+    loader = DataLoader(Subset(val_set, [0, 1, 2, 3]), batch_size=2, num_workers=2, collate_fn=collate,
+                        multiprocessing_context="spawn")  # fresh processes: nothing inherited from this one
+    glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    assert [flag for (flag,) in loader] == [keep and glibc] * 2
+    main_before = allocator.applied
+    collate([val_set[0]])  # in the main process: its allocator is the user's
+    assert allocator.applied == main_before
+
+
+FREED_STAYS = """
+import ctypes, sys, torch
+from sos_aug.allocator import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = libc.mallinfo2()
+tensors = [torch.ones(12 << 20, dtype=torch.uint8) for _ in range(4)]  # 48 MB in 12 MB tensors
+mapped = libc.mallinfo2().hblkhd - before.hblkhd
+del tensors
+print(mapped >> 20, libc.mallinfo2().fordblks >> 20)
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")),
+                    reason="glibc >= 2.33 (mallinfo2) needed to look at the heap")
+def test_keep_freed_memory_serves_batches_from_the_heap_and_keeps_them():
+    """In a fresh process: by default glibc maps 12 MB tensors on their own and unmaps them when freed;
+    after keep_freed_memory() they come from the heap and stay there, free, for the next batch."""
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", FREED_STAYS, mode], capture_output=True, text=True, check=True)
+        return [int(x) for x in out.stdout.split()]
+
+    mapped, kept = run("default")
+    assert mapped >= 12 and kept < 48  # the control: without it, at least one tensor was mapped on its own
+    mapped, kept = run("keep")
+    assert mapped == 0 and kept >= 48

@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
+from . import allocator
 from .bank.format import BankFormatError
 from .bank.store import SegmentBank, normalize_name
 from .composite import (
@@ -465,10 +467,16 @@ class CopyPasteCollate:
     third element so ``cp(images.cuda(), targets, segments=segments.to("cuda"))`` pastes on the GPU.
     The layout is drawn in the worker too (``segments.placements``): the training step only
     composites, batched, on the device.
+
+    In a worker process it also calls :func:`sos_aug.allocator.keep_freed_memory` once (glibc keeps
+    freed memory for the next batch instead of handing each batch fresh pages: ~20% less
+    compositing time here); ``keep_freed_memory=False`` leaves the workers' allocator alone.
     """
 
-    def __init__(self, copy_paste: CopyPaste, collate_fn: Callable | None = None, defer: bool = False):
+    def __init__(self, copy_paste: CopyPaste, collate_fn: Callable | None = None, defer: bool = False,
+                 keep_freed_memory: bool = True):
         self.cp, self.collate_fn, self.defer = copy_paste, collate_fn, defer
+        self.keep_freed_memory = keep_freed_memory
         self._generator: torch.Generator | None = None
         self._seed: int | None = None
 
@@ -479,6 +487,8 @@ class CopyPasteCollate:
         return self._generator
 
     def __call__(self, batch: list[tuple[torch.Tensor, Target]]):
+        if self.keep_freed_memory and not allocator.applied and get_worker_info() is not None:
+            allocator.keep_freed_memory()  # the worker's process only, never the training process
         images, targets = [b[0] for b in batch], [b[1] for b in batch]
         if self.defer:  # draw everything here; the training step only composites
             segments = self.cp.fetch(len(images), self.generator())
