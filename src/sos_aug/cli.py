@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .allocator import keep_freed_memory
+
 
 def _bank_build(args) -> int:
     from .bank import build_bank, coco_source, merge_banks, rgba_tree_source, xpaste_source
@@ -272,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # the command is the whole process (and its DataLoader workers, forked from it)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
