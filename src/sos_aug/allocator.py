@@ -20,16 +20,22 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest glibc accepts on 64-bit
 _TRIM_THRESHOLD = 1 << 30
 
-applied = False  # whether this process has called keep_freed_memory() successfully
+applied = False  # whether keep_freed_memory() took effect in this process
+_tried = False  # it is tried once per process: callers may call it on every batch
 
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve allocations up to 32 MB from its heap and keep up to 1 GB of freed
     heap memory instead of returning it to the kernel, for this process. Returns whether it took
     effect: True on glibc (Linux), False elsewhere (nothing changes there)."""
-    global applied
-    if applied:
-        return True
+    global applied, _tried
+    if not _tried:
+        _tried = True
+        applied = _set_glibc_thresholds()
+    return applied
+
+
+def _set_glibc_thresholds() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None)
@@ -37,5 +43,4 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
-    return applied
+    return mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1

@@ -487,7 +487,7 @@ class CopyPasteCollate:
         return self._generator
 
     def __call__(self, batch: list[tuple[torch.Tensor, Target]]):
-        if self.keep_freed_memory and not allocator.applied and get_worker_info() is not None:
+        if self.keep_freed_memory and get_worker_info() is not None:
             allocator.keep_freed_memory()  # the worker's process only, never the training process
         images, targets = [b[0] for b in batch], [b[1] for b in batch]
         if self.defer:  # draw everything here; the training step only composites
