@@ -51,7 +51,7 @@ def test_background_untouched_foreground_changed_and_deterministic(pasted, make)
 
 def test_inference_and_pixel_forms_of_the_family_agree_with_it():
     """The table form (CPU windows) and the per-pixel form (accelerators) compute apply_family."""
-    from sos_aug.relight.family import GRID, apply_family_pixels, apply_tables, family_tables
+    from sos_aug.relight.family import GRID, apply_family_pixels, apply_tables, family_tables, shading_weights
 
     g = torch.Generator().manual_seed(3)
     params, rgb = torch.randn(2, N_PARAMS, generator=g) * 0.3, torch.rand(2, 3, 20, 30, generator=g)
@@ -62,6 +62,12 @@ def test_inference_and_pixel_forms_of_the_family_agree_with_it():
         assert torch.allclose(apply_tables(tables, row, rgb[row].clone(), within), reference[row], atol=1e-5)
     scaled = apply_tables(family_tables(params, 1 / 255, 255), 1, rgb[1] * 255, within) / 255
     assert torch.allclose(scaled, reference[1], atol=1e-5)
+    # shading weights made for many boxes at once (degenerate sizes too) are each box's own
+    boxes = [(1, 1, 0, 0, 1, 1), (41, 57, 6, 9, 20, 30), (7, 300, 6, 0, 1, 300), (20, 30, 0, 0, 20, 30)]
+    for box, weights in zip(boxes, shading_weights(boxes, params)):
+        part = torch.rand(3, *box[4:], generator=g)
+        expected = apply_family(params[:1], part[None], box[:4])[0]
+        assert torch.allclose(apply_tables(tables, 0, part, box[:4], weights), expected, atol=1e-5)
     ys, xs = torch.meshgrid(torch.arange(20), torch.arange(30), indexing="ij")
     uv = torch.stack([(xs + 9) * (GRID - 1) / 56, (ys + 6) * (GRID - 1) / 40], -1).reshape(-1, 2).repeat(2, 1)
     sample = torch.arange(2).repeat_interleave(600)
@@ -190,10 +196,11 @@ def test_a_failing_compile_falls_back_to_eager(pasted, no_compiler):
 
 
 @pytest.mark.parametrize("layout", ["uint8", "uint8 channels-last", "float"])
-def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout):
+def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout, monkeypatch):
     """``RelightNet(compile_cpu=True)`` (each box in one compiled loop, the net's input features
-    compiled) gives the eager CPU path's pixels: uint8 within one level, float within 1e-5, and
-    every pixel outside the pasted masks bit-identical."""
+    compiled) gives the eager CPU path's pixels (its convolutions kept in float32 here): uint8 within
+    one level, float within 1e-5, and every pixel outside the pasted masks bit-identical."""
+    monkeypatch.setenv("SOS_AUG_CPU_BF16", "0")
     batch = pasted[0]
     images = batch.images
     if layout != "float":
@@ -208,26 +215,37 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout):
         warnings.simplefilter("always")
         compiled = relight(net, batch)
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
-    assert compiling.COMPILED["cpu:box"] is not net_module._tables_box  # the compiled paths ran
+    assert compiling.COMPILED["cpu:box"] is not net_module._relight_box  # the compiled paths ran
     assert net_module._FORWARDS[net] != net._forward
     for a, b, plain, masks in zip(relight(RelightNet.pretrained(), batch), compiled, images, batch.masks):
         covered = masks.any(0)
         assert torch.equal(b[:, ~covered], plain[:, ~covered])
+        assert torch.equal(a[:, ~covered], plain[:, ~covered])
         assert (a.float() - b.float()).abs().max() <= (1 if a.dtype == torch.uint8 else 1e-5)
         assert (b[:, covered].float() - plain[:, covered].float()).abs().mean() > 1e-3
+
+
+def test_colour_conversions_match_kornia():
+    """The Lab conversions written for the compiler (elementwise) and for eager runs (matrix
+    products, the cube root's knee as a minimum) against kornia's, knees and extremes included."""
+    from sos_aug.relight.color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_eager, rgb_to_lab_fused
+
+    x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = torch.linspace(0, 0.08, 50)  # around the sRGB knee (0.04045); dark enough for the Lab knee
+    x[:, 1, :4] = torch.tensor([0.0, 1.0, -0.1, 1.2])[:, None].T  # extremes, and out of range (clamped)
+    reference = rgb_to_lab(x[None])[0]
+    assert torch.allclose(rgb_to_lab_fused(x), reference, atol=1e-3)
+    assert torch.allclose(rgb_to_lab_eager(x), reference, atol=1e-3)
+    assert torch.allclose(rgb_to_lab_eager(x.transpose(0, 1).contiguous().transpose(0, 1)), reference, atol=1e-3)
+    lab = reference * torch.tensor([1.0, 1.5, 1.5]).view(3, 1, 1)  # some out of gamut
+    assert torch.allclose(lab_to_rgb_fused(lab), lab_to_rgb(lab[None])[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("as_uint8", [True, False])
 def test_compiled_lab_blend_blends_like_the_eager_one(pasted, as_uint8):
     """``LabBlend(compile_cpu=True)`` (each box in one compiled loop, Lab written out with exp/log
     powers) against the eager LabBlend: uint8 within one level, float within 1e-4, background
-    bit-identical; and its colour conversions against kornia's."""
-    from sos_aug.relight.color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_fused
-
-    x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(rgb_to_lab_fused(x), rgb_to_lab(x[None])[0], atol=1e-3)
-    lab = rgb_to_lab(x[None])[0] * torch.tensor([1.0, 1.5, 1.5]).view(3, 1, 1)  # some out of gamut
-    assert torch.allclose(lab_to_rgb_fused(lab), lab_to_rgb(lab[None])[0], atol=1e-5)
+    bit-identical."""
     batch = pasted[0]
     plain = [(im * 255).round().to(torch.uint8) for im in batch.images] if as_uint8 else batch.images
     relit = [(im.float() * 0.8 + 20).round().to(torch.uint8) if as_uint8 else (im * 0.8 + 0.08) for im in plain]
@@ -241,6 +259,32 @@ def test_compiled_lab_blend_blends_like_the_eager_one(pasted, as_uint8):
         covered = masks.any(0)
         assert torch.equal(b[:, ~covered], p[:, ~covered])
         assert (a.float() - b.float()).abs().max() <= (1 if as_uint8 else 1e-4)
+
+
+@pytest.mark.parametrize("as_uint8", [True, False])
+def test_bfloat16_convolutions_relight_like_float32_ones(pasted, as_uint8, monkeypatch):
+    """Eager CPU inference convolves in bfloat16 where the CPU has it natively (float32 elsewhere,
+    or with ``SOS_AUG_CPU_BF16=0``): the relit pixels stay within a few uint8 levels of float32's,
+    the background untouched."""
+    from sos_aug.relight.net import cpu_has_bf16
+
+    batch = pasted[0]
+    if as_uint8:
+        images = [(im * 255).round().to(torch.uint8) for im in batch.images]
+        batch = RelightBatch(images, images, batch.masks)
+    net = RelightNet.pretrained()
+    native = cpu_has_bf16(torch.device("cpu"))
+    fast = relight(net, batch)
+    monkeypatch.setenv("SOS_AUG_CPU_BF16", "0")
+    assert not cpu_has_bf16(torch.device("cpu")) and not cpu_has_bf16(torch.device("cuda"))
+    exact = relight(net, batch)
+    scale = 255 if as_uint8 else 1
+    for a, b, plain, masks in zip(fast, exact, batch.images, batch.masks):
+        covered = masks.any(0)
+        assert torch.equal(a[:, ~covered], plain[:, ~covered])
+        diff = (a.float() - b.float()).abs() / scale
+        assert diff.max() <= 3 / 255 and diff[:, covered].mean() <= 0.2 / 255
+        assert native or torch.equal(a, b)  # without native bfloat16, float32 all along
 
 
 def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, no_compiler):

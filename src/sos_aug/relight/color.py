@@ -50,6 +50,23 @@ def rgb_to_lab_fused(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
 
 
+_XYZ_TO_LAB = ((0.0, 116.0, 0.0), (500.0, -500.0, 0.0), (0.0, 200.0, -200.0))  # f(X), f(Y), f(Z) -> L, a, b
+
+
+def rgb_to_lab_eager(rgb: torch.Tensor) -> torch.Tensor:
+    """:func:`rgb_to_lab_fused` for eager execution: the two 3x3 mixes as matrix products and the
+    piecewise cube root as a minimum (the cube root lies below its tangent line at the knee), about
+    10 passes over the pixels fewer; the compiler fuses the elementwise form better."""
+    shape = rgb.shape
+    x = rgb.reshape(3, -1).clamp(0, 1)
+    lin = torch.where(x > 0.04045, x.add(0.055).div_(1.055).log_().mul_(2.4).exp_(), x / 12.92)
+    to_xyz = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device) / _white(x)
+    xyz = to_xyz @ lin
+    f = torch.minimum(xyz.clamp(min=0.008856).log_().div_(3).exp_(), xyz.mul_(7.787).add_(4 / 29))
+    to_lab = torch.tensor(_XYZ_TO_LAB, dtype=x.dtype, device=x.device)
+    return torch.addmm(torch.tensor([[-16.0], [0.0], [0.0]], dtype=x.dtype, device=x.device), to_lab, f).view(shape)
+
+
 def lab_to_rgb_fused(lab: torch.Tensor) -> torch.Tensor:
     """:func:`lab_to_rgb` (clipped to [0, 1]) on (3, ...) Lab, written like :func:`rgb_to_lab_fused`."""
     fy = (lab[0] + 16) / 116
