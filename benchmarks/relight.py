@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="rounds; each configuration's median is reported")
     p.add_argument("--work", default="bench_out")
     p.add_argument("--json")
+    p.add_argument("--only", action="append", help="a configuration to run (repeatable; compositing alone always runs)")
     add_allocator_flag(p)
     args = p.parse_args(argv)
     allocator = set_allocator(args)
@@ -52,12 +53,19 @@ def main(argv=None) -> int:
               "net, compile_cpu": RelightNet.pretrained(compile_cpu=True),
               "net+lab_blend": [RelightNet.pretrained(), LabBlend()],
               "net+lab_blend, compile_cpu": [RelightNet.pretrained(compile_cpu=True), LabBlend(compile_cpu=True)]}
+    if args.only:
+        wanted = {"off", *args.only}
+        unknown = wanted - set(chains)
+        if unknown:
+            p.error(f"--only: unknown configuration(s) {sorted(unknown)}; known: {sorted(chains)}")
+        chains = {name: chain for name, chain in chains.items() if name in wanted}
     cps = {name: CopyPaste(bank, layout=RandomLayout(scale=(0.5, 2.0)), num_pastes=(10, 10), relight=chain)
            for name, chain in chains.items()}
     runners = {name: runner(cp, data, 8) for name, cp in cps.items()}
     start = time.perf_counter()
-    runners["net, compile_cpu"]()  # compiles on first use, once per process (per DataLoader worker)
-    runners["net+lab_blend, compile_cpu"]()
+    for name in ("net, compile_cpu", "net+lab_blend, compile_cpu"):
+        if name in runners:
+            runners[name]()  # compiles on first use, once per process (per DataLoader worker)
     first_call_s = time.perf_counter() - start
     timing = measure(runners, args.repeats, len(data))
     rows = {name: t["ms_per_image"] for name, t in timing.items()}

@@ -471,12 +471,21 @@ class CopyPasteCollate:
     In a worker process it also calls :func:`sos_aug.allocator.keep_freed_memory` once (glibc keeps
     freed memory for the next batch instead of handing each batch fresh pages: ~18% less time per
     image in a worker here); ``keep_freed_memory=False`` leaves the workers' allocator alone.
+
+    Relighters that compile their CPU code (``compile_cpu=True``) are compiled here, when the
+    collate is made (:func:`sos_aug.relight.compiling.warm_up`, seconds): workers forked from this
+    process (Linux's default) then inherit the compiled code instead of compiling it in every worker
+    and every epoch. ``warm_up=False`` skips that.
     """
 
     def __init__(self, copy_paste: CopyPaste, collate_fn: Callable | None = None, defer: bool = False,
-                 keep_freed_memory: bool = True):
+                 keep_freed_memory: bool = True, warm_up: bool = True):
         self.cp, self.collate_fn, self.defer = copy_paste, collate_fn, defer
         self.keep_freed_memory = keep_freed_memory
+        if warm_up and not defer and copy_paste.relight is not None and get_worker_info() is None:
+            from .relight.compiling import warm_up as compile_relighters
+
+            compile_relighters(copy_paste.relight)
         self._generator: torch.Generator | None = None
         self._seed: int | None = None
 

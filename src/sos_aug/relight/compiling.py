@@ -37,3 +37,34 @@ def mask_01(mask: torch.Tensor) -> torch.Tensor:
     ``where`` on them, do not vectorise), applied there as ``x + (new - x) * mask``."""
     as_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
     return as_bytes.contiguous()
+
+
+# Segments of the warm-up batch, (top, left, height, width) in a 200 x 260 image: distinct sizes (no
+# two equal, none equal to a fixed dimension), and boxes both inside and at the borders, so that the
+# compiled code covers what real batches bring
+_WARM_UP_BOXES = ((0, 0, 23, 37), (60, 110, 41, 29), (110, 17, 31, 53), (150, 211, 27, 49), (1, 170, 47, 19),
+                  (88, 1, 22, 34))
+
+
+def warm_up(relighters, threads: int = 1) -> None:
+    """Compile here, once, what ``relighters`` compile on the CPU (those with ``compile_cpu``), by
+    relighting a small synthetic uint8 batch with torch at ``threads`` threads, as DataLoader
+    workers run (compiled code is guarded on the thread count): workers forked afterwards inherit
+    the compiled code instead of each compiling it again, every epoch. Does nothing where no
+    relighter compiles or ``SOS_AUG_COMPILE=0``."""
+    from .classical import RelightBatch, relight
+
+    chain = list(relighters) if isinstance(relighters, (list, tuple)) else [relighters]
+    if compile_off() or not any(getattr(step, "compile_cpu", False) for step in chain):
+        return
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 200, 260), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(len(_WARM_UP_BOXES), 200, 260, dtype=torch.bool)
+    for mask, (top, left, height, width) in zip(masks, _WARM_UP_BOXES):
+        mask[top : top + height, left : left + width] = torch.rand(height, width, generator=g) > 0.2
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        relight(chain, RelightBatch([image], [image], [masks]))
+    finally:
+        torch.set_num_threads(previous)
