@@ -205,8 +205,8 @@ class LabBlend:
             raise ValueError(f"ab must be 'relit' or 'plain', got {ab!r}")
         self.ab = ab
         self.fallback = fallback or ReinhardTransfer()
-        # CPU path: each segment's box blended in one loop fused by torch.compile (compiled once per
-        # process, i.e. per DataLoader worker: for long epochs and persistent workers)
+        # CPU path: each segment's box blended in one loop fused by torch.compile, compiled once per
+        # process (CopyPasteCollate compiles it in the training process; forked workers inherit it)
         self.compile_cpu = compile_cpu
 
     @staticmethod
