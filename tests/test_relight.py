@@ -287,6 +287,23 @@ def test_bfloat16_convolutions_relight_like_float32_ones(pasted, as_uint8, monke
         assert native or torch.equal(a, b)  # without native bfloat16, float32 all along
 
 
+def test_alpha_windows_sample_each_mask_at_its_cells_centres(pasted):
+    """The alpha windows (one gather over contiguous masks, indexing otherwise) are each mask sampled
+    at the centres of INPUT x INPUT cells over its context window."""
+    from sos_aug.relight.net import INPUT, _alpha_windows, context_boxes
+
+    masks = pasted[0].masks[0]
+    ctx = context_boxes(masks)
+    windows = _alpha_windows(masks, ctx)
+    strided = masks.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    assert not strided.is_contiguous() and torch.equal(_alpha_windows(strided, ctx), windows)
+    centres = (torch.arange(INPUT, dtype=ctx.dtype) + 0.5) / INPUT  # in the windows' float32, as sampled
+    for k, (x0, y0, x1, y1) in enumerate(ctx):
+        ys = (y0 + centres * (y1 - y0)).long().clamp(max=masks.shape[1] - 1)
+        xs = (x0 + centres * (x1 - x0)).long().clamp(max=masks.shape[2] - 1)
+        assert torch.equal(windows[k, 0], masks[k][ys][:, xs].float())
+
+
 def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, no_compiler):
     """With ``compile_cpu`` and no working compiler, relighting warns and gives the eager pixels."""
     batch = pasted[0]

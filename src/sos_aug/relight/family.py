@@ -9,6 +9,7 @@ family is what the oracle and the teacher distillation fit.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,11 +97,16 @@ def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor, within: tupl
         weights = shading_weights([(h, w, 0, 0, h, w) if within is None else (*within, h, w)], tables.grid)[0]
     shade = (weights[0] @ tables.grid[row] @ weights[1].T).exp_()
     x = torch.addmm(tables.bias[row].view(3, 1), tables.matrix[row], rgb.float().reshape(3, -1)).view(-1)
-    channel = torch.arange(0, 3 * KNOTS, KNOTS, device=rgb.device, dtype=torch.int32).view(3, 1)
-    idx = x.view(3, -1).clamp(0, KNOTS - 1).int().add_(channel).view(-1)  # truncation = floor; int32 indices
+    idx = x.view(3, -1).clamp(0, KNOTS - 1).int().add_(_curve_offsets(rgb.device)).view(-1)  # trunc = floor
     # each pixel's piece (slope, intercept) in one gather of 8-byte pairs: one pass fewer than two gathers
     piece = tables.pieces[row].index_select(0, idx).view(torch.float32).view(-1, 2)
     return torch.addcmul(piece[:, 1], piece[:, 0], x).view(3, -1).mul_(shade.view(1, -1)).view(3, h, w)
+
+
+@functools.cache
+def _curve_offsets(device: torch.device) -> torch.Tensor:
+    """(3, 1) int32: where each channel's curve pieces start in a row of the tables (made once)."""
+    return torch.arange(0, 3 * KNOTS, KNOTS, device=device, dtype=torch.int32).view(3, 1)
 
 
 def shading_weights(boxes: Sequence[tuple[int, int, int, int, int, int]],

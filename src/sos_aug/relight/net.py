@@ -273,10 +273,14 @@ def _alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     bilinear resize thresholded at 0.5, as in training, gives, without resizing the window)."""
     steps = (torch.arange(INPUT, device=segs.device, dtype=ctx.dtype) + 0.5) / INPUT
     size = ctx[:, 2:] - ctx[:, :2]
-    xs = (ctx[:, :1] + steps * size[:, :1]).long().clamp(max=segs.shape[-1] - 1)  # (S, INPUT)
-    ys = (ctx[:, 1:2] + steps * size[:, 1:2]).long().clamp(max=segs.shape[-2] - 1)
+    h, w = segs.shape[-2:]
+    xs = (ctx[:, :1] + steps * size[:, :1]).long().clamp(max=w - 1)  # (S, INPUT)
+    ys = (ctx[:, 1:2] + steps * size[:, 1:2]).long().clamp(max=h - 1)
     s = torch.arange(len(segs), device=segs.device)[:, None, None]
-    return segs[s, ys[:, :, None], xs[:, None, :]][:, None].float()
+    if not segs.is_contiguous():
+        return segs[s, ys[:, :, None], xs[:, None, :]][:, None].float()
+    flat = (s * (h * w) + ys[:, :, None] * w + xs[:, None, :]).view(-1)  # one gather: ~2x faster than indexing
+    return segs.view(-1).view(torch.uint8).index_select(0, flat).view(len(segs), 1, INPUT, INPUT).float()
 
 
 def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
