@@ -26,11 +26,15 @@ class RelightBatch:
     boxes: list[torch.Tensor] | None = None  # (K, 4) their tight XYXY boxes, when the caller has them
 
 
+def as_chain(relighters: Relighter | Sequence[Relighter]) -> list[Relighter]:
+    """One relighter or a list of them, as a list."""
+    return list(relighters) if isinstance(relighters, (list, tuple)) else [relighters]
+
+
 def relight(relighters: Relighter | Sequence[Relighter], batch: RelightBatch) -> list[torch.Tensor]:
     """Run relighters in order (``[RelightNet.pretrained(), LabBlend()]`` composes). Each one works in
     the windows of the pasted segments and writes only pixels under their masks."""
-    chain = list(relighters) if isinstance(relighters, (list, tuple)) else [relighters]
-    for step in chain:
+    for step in as_chain(relighters):
         batch = replace(batch, images=step(batch))
     return batch.images
 

@@ -52,9 +52,9 @@ def warm_up(relighters, threads: int = 1) -> None:
     workers run (compiled code is guarded on the thread count): workers forked afterwards inherit
     the compiled code instead of each compiling it again, every epoch. Does nothing where no
     relighter compiles or ``SOS_AUG_COMPILE=0``."""
-    from .classical import RelightBatch, relight
+    from .classical import RelightBatch, as_chain, relight
 
-    chain = list(relighters) if isinstance(relighters, (list, tuple)) else [relighters]
+    chain = as_chain(relighters)
     if compile_off() or not any(getattr(step, "compile_cpu", False) for step in chain):
         return
     g = torch.Generator().manual_seed(0)
