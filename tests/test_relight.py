@@ -304,6 +304,42 @@ def test_alpha_windows_sample_each_mask_at_its_cells_centres(pasted):
         assert torch.equal(windows[k, 0], masks[k][ys][:, xs].float())
 
 
+def test_compiled_windows_and_forward_match_the_eager_ones(pasted, monkeypatch):
+    """The accelerator path's windows and forward as one compiled graph (compiled here for the CPU
+    through ``compile_cpu``): the eager path's pixels (uint8 within one level, float within 1e-5),
+    the background bit-identical, and no new graph for another image size or segment count (a batch
+    of one image would compile one more: the compiler specialises sizes of 1)."""
+    from torch._dynamo.utils import counters
+
+    from sos_aug.relight import net as net_module
+
+    monkeypatch.setenv("SOS_AUG_CPU_BF16", "0")
+    batch = pasted[0]
+    h, w = (min(im.shape[i] for im in batch.images) for i in (1, 2))
+    floats = torch.stack([im[:, :h, :w] for im in batch.images])
+    masks = [m[:, :h, :w] for m in batch.masks]
+    as_uint8 = (floats * 255).round().to(torch.uint8)
+    cropped = [m[:, 5 : h - 32, 9 : w - 12] for m in masks]
+    cropped = [m[m.flatten(1).any(1)][:k] for m, k in zip(cropped, (2, 3))]  # segments with pixels in the crop
+    smaller = (as_uint8[:, :, 5 : h - 32, 9 : w - 12], cropped)
+    compiled_net, eager_net = RelightNet.pretrained(compile_cpu=True), RelightNet.pretrained()
+    graphs = []
+    for images, image_masks in ((as_uint8, masks), smaller, (floats, masks)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():  # as relighting runs
+                relit = net_module._relight_group(compiled_net, images, image_masks)
+        assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+        graphs.append(counters["stats"]["unique_graphs"])
+        eager = net_module._relight_group(eager_net, images, image_masks)
+        covered = torch.stack([m.any(0) for m in image_masks])[:, None].expand_as(images)
+        assert torch.equal(relit[~covered], images[~covered])
+        assert (relit.double() - eager.double()).abs().max() <= (1 if images.dtype == torch.uint8 else 1e-5)
+        assert (relit[covered].double() - images[covered].double()).abs().mean() > 1e-3
+    assert net_module._GROUPS[compiled_net] is not net_module._GROUPS.get(eager_net)
+    assert graphs[1] == graphs[0], "another size, image count or segment count compiled a new graph"
+
+
 def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, no_compiler):
     """With ``compile_cpu`` and no working compiler, relighting warns and gives the eager pixels."""
     batch = pasted[0]

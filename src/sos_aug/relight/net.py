@@ -185,7 +185,7 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
         idx = [pasted[j] for j in group]
         boxes = None if batch.boxes is None else [batch.boxes[i] for i in idx]
         relit = _relight_group(net, torch.stack([batch.images[i] for i in idx]), [batch.masks[i] for i in idx], boxes)
-        for i, image in zip(idx, relit):
+        for i, image in zip(idx, relit.unbind()):  # one operation, not one per image
             out[i] = image
     return out
 
@@ -193,29 +193,76 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
 def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tensor],
                    boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The accelerator path for a (B, 3, H, W) batch: every segment's window in one ``roi_align``
-    and one forward, then one pass over just the segments' pixels."""
-    from torchvision.ops import roi_align
-
+    and one forward (both in one compiled graph), then one pass over just the segments' pixels."""
     from ..composite import row_owners, tight_boxes
     from .classical import to_unit
 
     if next(net.parameters()).device != images.device:  # follow the batch (e.g. onto the GPU)
         net.to(images.device)
+    images = images.contiguous()  # what the kernel reads; one layout, one compiled graph
     segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
     owner = row_owners([len(m) for m in masks], images.device)
     tight = tight_boxes(segs) if boxes is None else torch.cat(boxes).to(segs.device).float()
-    ctx = context_boxes(segs, tight)
-    rois = torch.cat([owner[:, None].to(ctx.dtype), ctx], 1)
-    rgb_small = roi_align(images.float(), rois, output_size=INPUT, sampling_ratio=4, aligned=True)
-    if images.dtype == torch.uint8:  # the windows scaled to [0, 1], not the batch: one pass over it fewer
-        rgb_small = rgb_small / 255
-    params = net.forward(torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1))
+    params, ctx = _group_params(net, images.device)(images, segs, owner, tight)
     if kernels.available(images.device, "relight"):  # one launch over the segments' boxes, no pixel list
         from .pixel_kernel import relight_pixels
 
         return kernels.run_or_fallback("relight", lambda: relight_pixels(images, segs, owner, tight, ctx, params),
                                        lambda: _scatter_relit(images, to_unit(images), params, ctx, owner, segs))
     return _scatter_relit(images, to_unit(images), params, ctx, owner, segs)
+
+
+def _group_inputs(images: torch.Tensor, segs: torch.Tensor, owner: torch.Tensor,
+                  tight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The net's (S, 4, INPUT, INPUT) inputs for segments ``segs`` ((S, H, W) bool, tight boxes
+    ``tight``) of images ``owner`` of a (B, 3, H, W) batch, windows sampled by ``roi_align``; and
+    their (S, 4) context windows."""
+    from torchvision.ops import roi_align
+
+    ctx = context_boxes(segs, tight)
+    rois = torch.cat([owner[:, None].to(ctx.dtype), ctx], 1)
+    rgb_small = roi_align(images.float(), rois, output_size=INPUT, sampling_ratio=4, aligned=True)
+    if images.dtype == torch.uint8:  # the windows scaled to [0, 1], not the batch: one pass over it fewer
+        rgb_small = rgb_small / 255
+    return torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1), ctx
+
+
+def _inputs_then_forward(net: RelightNet, images: torch.Tensor, segs: torch.Tensor, owner: torch.Tensor,
+                         tight: torch.Tensor, bf16: bool = False,
+                         eager: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each segment's parameters (and its context window): :func:`_group_inputs`, then the net
+    (eagerly its usual forward; else its forward written for the compiler, in bfloat16 if ``bf16``)."""
+    context, ctx = _group_inputs(images, segs, owner, tight)
+    return (net.forward(context) if eager else net._forward(context, bf16, eager=False)), ctx
+
+
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _group_params(net: RelightNet, device: torch.device) -> Callable:
+    """:func:`_inputs_then_forward` for ``net`` on ``device``: on accelerators (and on the CPU with
+    ``compile_cpu``) the windows and the forward in one compiled graph (any batch, image or segment
+    count), which dispatches a handful of kernels where the eager window sampling dispatched ~60
+    operations, each costing host time on a GPU. Eager (the forward alone compiled) for one segment,
+    with autograd on, where ``SOS_AUG_COMPILE=0``, and after a failed compile (with a warning, not
+    tried again)."""
+    eager = functools.partial(_inputs_then_forward, net)
+    if compile_off() or not (net.compile_cpu or device.type != "cpu"):
+        return eager
+    if net not in _GROUPS:
+        compiled = torch.compile(functools.partial(_inputs_then_forward, net, eager=False), dynamic=False,
+                                 options={"cpp.threads": 1})
+
+        def call(images: torch.Tensor, segs: torch.Tensor, owner: torch.Tensor, tight: torch.Tensor):
+            if len(segs) < 2 or torch.is_grad_enabled():  # inference only; a size-1 dim would compile anew
+                return eager(images, segs, owner, tight)
+            for tensor, dims in ((images, (0, 2, 3)), (segs, (0, 1, 2)), (owner, (0,)), (tight, (0,))):
+                for dim in dims:  # batch, image and segment counts vary
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+            return compiled(images, segs, owner, tight, cpu_has_bf16(device))
+
+        _GROUPS[net] = with_fallback(call, eager, lambda: _GROUPS.__setitem__(net, eager))
+    return _GROUPS[net]
 
 
 def _scatter_relit(images: torch.Tensor, unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor,
