@@ -10,12 +10,20 @@ Both paths run as they would on an accelerator: ``groups`` is grouped with the a
 group cost, and ``loop`` warps each piece with the accelerator's float kernel call (on the CPU it
 otherwise round-trips each piece through the uint8 kernel, three more operations per piece, to stay
 bit-identical to the per-image path). Prints a table and writes ``--json``.
+
+Then the net's relighting of the pasted batch as on an accelerator (``_relight_group``'s windows
+and forward: the pixel pass after them is one Triton launch there), three ways: all eager; the
+windows eager and the forward compiled (the GPU default before); both in one compiled graph (the
+GPU default now). Counted with torch.profiler (a dispatch mode would see inside compiled code): the
+operations dispatched from Python, which is what costs host time per call. On a GPU, the compiled
+code's own kernels add a launch each (not counted: on the CPU they are one C++ function).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import sys
 from pathlib import Path
@@ -28,6 +36,8 @@ from _common import coco_mini, machine, train_bank  # noqa: E402
 from copypaste import load_images  # noqa: E402
 
 from sos_aug import CopyPaste, RandomLayout, SOSLayout, batched_warp, composite  # noqa: E402
+from sos_aug.relight import RelightNet  # noqa: E402
+from sos_aug.relight import net as net_module  # noqa: E402
 
 VIEWS = ("view", "select", "slice", "detach", "unsqueeze", "squeeze", "alias", "expand", "as_strided", "lift_fresh",
          "_local_scalar_dense", "split", "transpose", "t.default", "permute", "unbind")
@@ -48,6 +58,40 @@ class CountOps(TorchDispatchMode):
         """All operations, and those that compute (on a GPU, roughly the kernel launches)."""
         computing = sum(n for op, n in self.counts.items() if not any(v in op for v in VIEWS))
         return {"operations": sum(self.counts.values()), "computing": computing}
+
+
+def dispatched_from_python(fn) -> int:
+    """Operations ``fn()`` dispatches at top level (not those inside another operation), by
+    torch.profiler; ``fn`` runs once before, so that compiling is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():  # as relighting runs
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    ops = ("aten::", "torchvision::")
+    return sum(e.name.startswith(ops) and not (e.cpu_parent and e.cpu_parent.name.startswith(ops))
+               for e in prof.events())
+
+
+def relight_rows(cp: CopyPaste, images: torch.Tensor, targets: list, segments, params) -> dict:
+    """Operations dispatched by the net's windows and forward on the batch ``cp`` pastes, three ways."""
+    from sos_aug.composite import row_owners
+
+    out_images, out_targets = cp.apply(images, targets, segments, params)
+    masks = [t["masks"][t["is_pasted"]] for t in out_targets]
+    segs, owner = torch.cat(masks), row_owners([len(m) for m in masks])
+    tight = torch.cat([t["boxes"][t["is_pasted"]] for t in out_targets]).float()
+    batch = torch.stack(out_images).contiguous()
+    all_eager, forward_compiled, one_graph = (RelightNet.pretrained(compile_cpu=c) for c in (False, True, True))
+    net_module._GROUPS[forward_compiled] = functools.partial(net_module._inputs_then_forward, forward_compiled)
+    rows = {}
+    for name, net in (("eager", all_eager), ("windows eager, forward compiled", forward_compiled),
+                      ("windows and forward compiled", one_graph)):
+        run = functools.partial(net_module._group_params(net, batch.device), batch, segs, owner, tight)
+        rows[f"relight windows + forward, {name}"] = {"operations": dispatched_from_python(run),
+                                                      "segments": len(segs)}
+    return rows
 
 
 def main(argv=None) -> int:
@@ -80,6 +124,8 @@ def main(argv=None) -> int:
                 cp.apply(images, targets, segments, params)
             rows[f"{name}, warp={warp}"] = {**counter.split(), "pieces": pieces,
                                              "groups": len(groups) if warp == "groups" else pieces}
+        if name == "random":
+            rows.update(relight_rows(cp, images, targets, segments, params))
     info = {"machine": machine(), "batch": args.batch, "size": args.size, "pastes": args.pastes, "rows": rows}
     print(f"operations dispatched by one CopyPaste.apply, B={args.batch} at {args.size}², {args.pastes}/image")
     for k, v in rows.items():

@@ -8,8 +8,10 @@ batch in one copy. Timed with the device synchronised before and after, median o
 * ``paste``: compositing and every target update on the GPU, batched (the default there: the
   Triton kernels, ``warp="kernel"``) and, for comparison, batched with pieces warped in size groups
   by matmuls (``warp="groups"``), batched piece by piece (``warp="loop"``) and image by image;
-* ``relight net``: ``RelightNet`` on the pasted segments of the same batch (its pixel pass the
-  Triton kernel, the default on CUDA, and the torch pass), and net + LabBlend.
+* ``relight net``: ``RelightNet`` on the pasted segments of the same batch (its windows and forward
+  one compiled graph and its pixel pass the Triton kernel, the default on CUDA; the torch pixel
+  pass; the windows eager with the forward compiled, the default before; all eager), and
+  net + LabBlend.
 
 Also checks that the GPU and CPU paths agree on the same draws (labels, masks, pixels).
 Needs a CUDA device; prints a table and writes ``--json``.
@@ -18,6 +20,7 @@ Needs a CUDA device; prints a table and writes ``--json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -121,17 +124,21 @@ def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     net = RelightNet.pretrained().to(dev)
     batch = pasted_batch(out_images, out_targets)
     plain, masks = batch.plain, batch.masks
-    rows["relight net, first call (compiles forward and pixel pass)"] = first_call_ms(lambda: relight(net, batch),
-                                                                                        dev)
+    rows["relight net, first call (compiles windows + forward, and pixel pass)"] = first_call_ms(
+        lambda: relight(net, batch), dev)
     rows["relight net (B images, their pasted segments)"] = cuda_ms(lambda: relight(net, batch), repeats)
     kernels.FAILED.add("relight")  # the torch pixel pass (nonzero, gather, compiled transform, scatter)
     try:
         rows["relight net, torch pixel pass"] = cuda_ms(lambda: relight(net, batch), repeats)
     finally:
         kernels.FAILED.discard("relight")
+    windows_eager = RelightNet.pretrained().to(dev)  # the default before: windows sampled eagerly
+    net_module._GROUPS[windows_eager] = functools.partial(net_module._inputs_then_forward, windows_eager)
+    rows["relight net, windows eager, forward compiled"] = cuda_ms(lambda: relight(windows_eager, batch), repeats)
     eager_forward = RelightNet.pretrained().to(dev)
+    net_module._GROUPS[eager_forward] = functools.partial(net_module._inputs_then_forward, eager_forward)
     net_module._FORWARDS[eager_forward] = eager_forward._forward  # the pixel pass alone compiled
-    rows["relight net, forward eager"] = cuda_ms(lambda: relight(eager_forward, batch), repeats)
+    rows["relight net, windows and forward eager"] = cuda_ms(lambda: relight(eager_forward, batch), repeats)
     os.environ["SOS_AUG_COMPILE"] = "0"
     try:
         rows["relight net, all eager (SOS_AUG_COMPILE=0)"] = cuda_ms(lambda: relight(net, batch), repeats)
