@@ -22,7 +22,7 @@ Relighter = Callable[["RelightBatch"], list]
 class RelightBatch:
     images: list[torch.Tensor]  # (3, H, W) uint8, or float in [0, 1]: the current composites
     plain: list[torch.Tensor]  # the composites before any relighting
-    masks: list[torch.Tensor]  # (K, H, W) bool visible pasted masks, in paste order
+    masks: list[torch.Tensor]  # (K, H, W) bool visible pasted masks (disjoint), in paste order
     boxes: list[torch.Tensor] | None = None  # (K, 4) their tight XYXY boxes, when the caller has them
 
 
