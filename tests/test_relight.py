@@ -124,7 +124,7 @@ def test_pixel_path_applies_the_same_transform_as_the_window_path(pasted, as_uin
 @pytest.mark.parametrize("as_uint8", [False, True])
 def test_lab_blend_pixel_path_equals_its_window_path(pasted, as_uint8):
     """LabBlend's accelerator path (all pasted pixels of a batch at once, elementwise Lab) against
-    its CPU path (kornia's Lab): float within 1e-4, uint8 within one level."""
+    its CPU path (Lab by matrix products): float within 1e-4, uint8 within one level."""
     batch = pasted[0]
     blend = LabBlend()
     g = torch.Generator().manual_seed(0)
@@ -142,7 +142,7 @@ def test_lab_blend_pixel_path_equals_its_window_path(pasted, as_uint8):
 @pytest.mark.parametrize("as_uint8", [False, True])
 def test_reinhard_pixel_path_equals_its_window_path(pasted, as_uint8):
     """ReinhardTransfer's accelerator path (every segment's ring and statistics at once, elementwise
-    Lab) against its CPU path (segment by segment, kornia's Lab), run here on the CPU, on a batch of
+    Lab) against its CPU path (segment by segment, Lab by matrix products), run here on the CPU, on a batch of
     two images cut to one size; an empty mask and a segment whose ring is too small stay untouched."""
     batch = pasted[0]
     h, w = (min(im.shape[i] for im in batch.images) for i in (1, 2))
@@ -167,6 +167,28 @@ def test_reinhard_pixel_path_equals_its_window_path(pasted, as_uint8):
         assert torch.equal(got[:, ~covered], image[:, ~covered])
         assert (got[:, covered].float() - image[:, covered].float()).abs().mean() > 1e-3
     assert torch.equal(pixels[1][:, walled], images[1][:, walled])  # its ring is empty: left as it was
+
+
+@pytest.mark.parametrize("relighter", [LabBlend(), ReinhardTransfer(strength=0.8)], ids=["lab_blend", "reinhard"])
+def test_classical_cpu_paths_read_and_write_channels_last_images(pasted, relighter):
+    """The classical CPU paths gather and write pixels straight in the images' memory: channels-last
+    uint8 images (what torchvision's uint8 resize returns) come out exactly as planar ones do, and
+    stay channels-last."""
+    batch = pasted[0]
+    plain = [(im * 255).round().to(torch.uint8) for im in batch.images]
+    relit = [(im.float() * 0.8).to(torch.uint8) for im in plain]  # the composite differs from the plain image
+
+    def interleaved(images):
+        return [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in images]
+
+    planar_out = relighter(RelightBatch(relit, plain, batch.masks))
+    interleaved_out = relighter(RelightBatch(interleaved(relit), interleaved(plain), batch.masks))
+    for a, b, before, masks in zip(planar_out, interleaved_out, relit, batch.masks):
+        assert torch.equal(a, b)
+        assert b.stride() == (1, 3 * b.shape[2], 3)
+        covered = masks.any(0)
+        assert torch.equal(b[:, ~covered], before[:, ~covered])
+        assert (b[:, covered] != before[:, covered]).float().mean() > 0.1
 
 
 @pytest.fixture
@@ -227,8 +249,16 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout, monkeypat
 
 def test_colour_conversions_match_kornia():
     """The Lab conversions written for the compiler (elementwise) and for eager runs (matrix
-    products, the cube root's knee as a minimum) against kornia's, knees and extremes included."""
-    from sos_aug.relight.color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_eager, rgb_to_lab_fused
+    products, the cube root's knee as a minimum, uint8 linearised by lookup) against kornia's, knees
+    and extremes included."""
+    from sos_aug.relight.color import (
+        lab_to_rgb,
+        lab_to_rgb_eager,
+        lab_to_rgb_fused,
+        rgb_to_lab,
+        rgb_to_lab_eager,
+        rgb_to_lab_fused,
+    )
 
     x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
     x[:, 0] = torch.linspace(0, 0.08, 50)  # around the sRGB knee (0.04045); dark enough for the Lab knee
@@ -237,8 +267,13 @@ def test_colour_conversions_match_kornia():
     assert torch.allclose(rgb_to_lab_fused(x), reference, atol=1e-3)
     assert torch.allclose(rgb_to_lab_eager(x), reference, atol=1e-3)
     assert torch.allclose(rgb_to_lab_eager(x.transpose(0, 1).contiguous().transpose(0, 1)), reference, atol=1e-3)
+    levels = torch.arange(256, dtype=torch.uint8).expand(3, 2, 256).clone()  # every uint8 level, each channel
+    levels[1, 1] = levels[1, 1].flip(0)
+    assert torch.allclose(rgb_to_lab_eager(levels), rgb_to_lab(levels[None] / 255)[0], atol=1e-3)
     lab = reference * torch.tensor([1.0, 1.5, 1.5]).view(3, 1, 1)  # some out of gamut
-    assert torch.allclose(lab_to_rgb_fused(lab), lab_to_rgb(lab[None])[0], atol=1e-5)
+    lab[0, 0, :3] = torch.tensor([0.0, 100.0, 120.0])  # black, white, and above white
+    for to_rgb in (lab_to_rgb_fused, lab_to_rgb_eager):
+        assert torch.allclose(to_rgb(lab), lab_to_rgb(lab[None])[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("as_uint8", [True, False])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .color import lab_to_rgb, lab_to_rgb_fused, rgb_to_lab, rgb_to_lab_fused
+from .color import lab_to_rgb_eager, lab_to_rgb_fused, rgb_to_lab_eager, rgb_to_lab_fused
 from .compiling import compiled, mask_01, once_with_fallback
 
 Relighter = Callable[["RelightBatch"], list]
@@ -101,26 +101,22 @@ class ReinhardTransfer:
         from ..composite import count_pixels
 
         result = image.clone()
+        background = masks.view(torch.uint8).amax(0) == 0  # outside every pasted segment
         for m, win in zip(masks, _windows(masks, self.ring_widths(count_pixels(masks)))):
             if win is None:
                 continue
             mw = m[win]
-            ring = masks[(slice(None), *win)].view(torch.uint8).amax(0) == 0
+            ring = background[win]
             if int(ring.sum()) < 8:
                 continue
             # only the segment's pixels and its ring go through Lab (and only the segment back)
-            view = result[(slice(None), *win)]
-            window = view.contiguous()
-            flat = window.view(3, -1)
-            inside = mw.reshape(-1).nonzero().squeeze(1)
-            around = ring.reshape(-1).nonzero().squeeze(1)
-            lab = _lab_pixels(flat.index_select(1, inside))
-            ref = _lab_pixels(plain[(slice(None), *win)].reshape(3, -1).index_select(1, around))
+            inside, around = (_pixel_index(m, win, image.shape[-1]) for m in (mw, ring))
+            lab = _lab_pixels(_get_pixels(result, inside))
+            ref = _lab_pixels(_get_pixels(plain, around))
             fg_mean, fg_std = _stats(lab)
             bg_mean, bg_std = _stats(ref)
             moved = (lab - fg_mean) / fg_std * bg_std + bg_mean
-            _put_pixels(flat, inside, lab + self.strength * (moved - lab))
-            view.copy_(window)
+            _put_pixels(result, inside, lab + self.strength * (moved - lab))
         return result
 
     def _transfer_pixels(self, images: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -162,8 +158,12 @@ class ReinhardTransfer:
 
 
 def _stats(px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of (3, n) pixels, as (3, 1)."""
-    return px.mean(1, keepdim=True), px.std(1, keepdim=True).nan_to_num(0).clamp(min=1e-3)
+    """Per-channel mean and std (unbiased, as ``torch.std``) of (3, n) pixels, as (3, 1); the std by
+    two passes, ~10x faster on the CPU than ``torch.std``'s single-pass algorithm."""
+    mean = px.mean(1, keepdim=True)
+    centred = px - mean
+    var = (centred * centred).sum(1, keepdim=True) / (px.shape[1] - 1)  # one pixel: 0 / 0
+    return mean, var.sqrt().nan_to_num(0).clamp(min=1e-3)
 
 
 def _stats_per_segment(px: torch.Tensor, seg: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,16 +181,50 @@ def _stats_per_segment(px: torch.Tensor, seg: torch.Tensor, n: int) -> tuple[tor
 
 
 def _lab_pixels(rgb: torch.Tensor) -> torch.Tensor:
-    """(3, n) pixels (uint8 or [0, 1]) -> (3, n) Lab, through kornia as a 3 x n x 1 image."""
-    return rgb_to_lab(to_unit(rgb)[:, :, None])[:, :, 0]
+    """(3, n) pixels (uint8 or [0, 1]) -> (3, n) Lab (kornia's, computed by matrix products)."""
+    return rgb_to_lab_eager(rgb if rgb.dtype == torch.uint8 else to_unit(rgb))
 
 
-def _put_pixels(flat: torch.Tensor, where: torch.Tensor, lab: torch.Tensor) -> None:
-    """Write (3, n) Lab pixels back as RGB into columns ``where`` of a (3, h*w) window."""
-    rgb = lab_to_rgb(lab[:, :, None])[:, :, 0]
-    if flat.dtype == torch.uint8:
-        rgb = (rgb * 255).round().clamp(0, 255)
-    flat.index_copy_(1, where, rgb.to(flat.dtype))
+def _pixel_index(mask_window: torch.Tensor, win: tuple[slice, slice], width: int) -> torch.Tensor:
+    """Flat indices (y * W + x) into an image of width ``width`` of the pixels set in
+    ``mask_window``, the window ``win`` of a mask."""
+    ys, xs = mask_window.nonzero(as_tuple=True)
+    return (ys + win[0].start) * width + xs + win[1].start
+
+
+def _interleaved(image: torch.Tensor) -> bool:
+    """Whether a (3, H, W) image is channels-last in memory (torchvision's uint8 resize returns those)."""
+    return image.stride() == (1, 3 * image.shape[2], 3)
+
+
+def _get_pixels(image: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(3, n) values of pixels ``idx`` (flat y * W + x) of a (3, H, W) image, planar or channels-last,
+    gathered straight from its memory (no copy of a window first)."""
+    if _interleaved(image):
+        return image.permute(1, 2, 0).reshape(-1, 3).index_select(0, idx).T
+    return image.reshape(3, -1).index_select(1, idx)
+
+
+def _put_pixels(image: torch.Tensor, idx: torch.Tensor, lab: torch.Tensor) -> None:
+    """Write (3, n) Lab pixels back as RGB into pixels ``idx`` of a dense (3, H, W) image, in place."""
+    rgb = lab_to_rgb_eager(lab)
+    if image.dtype == torch.uint8:
+        rgb = (rgb * 255).round_().clamp_(0, 255)
+    rgb = rgb.to(image.dtype)
+    if _interleaved(image):
+        image.permute(1, 2, 0).view(-1, 3).index_copy_(0, idx, rgb.T)
+    else:
+        image.view(3, -1).index_copy_(1, idx, rgb)
+
+
+def _blend_lab(result: torch.Tensor, plain: torch.Tensor, idx: torch.Tensor, weight: float | torch.Tensor,
+               relit_ab: bool) -> None:
+    """LabBlend of pixels ``idx`` of ``result`` in place, eagerly: L mixed with ``plain``'s by
+    ``weight`` (one, or one per pixel), a/b from the relit or the plain pixels."""
+    lab_r = _lab_pixels(_get_pixels(result, idx))
+    lab_p = _lab_pixels(_get_pixels(plain, idx))
+    L = weight * lab_r[:1] + (1 - weight) * lab_p[:1]
+    _put_pixels(result, idx, torch.cat([L, lab_r[1:] if relit_ab else lab_p[1:]]))
 
 
 class LabBlend:
@@ -231,19 +265,24 @@ class LabBlend:
         return by_device(relit_images, batch.plain, batch.masks, self._blend_windows, self._blend_pixels)
 
     def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """The CPU path, segment by segment: eagerly only the pixels under its mask go through Lab
-        and back; with ``compile_cpu`` its whole box does, in one compiled loop."""
+        """The CPU path: eagerly, the pixels under all of an image's masks (found window by window)
+        through Lab and back at once; with ``compile_cpu``, each segment's whole box in one
+        compiled loop."""
         from ..composite import count_pixels
 
-        fused = _blend_segment
+        result = relit.clone()
+        weights = self.weights(count_pixels(masks))
+        segments = [(k, win) for k, win in enumerate(_windows(masks)) if win is not None]
         if self.compile_cpu:
             fused = once_with_fallback("cpu:lab_blend", _fused_blend, _blend_segment)
-        result = relit.clone()
-        for wk, m, win in zip(self.weights(count_pixels(masks)).tolist(), masks, _windows(masks)):
-            if win is None:
-                continue
-            tiny = win[0].stop - win[0].start < 2 or win[1].stop - win[1].start < 2  # no kernel for size-1 dims
-            (_blend_segment if tiny else fused)(result, plain, m, win, wk, self.ab == "relit")
+            for (k, win), wk in zip(segments, weights[[k for k, _ in segments]].tolist()):
+                tiny = win[0].stop - win[0].start < 2 or win[1].stop - win[1].start < 2  # no kernel for size-1 dims
+                (_blend_segment if tiny else fused)(result, plain, masks[k], win, wk, self.ab == "relit")
+            return result
+        idx = [_pixel_index(masks[k][win], win, relit.shape[-1]) for k, win in segments]
+        if idx:
+            per_pixel = weights[[k for k, _ in segments]].repeat_interleave(torch.tensor([len(i) for i in idx]))
+            _blend_lab(result, plain, torch.cat(idx), per_pixel, self.ab == "relit")
         return result
 
     def _blend_pixels(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -267,16 +306,7 @@ def _blend_segment(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor
                    weight: float, relit_ab: bool) -> None:
     """LabBlend of one segment into ``result`` in place, eagerly: only the pixels under its mask go
     through Lab and back."""
-    view = result[(slice(None), *win)]
-    window = view.contiguous()
-    inside = mask[win].reshape(-1).nonzero().squeeze(1)
-    flat = window.view(3, -1)
-    lab_r = _lab_pixels(flat.index_select(1, inside))
-    lab_p = _lab_pixels(plain[(slice(None), *win)].reshape(3, -1).index_select(1, inside))
-    L = weight * lab_r[:1] + (1 - weight) * lab_p[:1]
-    ab = lab_r[1:] if relit_ab else lab_p[1:]
-    _put_pixels(flat, inside, torch.cat([L, ab]))
-    view.copy_(window)
+    _blend_lab(result, plain, _pixel_index(mask[win], win, result.shape[-1]), weight, relit_ab)
 
 
 def _fused_blend(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, win: tuple[slice, slice],

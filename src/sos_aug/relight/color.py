@@ -1,7 +1,9 @@
-"""Colour spaces and colour difference: Lab through kornia, CIEDE2000 (kornia has none)."""
+"""Colour spaces and colour difference: Lab (kornia's, and the same conversions written for eager
+runs and for the compiler), CIEDE2000 (kornia has none)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import kornia
@@ -53,18 +55,65 @@ def rgb_to_lab_fused(rgb: torch.Tensor) -> torch.Tensor:
 _XYZ_TO_LAB = ((0.0, 116.0, 0.0), (500.0, -500.0, 0.0), (0.0, 200.0, -200.0))  # f(X), f(Y), f(Z) -> L, a, b
 
 
+def _srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
+    """sRGB values in [0, 1] to linear light (powers as exp/log in place)."""
+    return torch.where(x > 0.04045, x.add(0.055).div_(1.055).log_().mul_(2.4).exp_(), x / 12.92)
+
+
+@functools.cache
+def _srgb_table(device: torch.device) -> torch.Tensor:
+    """:func:`_srgb_to_linear` of the 256 uint8 levels: for uint8 pixels one lookup replaces a
+    float conversion, a power and a select (~6x less time on the CPU)."""
+    return _srgb_to_linear(torch.arange(256, dtype=torch.float32, device=device) / 255)
+
+
 def rgb_to_lab_eager(rgb: torch.Tensor) -> torch.Tensor:
-    """:func:`rgb_to_lab_fused` for eager execution: the two 3x3 mixes as matrix products and the
-    piecewise cube root as a minimum (the cube root lies below its tangent line at the knee), about
-    10 passes over the pixels fewer; the compiler fuses the elementwise form better."""
+    """:func:`rgb_to_lab_fused` for eager execution on (3, ...) RGB, uint8 or float in [0, 1]: the two
+    3x3 mixes as matrix products, the piecewise cube root as a minimum (the cube root lies below its
+    tangent line at the knee), uint8 linearised by lookup; about 10 passes over the pixels fewer
+    than the elementwise form, which the compiler fuses better."""
     shape = rgb.shape
-    x = rgb.reshape(3, -1).clamp(0, 1)
-    lin = torch.where(x > 0.04045, x.add(0.055).div_(1.055).log_().mul_(2.4).exp_(), x / 12.92)
-    to_xyz = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device) / _white(x)
-    xyz = to_xyz @ lin
+    if rgb.dtype == torch.uint8:
+        x = rgb.reshape(3, -1)
+        lin = _srgb_table(x.device).take(x.long())
+    else:
+        x = rgb.reshape(3, -1).clamp(0, 1)
+        lin = _srgb_to_linear(x)
+    m = _eager_matrices(lin.dtype, lin.device)
+    xyz = m["to_xyz"] @ lin
     f = torch.minimum(xyz.clamp(min=0.008856).log_().div_(3).exp_(), xyz.mul_(7.787).add_(4 / 29))
-    to_lab = torch.tensor(_XYZ_TO_LAB, dtype=x.dtype, device=x.device)
-    return torch.addmm(torch.tensor([[-16.0], [0.0], [0.0]], dtype=x.dtype, device=x.device), to_lab, f).view(shape)
+    return torch.addmm(m["lab_offset"], m["to_lab"], f).view(shape)
+
+
+_LAB_TO_F = ((1 / 116, 1 / 500, 0.0), (1 / 116, 0.0, 0.0), (1 / 116, 0.0, -1 / 200))  # L, a, b -> f(X), f(Y), f(Z)
+
+
+@functools.cache
+def _eager_matrices(dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """The eager conversions' matrices and offsets (white point folded in), made once per dtype and
+    device rather than on every call (the classical relighters convert segment by segment)."""
+    def tensor(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    white = tensor(_WHITE)
+    return {"to_xyz": tensor(_RGB_TO_XYZ) / white[:, None], "to_lab": tensor(_XYZ_TO_LAB),
+            "lab_offset": tensor([[-16.0], [0.0], [0.0]]), "to_f": tensor(_LAB_TO_F),
+            "f_offset": torch.full((3, 1), 16 / 116, dtype=dtype, device=device),
+            "to_rgb": tensor(_XYZ_TO_RGB) * white[None, :]}
+
+
+def lab_to_rgb_eager(lab: torch.Tensor) -> torch.Tensor:
+    """:func:`lab_to_rgb_fused` for eager execution, written like :func:`rgb_to_lab_eager` (the mixes
+    as matrix products, powers as exp/log in place): ~1.3x faster than kornia's on the CPU."""
+    shape = lab.shape
+    x = lab.reshape(3, -1)
+    m = _eager_matrices(x.dtype, x.device)
+    f = torch.addmm(m["f_offset"], m["to_f"], x)
+    f[2].clamp_(min=0)
+    xyz = torch.where(f > 0.2068966, f * f * f, f.sub(4 / 29).div_(7.787))
+    lin = m["to_rgb"] @ xyz
+    gamma = lin.clamp(min=0.0031308).log_().div_(2.4).exp_().mul_(1.055).sub_(0.055)
+    return torch.where(lin > 0.0031308, gamma, lin.mul_(12.92)).clamp_(0, 1).view(shape)
 
 
 def lab_to_rgb_fused(lab: torch.Tensor) -> torch.Tensor:
