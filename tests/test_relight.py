@@ -173,7 +173,7 @@ def test_reinhard_pixel_path_equals_its_window_path(pasted, as_uint8):
 def test_classical_cpu_paths_read_and_write_channels_last_images(pasted, relighter):
     """The classical CPU paths gather and write pixels straight in the images' memory: channels-last
     uint8 images (what torchvision's uint8 resize returns) come out exactly as planar ones do, and
-    stay channels-last."""
+    stay channels-last; given the masks' tight boxes (as CopyPaste passes them), the same again."""
     batch = pasted[0]
     plain = [(im * 255).round().to(torch.uint8) for im in batch.images]
     relit = [(im.float() * 0.8).to(torch.uint8) for im in plain]  # the composite differs from the plain image
@@ -181,10 +181,13 @@ def test_classical_cpu_paths_read_and_write_channels_last_images(pasted, relight
     def interleaved(images):
         return [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in images]
 
+    from sos_aug.composite import tight_boxes
+
     planar_out = relighter(RelightBatch(relit, plain, batch.masks))
     interleaved_out = relighter(RelightBatch(interleaved(relit), interleaved(plain), batch.masks))
-    for a, b, before, masks in zip(planar_out, interleaved_out, relit, batch.masks):
-        assert torch.equal(a, b)
+    with_boxes = relighter(RelightBatch(relit, plain, batch.masks, [tight_boxes(m) for m in batch.masks]))
+    for a, b, c, before, masks in zip(planar_out, interleaved_out, with_boxes, relit, batch.masks):
+        assert torch.equal(a, b) and torch.equal(a, c)
         assert b.stride() == (1, 3 * b.shape[2], 3)
         covered = masks.any(0)
         assert torch.equal(b[:, ~covered], before[:, ~covered])
@@ -255,6 +258,7 @@ def test_colour_conversions_match_kornia():
         lab_to_rgb,
         lab_to_rgb_eager,
         lab_to_rgb_fused,
+        lightness_eager,
         rgb_to_lab,
         rgb_to_lab_eager,
         rgb_to_lab_fused,
@@ -270,6 +274,8 @@ def test_colour_conversions_match_kornia():
     levels = torch.arange(256, dtype=torch.uint8).expand(3, 2, 256).clone()  # every uint8 level, each channel
     levels[1, 1] = levels[1, 1].flip(0)
     assert torch.allclose(rgb_to_lab_eager(levels), rgb_to_lab(levels[None] / 255)[0], atol=1e-3)
+    for rgb in (x, levels):
+        assert torch.allclose(lightness_eager(rgb), rgb_to_lab_eager(rgb)[:1], atol=1e-4)
     lab = reference * torch.tensor([1.0, 1.5, 1.5]).view(3, 1, 1)  # some out of gamut
     lab[0, 0, :3] = torch.tensor([0.0, 100.0, 120.0])  # black, white, and above white
     for to_rgb in (lab_to_rgb_fused, lab_to_rgb_eager):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .color import lab_to_rgb_eager, lab_to_rgb_fused, rgb_to_lab_eager, rgb_to_lab_fused
+from .color import lab_to_rgb_eager, lab_to_rgb_fused, lightness_eager, rgb_to_lab_eager, rgb_to_lab_fused
 from .compiling import compiled, mask_01, once_with_fallback
 
 Relighter = Callable[["RelightBatch"], list]
@@ -45,16 +45,17 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def by_device(images: list[torch.Tensor], plain: list[torch.Tensor], masks: list[torch.Tensor],
-              on_cpu: Callable, on_batch: Callable) -> list[torch.Tensor]:
-    """A classical relighter's two paths: ``on_cpu(image, plain, masks)`` image by image on the CPU,
-    ``on_batch(images, plain, masks)`` on accelerators for stacked images of one size; images
-    without pasted segments come back as they are."""
+              on_cpu: Callable, on_batch: Callable, boxes: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """A classical relighter's two paths: ``on_cpu(image, plain, masks, boxes)`` image by image on
+    the CPU (the masks' tight boxes where the caller has them, else None), ``on_batch(images, plain,
+    masks)`` on accelerators for stacked images of one size; images without pasted segments come
+    back as they are."""
     from ..composite import same_size_groups
 
     out, on_device = list(images), []
     for i, (image, m) in enumerate(zip(images, masks)):
         if len(m) and image.device.type == "cpu":
-            out[i] = on_cpu(image, plain[i], m)
+            out[i] = on_cpu(image, plain[i], m, None if boxes is None else boxes[i])
         elif len(m):
             on_device.append(i)
     for group in same_size_groups([images[i] for i in on_device]):
@@ -66,14 +67,16 @@ def by_device(images: list[torch.Tensor], plain: list[torch.Tensor], masks: list
     return out
 
 
-def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0) -> list[tuple[slice, slice] | None]:
-    """Each mask's box grown by ``grow`` pixels and clipped (None for an empty mask)."""
+def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0,
+             boxes: torch.Tensor | None = None) -> list[tuple[slice, slice] | None]:
+    """Each mask's box (its tight XYXY box: ``boxes`` where given, else computed) grown by ``grow``
+    pixels and clipped (None for an empty mask)."""
     from ..composite import tight_boxes
 
     h, w = masks.shape[-2:]
     grow = torch.as_tensor(grow).expand(len(masks)).tolist()
     out = []
-    for (x0, y0, x1, y1), g in zip(tight_boxes(masks).int().tolist(), grow):
+    for (x0, y0, x1, y1), g in zip((tight_boxes(masks) if boxes is None else boxes).int().tolist(), grow):
         out.append(None if x1 <= x0 else (slice(max(0, y0 - g), min(h, y1 + g)), slice(max(0, x0 - g), min(w, x1 + g))))
     return out
 
@@ -89,20 +92,22 @@ class ReinhardTransfer:
         self.strength, self.ring = strength, ring
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
-        return by_device(batch.images, batch.plain, batch.masks, self._transfer_windows, self._transfer_pixels)
+        return by_device(batch.images, batch.plain, batch.masks, self._transfer_windows, self._transfer_pixels,
+                         batch.boxes)
 
     def ring_widths(self, areas: torch.Tensor) -> torch.Tensor:
         """How far each segment's box grows into its ring: ``ring`` x sqrt(area), at least 3 pixels."""
         return (self.ring * areas.double().sqrt()).floor().long().clamp(min=3)
 
-    def _transfer_windows(self, image: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def _transfer_windows(self, image: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,
+                          boxes: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU path, segment by segment over its grown box: only the segment's and its ring's
         pixels go through Lab, and only the segment's come back."""
         from ..composite import count_pixels
 
         result = image.clone()
         background = masks.view(torch.uint8).amax(0) == 0  # outside every pasted segment
-        for m, win in zip(masks, _windows(masks, self.ring_widths(count_pixels(masks)))):
+        for m, win in zip(masks, _windows(masks, self.ring_widths(count_pixels(masks)), boxes)):
             if win is None:
                 continue
             mw = m[win]
@@ -180,9 +185,11 @@ def _stats_per_segment(px: torch.Tensor, seg: torch.Tensor, n: int) -> tuple[tor
     return mean.T.float(), std.T.float(), count
 
 
-def _lab_pixels(rgb: torch.Tensor) -> torch.Tensor:
-    """(3, n) pixels (uint8 or [0, 1]) -> (3, n) Lab (kornia's, computed by matrix products)."""
-    return rgb_to_lab_eager(rgb if rgb.dtype == torch.uint8 else to_unit(rgb))
+def _lab_pixels(rgb: torch.Tensor, lightness_only: bool = False) -> torch.Tensor:
+    """(3, n) pixels (uint8 or [0, 1]) -> (3, n) Lab (kornia's, computed by matrix products), or
+    (1, n) L alone."""
+    x = rgb if rgb.dtype == torch.uint8 else to_unit(rgb)
+    return lightness_eager(x) if lightness_only else rgb_to_lab_eager(x)
 
 
 def _pixel_index(mask_window: torch.Tensor, win: tuple[slice, slice], width: int) -> torch.Tensor:
@@ -222,7 +229,7 @@ def _blend_lab(result: torch.Tensor, plain: torch.Tensor, idx: torch.Tensor, wei
     """LabBlend of pixels ``idx`` of ``result`` in place, eagerly: L mixed with ``plain``'s by
     ``weight`` (one, or one per pixel), a/b from the relit or the plain pixels."""
     lab_r = _lab_pixels(_get_pixels(result, idx))
-    lab_p = _lab_pixels(_get_pixels(plain, idx))
+    lab_p = _lab_pixels(_get_pixels(plain, idx), lightness_only=relit_ab)  # a/b from the relit pixels: L alone
     L = weight * lab_r[:1] + (1 - weight) * lab_p[:1]
     _put_pixels(result, idx, torch.cat([L, lab_r[1:] if relit_ab else lab_p[1:]]))
 
@@ -262,9 +269,10 @@ class LabBlend:
         relit_images = batch.images
         if all(a is b for a, b in zip(batch.images, batch.plain)):  # nothing relit yet
             relit_images = self.fallback(batch)
-        return by_device(relit_images, batch.plain, batch.masks, self._blend_windows, self._blend_pixels)
+        return by_device(relit_images, batch.plain, batch.masks, self._blend_windows, self._blend_pixels, batch.boxes)
 
-    def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,
+                       boxes: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU path: eagerly, the pixels under all of an image's masks (found window by window)
         through Lab and back at once; with ``compile_cpu``, each segment's whole box in one
         compiled loop."""
@@ -272,7 +280,7 @@ class LabBlend:
 
         result = relit.clone()
         weights = self.weights(count_pixels(masks))
-        segments = [(k, win) for k, win in enumerate(_windows(masks)) if win is not None]
+        segments = [(k, win) for k, win in enumerate(_windows(masks, boxes=boxes)) if win is not None]
         if self.compile_cpu:
             fused = once_with_fallback("cpu:lab_blend", _fused_blend, _blend_segment)
             for (k, win), wk in zip(segments, weights[[k for k, _ in segments]].tolist()):

@@ -72,17 +72,29 @@ def rgb_to_lab_eager(rgb: torch.Tensor) -> torch.Tensor:
     3x3 mixes as matrix products, the piecewise cube root as a minimum (the cube root lies below its
     tangent line at the knee), uint8 linearised by lookup; about 10 passes over the pixels fewer
     than the elementwise form, which the compiler fuses better."""
-    shape = rgb.shape
-    if rgb.dtype == torch.uint8:
-        x = rgb.reshape(3, -1)
-        lin = _srgb_table(x.device).take(x.long())
-    else:
-        x = rgb.reshape(3, -1).clamp(0, 1)
-        lin = _srgb_to_linear(x)
+    lin = _linear_rgb(rgb)
     m = _eager_matrices(lin.dtype, lin.device)
-    xyz = m["to_xyz"] @ lin
-    f = torch.minimum(xyz.clamp(min=0.008856).log_().div_(3).exp_(), xyz.mul_(7.787).add_(4 / 29))
-    return torch.addmm(m["lab_offset"], m["to_lab"], f).view(shape)
+    return torch.addmm(m["lab_offset"], m["to_lab"], _cube_root_knee(m["to_xyz"] @ lin)).view(rgb.shape)
+
+
+def lightness_eager(rgb: torch.Tensor) -> torch.Tensor:
+    """The L channel of :func:`rgb_to_lab_eager`, shaped (1, ...): only Y is mixed and rooted."""
+    lin = _linear_rgb(rgb)
+    m = _eager_matrices(lin.dtype, lin.device)
+    return _cube_root_knee(m["to_xyz"][1:2] @ lin).mul_(116).sub_(16).view(1, *rgb.shape[1:])
+
+
+def _linear_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, ...) RGB, uint8 (by lookup) or float in [0, 1], as (3, n) linear light."""
+    if rgb.dtype == torch.uint8:
+        return _srgb_table(rgb.device).take(rgb.reshape(3, -1).long())
+    return _srgb_to_linear(rgb.reshape(3, -1).clamp(0, 1))
+
+
+def _cube_root_knee(xyz: torch.Tensor) -> torch.Tensor:
+    """Lab's f(t): the cube root above the knee, the line below it, as a minimum (the cube root lies
+    below its tangent line at the knee). Overwrites ``xyz``."""
+    return torch.minimum(xyz.clamp(min=0.008856).log_().div_(3).exp_(), xyz.mul_(7.787).add_(4 / 29))
 
 
 _LAB_TO_F = ((1 / 116, 1 / 500, 0.0), (1 / 116, 0.0, 0.0), (1 / 116, 0.0, -1 / 200))  # L, a, b -> f(X), f(Y), f(Z)
