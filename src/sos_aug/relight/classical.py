@@ -251,7 +251,9 @@ class LabBlend:
         self.ab = ab
         self.fallback = fallback or ReinhardTransfer()
         # CPU path: each segment's box blended in one loop fused by torch.compile, compiled once per
-        # process (CopyPasteCollate compiles it in the training process; forked workers inherit it)
+        # process (CopyPasteCollate compiles it in the training process; forked workers inherit it).
+        # No faster than the eager path since that gathers pixels and converts by matrix products
+        # (8.6 ms per image each in benchmarks/relight.py's batch); kept for callers that set it
         self.compile_cpu = compile_cpu
 
     @staticmethod
