@@ -281,17 +281,17 @@ class LabBlend:
         from ..composite import count_pixels
 
         result = relit.clone()
-        weights = self.weights(count_pixels(masks))
         segments = [(k, win) for k, win in enumerate(_windows(masks, boxes=boxes)) if win is not None]
+        weights = self.weights(count_pixels(masks))[[k for k, _ in segments]]  # those segments' weights
         if self.compile_cpu:
             fused = once_with_fallback("cpu:lab_blend", _fused_blend, _blend_segment)
-            for (k, win), wk in zip(segments, weights[[k for k, _ in segments]].tolist()):
+            for (k, win), wk in zip(segments, weights.tolist()):
                 tiny = win[0].stop - win[0].start < 2 or win[1].stop - win[1].start < 2  # no kernel for size-1 dims
                 (_blend_segment if tiny else fused)(result, plain, masks[k], win, wk, self.ab == "relit")
             return result
         idx = [_pixel_index(masks[k][win], win, relit.shape[-1]) for k, win in segments]
         if idx:
-            per_pixel = weights[[k for k, _ in segments]].repeat_interleave(torch.tensor([len(i) for i in idx]))
+            per_pixel = weights.repeat_interleave(torch.tensor([len(i) for i in idx]))
             _blend_lab(result, plain, torch.cat(idx), per_pixel, self.ab == "relit")
         return result
 
