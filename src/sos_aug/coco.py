@@ -1,18 +1,91 @@
-"""A COCO/LVIS instances dataset in torchvision's detection format, with dense masks."""
+"""COCO/LVIS instances: a dataset in torchvision's detection format with dense masks, and the
+photo-by-photo reader that relighting's training and evaluation use. Unreadable images and bad
+segmentations are counted skips, never a crash mid-epoch."""
 
 from __future__ import annotations
 
-import json
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .bank.sources import segmentation_to_mask
+from .bank.sources import load_coco, read_rgb, segmentation_to_mask
 from .composite import tight_boxes
+
+
+@dataclass
+class Skips:
+    """Bad inputs left out, counted by reason, with the first example of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, what: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, what)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+    def __str__(self) -> str:
+        return describe_skips(self.counts, self.examples)
+
+
+def describe_skips(counts: dict[str, int], examples: dict[str, str]) -> str:
+    """'2 missing_image (e.g. path), ...': skip counts by reason, for a report."""
+    return ", ".join(f"{n} {reason} (e.g. {examples[reason]})" for reason, n in sorted(counts.items()))
+
+
+def image_path(images: Path, info: dict) -> Path:
+    """Where an image entry's file is: ``file_name``, or the last part of LVIS's ``coco_url``."""
+    return images / (info.get("file_name") or Path(info.get("coco_url", "")).name)
+
+
+def annotated_photos(ann_file: str | Path, images: str | Path, image_ids: list[int] | None = None,
+                     skips: Skips | None = None) -> Iterator[tuple[dict, np.ndarray, list[tuple[dict, np.ndarray]]]]:
+    """Each image with non-crowd instances, in id order: its JSON entry, its (H, W, 3) uint8 pixels
+    and (annotation, (H, W) bool mask) pairs in file order. Unreadable images and bad or empty
+    segmentations go to ``skips``; a missing image folder is an error up front."""
+    images = Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: image folder not found")
+    data = load_coco(ann_file, ("images", "annotations"))
+    skips = Skips() if skips is None else skips
+    wanted = None if image_ids is None else set(image_ids)
+    by_image: dict[int, list] = {}
+    for a in data["annotations"]:
+        if not a.get("iscrowd"):
+            by_image.setdefault(a.get("image_id"), []).append(a)
+    for info in sorted(data["images"], key=lambda im: im["id"]):
+        anns = by_image.get(info["id"])
+        if not anns or (wanted is not None and info["id"] not in wanted):
+            continue
+        rgb, problem = read_rgb(image_path(images, info))
+        if rgb is None:
+            skips.add(*problem)
+            continue
+        pairs = [(a, m) for a in anns if (m := _instance_mask(a, rgb.shape[:2], skips)) is not None]
+        if pairs:
+            yield info, rgb, pairs
+
+
+def _instance_mask(ann: dict, hw: tuple[int, int], skips: Skips) -> np.ndarray | None:
+    """An annotation's mask at (H, W), or None (counted in ``skips``) if it is bad or empty."""
+    try:
+        mask = segmentation_to_mask(ann.get("segmentation"), *hw)
+    except ValueError as err:
+        skips.add(str(err), f"annotation {ann.get('id')}")
+        return None
+    if not mask.any():
+        skips.add("empty_mask", f"annotation {ann.get('id')}")
+        return None
+    return mask
 
 
 class CocoInstances(Dataset):
@@ -21,18 +94,21 @@ class CocoInstances(Dataset):
     ids), ``masks`` (``Mask``, N x H x W bool), ``iscrowd``, ``area`` (mask pixels) and ``image_id``,
     so torchvision v2 transforms apply to the whole sample.
 
-    Instances whose segmentation is empty or degenerate are left out and counted in ``skipped``.
+    Instances whose segmentation is empty or degenerate are left out, and an image that cannot be
+    read is replaced by the next readable one (with a warning naming the file): both counted in
+    ``skipped``, so a bad file never stops an epoch.
     """
+
+    MAX_REPLACEMENTS = 16  # unreadable images in a row before giving up: the folder is wrong, not a file
 
     def __init__(self, ann_file: str | Path, images: str | Path, image_ids: list[int] | None = None,
                  only_annotated: bool = True):
         self.ann_file, self.images = Path(ann_file), Path(images)
-        with open(self.ann_file) as f:
-            data = json.load(f)
+        data = load_coco(self.ann_file)
         self.categories = data["categories"]
         self.anns: dict[int, list] = {}
         for a in data["annotations"]:
-            self.anns.setdefault(a["image_id"], []).append(a)
+            self.anns.setdefault(a.get("image_id"), []).append(a)
         infos = sorted(data["images"], key=lambda im: im["id"])
         if image_ids is not None:
             wanted = set(image_ids)
@@ -40,27 +116,30 @@ class CocoInstances(Dataset):
         if only_annotated:
             infos = [im for im in infos if self.anns.get(im["id"])]
         self.infos = infos
-        self.skipped: dict[str, int] = {}
+        self.skipped = Skips()
 
     def __len__(self) -> int:
         return len(self.infos)
 
     def __getitem__(self, i: int):
-        info = self.infos[i]
-        name = info.get("file_name") or Path(info.get("coco_url", "")).name
-        path = self.images / name
-        with Image.open(path) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        self.infos[i]  # past the end is an IndexError, as for any sequence
+        tries = min(self.MAX_REPLACEMENTS, len(self))
+        for k in range(tries):
+            info = self.infos[(i + k) % len(self)]
+            rgb, problem = read_rgb(image_path(self.images, info))
+            if rgb is not None:
+                return self._sample(info, rgb)
+            self.skipped.add(*problem)
+            warnings.warn(f"CocoInstances: skipped {problem[1]} ({problem[0]}); using the next image", stacklevel=2)
+        raise FileNotFoundError(f"{self.images}: {tries} images in a row could not be read ({self.skipped})")
+
+    def _sample(self, info: dict, rgb: np.ndarray):
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
         h, w = image.shape[-2:]
         masks, labels, crowd = [], [], []
         for a in self.anns.get(info["id"], []):
-            try:
-                m = segmentation_to_mask(a["segmentation"], h, w)
-            except ValueError as err:
-                self.skipped[str(err)] = self.skipped.get(str(err), 0) + 1
-                continue
-            if not m.any():
-                self.skipped["empty_mask"] = self.skipped.get("empty_mask", 0) + 1
+            m = _instance_mask(a, (h, w), self.skipped)
+            if m is None:
                 continue
             masks.append(torch.from_numpy(m))
             labels.append(a["category_id"])

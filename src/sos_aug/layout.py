@@ -7,13 +7,13 @@ Every layout works on one image at a time, vectorised over its segments and cand
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .bank.sources import load_coco
 from .bank.store import normalize_name
 
 
@@ -218,8 +218,7 @@ class DatasetStatsLayout(Layout):
 
 def area_fractions_from_coco(ann_file: str | Path) -> dict[str, list[float]]:
     """Per category name, the areas of its non-crowd instances as fractions of their image's area."""
-    with open(ann_file) as f:
-        data = json.load(f)
+    data = load_coco(ann_file)
     image_area = {im["id"]: im["height"] * im["width"] for im in data["images"]}
     names = {c["id"]: c["name"] for c in data["categories"]}
     stats: dict[str, list[float]] = {n: [] for n in names.values()}
@@ -261,8 +260,7 @@ class ExistingBoxesLayout(Layout):
 
 def boxes_from_coco(ann_file: str | Path) -> torch.Tensor:
     """Every non-crowd box of an annotation file, normalised XYXY in [0, 1], as a pool."""
-    with open(ann_file) as f:
-        data = json.load(f)
+    data = load_coco(ann_file, ("images", "annotations"))
     size = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
     rows = []
     for a in data["annotations"]:

@@ -8,7 +8,6 @@ DataLoader worker's job), :meth:`CopyPaste.make_params` draws the layout, and
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torchvision.ops import box_convert
 
 from . import allocator
 from .bank.format import BankFormatError
+from .bank.sources import load_coco
 from .bank.store import SegmentBank, normalize_name
 from .composite import (
     DropRule,
@@ -449,8 +449,7 @@ def _resolve_labels(bank: SegmentBank, label_map, open_vocabulary: bool) -> dict
 
 def label_map_from_coco(ann_file: str | Path) -> dict[str, int]:
     """Category name (and LVIS synonyms) -> category id, from a COCO/LVIS instances file."""
-    with open(ann_file) as f:
-        cats = json.load(f)["categories"]
+    cats = load_coco(ann_file, ("categories",))["categories"]
     out = {}
     for c in cats:
         for name in [c["name"], *c.get("synonyms", [])]:

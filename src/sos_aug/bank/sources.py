@@ -62,10 +62,7 @@ def coco_source(
 ) -> Source:
     """Every non-crowd instance with a non-empty mask, cropped tightly with a small margin."""
     ann_file, images = Path(ann_file), Path(images)
-    data = _load_json(ann_file)
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{ann_file}: missing field {key!r}; is this a COCO/LVIS instances file?")
+    data = load_coco(ann_file)
     cats = [_category_record(c) for c in data["categories"]]
     keep = _selected_category_ids(cats, categories, ann_file)
     by_image: dict[int, list] = {}
@@ -104,14 +101,9 @@ class _CocoUnit:
         wanted = [a for a in anns if not a.get("iscrowd", 0)]
         if not wanted:
             return out
-        try:
-            with Image.open(path) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except FileNotFoundError:
-            out.skips += [("missing_image", f"{path} (annotation {a.get('id')})") for a in wanted]
-            return out
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            out.skips += [("corrupt_image", f"{path}: {err} (annotation {a.get('id')})") for a in wanted]
+        rgb, problem = read_rgb(path)
+        if rgb is None:
+            out.skips += [(problem[0], f"{problem[1]} (annotation {a.get('id')})") for a in wanted]
             return out
         h, w = rgb.shape[:2]
         if (height, width) != (None, None) and (height, width) != (h, w):
@@ -141,6 +133,28 @@ class _CocoUnit:
             src = f"coco:{Path(path).name}#{ann.get('id')}"
             out.items.append(Item(encode_segment(rgba, src), rgba.shape[1], rgba.shape[2], cat, area, int(image_id)))
         return out
+
+
+def load_coco(path: str | Path, fields: tuple[str, ...] = ("images", "annotations", "categories")) -> dict:
+    """A COCO/LVIS instances file, read and checked: a missing file, bad JSON or a missing ``fields``
+    list is an error that names the file (and the field)."""
+    data = _load_json(Path(path))
+    for key in fields:
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise ValueError(f"{path}: no {key!r} list; is this a COCO/LVIS instances file?")
+    return data
+
+
+def read_rgb(path: str | Path) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+    """An image's (H, W, 3) uint8 pixels, or None and (skip reason, what) where the file is
+    missing or unreadable: bad input is skipped and counted, never fatal."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")), None
+    except FileNotFoundError:
+        return None, ("missing_image", str(path))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        return None, ("corrupt_image", f"{path}: {err}")
 
 
 def segmentation_to_mask(seg: Any, h: int, w: int) -> np.ndarray:
@@ -253,7 +267,7 @@ def xpaste_source(pool: str | Path, categories_from: str | Path | None = None, c
     if not isinstance(data, dict):
         raise ValueError(f"{pool}: expected an object {{category_id: [paths]}}")
     if categories_from:
-        cats = [_category_record(c) for c in _load_json(Path(categories_from))["categories"]]
+        cats = [_category_record(c) for c in load_coco(categories_from, ("categories",))["categories"]]
     else:
         cats = []
     known = {c["id"] for c in cats}
