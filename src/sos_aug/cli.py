@@ -164,6 +164,8 @@ def _relight_train(args) -> int:
         teacher = ICLightTeacher.from_local(args.teacher)
     report = train_relight_net(args.coco, args.images, args.out, minutes=args.minutes, seed=args.seed,
                                teacher=teacher, progress=not args.quiet, device=args.device, workers=args.workers)
+    if report.skipped.counts:
+        print(f"skipped: {report.skipped}")
     print(f"saved {args.out} (best held-out fMSE {report.best_val_fmse * 255**2:.1f} at step {report.best_step} "
           f"of {report.steps}); loss curve {Path(args.out).with_suffix('.png')}")
     return 0

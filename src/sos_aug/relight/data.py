@@ -10,18 +10,33 @@ consistency can be learned.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from PIL import Image
 
-from ..bank.sources import segmentation_to_mask
+from ..coco import Skips, annotated_photos
 from .color import rgb_to_lab
 from .perturb import masked_stats
+
+
+def resize_photo(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 pixels -> (3, h, w) float in [0, 1], antialiased."""
+    img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()[None] / 255
+    return nnf.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+
+def downsample_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """A full-resolution bool mask at ``size``: the pixels at least half covered."""
+    return nnf.interpolate(torch.from_numpy(mask).float()[None, None], size=size, mode="area")[0, 0] >= 0.5
+
+
+def lab_stats(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(6,): the Lab mean and std of ``image``'s pixels under ``mask``."""
+    mean, std = masked_stats(rgb_to_lab(image[None]), mask[None, None].float())
+    return torch.cat([mean, std], 1).flatten()
 
 
 @dataclass
@@ -33,46 +48,28 @@ class Instance:
 
 
 class InstancePool:
-    """Images (long side ``side``) and their non-crowd instance masks above ``min_area`` pixels."""
+    """Images (long side ``side``) and their non-crowd instance masks above ``min_area`` pixels.
+    Unreadable images and bad segmentations are left out and counted in ``skipped``."""
 
     def __init__(self, ann_file: str | Path, images: str | Path, side: int = 320, min_area: int = 400,
-                 image_ids: list[int] | None = None):
-        data = json.loads(Path(ann_file).read_text())
-        infos = sorted(data["images"], key=lambda im: im["id"])
-        if image_ids is not None:
-            keep = set(image_ids)
-            infos = [im for im in infos if im["id"] in keep]
-        by_image: dict[int, list] = {}
-        for a in data["annotations"]:
-            if not a.get("iscrowd"):
-                by_image.setdefault(a["image_id"], []).append(a)
+                 image_ids: list[int] | None = None, skips: Skips | None = None):
         self.images: list[torch.Tensor] = []
         self.instances: list[Instance] = []
         self.image_ids: list[int] = []
-        for info in infos:
-            anns = by_image.get(info["id"], [])
-            if not anns:
-                continue
-            with Image.open(Path(images) / info["file_name"]) as im:
-                rgb = np.asarray(im.convert("RGB"))
+        self.skipped = Skips() if skips is None else skips
+        for info, rgb, pairs in annotated_photos(ann_file, images, image_ids, self.skipped):
             h, w = rgb.shape[:2]
             scale = side / max(h, w)
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()[None] / 255
-            img = nnf.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            img = resize_photo(rgb, size)
             idx = len(self.images)
-            self.images.append(img.clamp(0, 1))
+            self.images.append(img)
             self.image_ids.append(info["id"])
-            for a in anns:
-                try:
-                    m = torch.from_numpy(segmentation_to_mask(a["segmentation"], h, w)).float()[None, None]
-                except ValueError:
-                    continue
-                m = nnf.interpolate(m, size=size, mode="area")[0, 0] >= 0.5
+            for a, mask in pairs:
+                m = downsample_mask(mask, size)
                 if int(m.sum()) < min_area * scale * scale:
                     continue
-                mean, std = masked_stats(rgb_to_lab(img[None]), m[None, None].float())
-                self.instances.append(Instance(idx, m, a["category_id"], torch.cat([mean, std], 1).flatten()))
+                self.instances.append(Instance(idx, m, a["category_id"], lab_stats(img, m)))
 
         self.by_category: dict[int, list[int]] = {}
         for i, inst in enumerate(self.instances):

@@ -10,25 +10,26 @@ fitted to the truth: the ceiling). Every method must leave background pixels exa
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as nnf
-from PIL import Image
 from tqdm import tqdm
 
-from ..bank.sources import segmentation_to_mask
+from ..coco import Skips, annotated_photos, describe_skips
 from .classical import LabBlend, ReinhardTransfer, RelightBatch, relight
 from .color import delta_e2000, rgb_to_lab
+from .data import downsample_mask, lab_stats, resize_photo
 from .family import apply_family, fit_family
 from .net import RelightNet, context_boxes
-from .perturb import masked_stats, parametric, transfer
+from .perturb import parametric, transfer
 
 SIZE = 256
 METHODS = ("as_is", "reinhard", "lab_blend", "net", "oracle")
+
+
+class NoInstancesError(ValueError):
+    """Nothing to evaluate: no readable instance passes the size filter."""
 
 
 def metrics(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -42,37 +43,16 @@ def metrics(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dict
 
 
 def load_instances(ann_file: str | Path, images: str | Path, min_area: int = 400,
-                   image_ids: list[int] | None = None):
-    """(image (3, 256, 256) float, mask (256, 256) bool, category, Lab stats (6,)) per usable instance."""
-    data = json.loads(Path(ann_file).read_text())
-    if image_ids is not None:
-        wanted = set(image_ids)
-        data["images"] = [im for im in data["images"] if im["id"] in wanted]
-    by_image: dict[int, list] = {}
-    for a in data["annotations"]:
-        if not a.get("iscrowd"):
-            by_image.setdefault(a["image_id"], []).append(a)
+                   image_ids: list[int] | None = None, skips: Skips | None = None):
+    """(image (3, 256, 256) float, mask (256, 256) bool, category, Lab stats (6,)) per usable
+    instance; unreadable images and bad segmentations are counted in ``skips``."""
     out = []
-    for info in sorted(data["images"], key=lambda im: im["id"]):
-        anns = by_image.get(info["id"])
-        if not anns:
-            continue
-        with Image.open(Path(images) / info["file_name"]) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        h, w = rgb.shape[:2]
-        img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()[None] / 255
-        img = nnf.interpolate(img, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
-        img = img[0].clamp(0, 1)
-        for a in sorted(anns, key=lambda a: a["id"]):
-            try:
-                m = torch.from_numpy(segmentation_to_mask(a["segmentation"], h, w)).float()[None, None]
-            except ValueError:
-                continue
-            m = nnf.interpolate(m, size=(SIZE, SIZE), mode="area")[0, 0] >= 0.5
-            if int(m.sum()) < min_area:
-                continue
-            mean, std = masked_stats(rgb_to_lab(img[None]), m[None, None].float())
-            out.append((img, m, a["category_id"], torch.cat([mean, std], 1).flatten()))
+    for _, rgb, pairs in annotated_photos(ann_file, images, image_ids, skips):
+        img = resize_photo(rgb, (SIZE, SIZE))
+        for a, mask in sorted(pairs, key=lambda pair: pair[0]["id"]):
+            m = downsample_mask(mask, (SIZE, SIZE))
+            if int(m.sum()) >= min_area:
+                out.append((img, m, a["category_id"], lab_stats(img, m)))
     return out
 
 
@@ -100,9 +80,14 @@ def oracle(composite: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> 
 def evaluate(ann_file, images, net: RelightNet | None = None, min_area: int = 400, seed: int = 0,
              limit: int | None = None, with_oracle: bool = True, progress: bool = True,
              image_ids: list[int] | None = None, baselines: bool = True) -> dict:
-    """Run both suites; returns {"suites": {suite: {method: {metric: mean}}}, "instances": n}."""
+    """Run both suites; returns {"suites": {suite: {method: {metric: mean}}}, "instances": n,
+    "skipped": {reason: count}, ...}."""
     net = net if net is not None else RelightNet.pretrained()
-    instances = load_instances(ann_file, images, min_area, image_ids)[:limit]
+    skips = Skips()
+    instances = load_instances(ann_file, images, min_area, image_ids, skips)[:limit]
+    if not instances:
+        raise NoInstancesError(f"{ann_file}: no readable non-crowd instance of at least {min_area} px at {SIZE}²"
+                         + (f"; skipped {skips}" if skips.counts else ""))
     methods = {"as_is": None, "reinhard": ReinhardTransfer(), "lab_blend": LabBlend(), "net": net}
     if not baselines:
         methods = {"as_is": None, "net": net}
@@ -134,7 +119,7 @@ def evaluate(ann_file, images, net: RelightNet | None = None, min_area: int = 40
                 total += metrics(pred, img, mask)["fmse"]
             unperturbed[name] = total / len(instances)
     return {"instances": len(instances), "size": SIZE, "min_area": min_area, "seed": seed, "suites": results,
-            "unperturbed_fmse": unperturbed}
+            "unperturbed_fmse": unperturbed, "skipped": skips.as_dict(), "skipped_examples": skips.examples}
 
 
 def _accumulate(sums, name, values) -> None:
@@ -159,6 +144,8 @@ def format_table(result: dict) -> str:
                 r = rows[name]
                 lines.append(f"{'':12s}{name:10s} {r['mse']:8.1f} {r['fmse']:8.1f} {r['psnr']:7.2f} "
                              f"{r['de2000']:7.2f}  {100 * (r['fmse'] / base - 1):+.0f}%")
+    if result.get("skipped"):
+        lines.append(f"skipped: {describe_skips(result['skipped'], result['skipped_examples'])}")
     if result.get("unperturbed_fmse"):
         lines.append("\nunperturbed input, fMSE of the output vs the input (0 = unchanged): "
                      + ", ".join(f"{k} {v:.1f}" for k, v in result["unperturbed_fmse"].items()))

@@ -13,6 +13,7 @@ import os
 import weakref
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -91,16 +92,28 @@ class RelightNet(nn.Module):
             return cls.load(path, compile_cpu)
 
     def save(self, path) -> None:
+        """Write the weights atomically (a temporary file renamed over ``path``): an interrupted save
+        leaves the previous file whole."""
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         state["_width"] = torch.tensor(self.encoder[0][0].out_channels)
-        torch.save(state, path)
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path, compile_cpu: bool = False) -> RelightNet:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net = cls(width=int(state.pop("_width", torch.tensor(32))), compile_cpu=compile_cpu)
-        state.setdefault("gain", torch.ones(()))
-        net.load_state_dict(state)
+        """Weights written by :meth:`save`; anything else is an error naming the file."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net = cls(width=int(state.pop("_width", torch.tensor(32))), compile_cpu=compile_cpu)
+            state.setdefault("gain", torch.ones(()))
+            net.load_state_dict(state)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: relighting weights not found") from None
+        except Exception as err:  # torch.load's unpickling errors, a dict of other tensors, ...
+            raise ValueError(f"{path}: not RelightNet weights written by RelightNet.save "
+                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
         return net.eval()
 
     def __call__(self, batch_or_context, *args, **kwargs):

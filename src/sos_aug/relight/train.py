@@ -9,7 +9,6 @@ A held-out split of the images stops training at its best validation fMSE.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +20,8 @@ import torch.nn.functional as nnf
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..bank.sources import load_coco
+from ..coco import Skips
 from .data import InstancePool, training_batch
 from .family import apply_family, fit_family
 from .net import INPUT, RelightNet
@@ -37,6 +38,7 @@ class TrainReport:
     best_step: int = 0
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[tuple[int, float]] = field(default_factory=list)
+    skipped: Skips = field(default_factory=Skips)  # unreadable images and bad segmentations left out
 
 
 def split_ids(ids: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -85,12 +87,15 @@ def train_relight_net(
     many DataLoader processes (each with its own generator, seeded from ``seed``), which a GPU
     needs to be kept busy."""
     torch.manual_seed(seed)
-    ids = [im["id"] for im in json.loads(Path(ann_file).read_text())["images"]]
+    ids = [im["id"] for im in load_coco(ann_file, ("images", "annotations"))["images"]]
     train_ids, val_ids = split_ids(ids, val_fraction, seed)
-    train_pool = InstancePool(ann_file, images, image_ids=train_ids)
-    val_pool = InstancePool(ann_file, images, image_ids=val_ids)
+    skipped = Skips()  # unreadable images and bad segmentations of both splits
+    train_pool = InstancePool(ann_file, images, image_ids=train_ids, skips=skipped)
+    val_pool = InstancePool(ann_file, images, image_ids=val_ids, skips=skipped)
     if len(train_pool) == 0 or len(val_pool) == 0:
-        raise ValueError(f"{ann_file}: too few instances to train and validate on")
+        raise ValueError(f"{ann_file}: too few readable instances to train and validate on"
+                         + (f"; skipped {skipped}" if skipped.counts else ""))
+    report = TrainReport(skipped=skipped)
     g = torch.Generator().manual_seed(seed)
     val_g = torch.Generator().manual_seed(seed + 1)
     val = _make_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
@@ -99,7 +104,6 @@ def train_relight_net(
 
     net = RelightNet().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
-    report = TrainReport()
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
     report.best_val_fmse = _evaluate(net, *val)
     report.val_loss.append((0, report.best_val_fmse))
@@ -192,15 +196,16 @@ GAINS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 def calibrate_gain(net: RelightNet, ann_file, images, val_ids: list[int], progress: bool = True) -> float:
     """Pick the shrink toward the identity that does best on the held-out images under the evaluation
     protocol (mean relative fMSE of both suites vs doing nothing), and store it in the net."""
-    from .evaluate import evaluate
+    from .evaluate import NoInstancesError, evaluate
 
     net.eval()
     scores = {}
     for gain in GAINS:
         net.gain.fill_(gain)
-        result = evaluate(ann_file, images, net=net, image_ids=val_ids, with_oracle=False, baselines=False,
-                          progress=False)
-        if not result["instances"]:
+        try:
+            result = evaluate(ann_file, images, net=net, image_ids=val_ids, with_oracle=False, baselines=False,
+                              progress=False)
+        except NoInstancesError:  # nothing held out to calibrate on: no shrink
             net.gain.fill_(1.0)
             return 1.0
         suites = result["suites"]
@@ -214,13 +219,10 @@ def calibrate_gain(net: RelightNet, ann_file, images, val_ids: list[int], progre
 
 def _checkpoint(state: dict, out: str | Path) -> None:
     """Keep the best weights so far on disk (atomically), so an interrupted run is not lost."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     net = RelightNet()
     net.load_state_dict(state)
-    net.save(tmp)
-    tmp.replace(out)
+    net.save(out)
 
 
 @torch.no_grad()
