@@ -524,3 +524,17 @@ def test_distillation_plumbing_with_a_tiny_random_teacher(tmp_path, train_ann, c
                                size=32, max_steps=2, progress=False)
     assert report.steps == 2 and out.is_file() and out.with_suffix(".png").is_file()
     assert isinstance(RelightNet.load(out), RelightNet)
+
+
+def test_an_incomplete_teacher_directory_is_named_before_diffusers_looks_online(tmp_path):
+    from sos_aug.relight.teacher import ICLightTeacher
+
+    path = _tiny_iclight(tmp_path / "iclight")
+    assert ICLightTeacher.from_local(path, steps=1).steps == 1
+    (path / "prompt_embeds.pt").unlink()
+    for config in path.glob("vae/*.json"):
+        config.unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing vae/config\.json, prompt_embeds\.pt"):
+        ICLightTeacher.from_local(path)
+    with pytest.raises(FileNotFoundError, match="missing the directory itself"):
+        ICLightTeacher.from_local(tmp_path / "nowhere")

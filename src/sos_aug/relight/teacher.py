@@ -15,6 +15,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 
+REQUIRED = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+
+
+def missing_components(path: Path) -> list[str]:
+    """What ``path`` lacks of a local IC-Light directory: checked before diffusers is asked, which
+    would otherwise take a missing folder for a model id on the Hub."""
+    if not path.is_dir():
+        return ["the directory itself"]
+    missing = [part for part in REQUIRED if not (path / part).is_file()]
+    text = (path / "text_encoder" / "config.json").is_file() and (path / "tokenizer").is_dir()
+    if not (path / "prompt_embeds.pt").is_file() and not text:
+        missing.append("prompt_embeds.pt (or text_encoder/ + tokenizer/)")
+    return missing
+
 
 class ICLightTeacher:
     """``teacher(composite, alpha) -> relit`` on (S, 3, h, w) RGB in [0, 1] and (S, 1, h, w) alpha."""
@@ -33,8 +47,10 @@ class ICLightTeacher:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: IC-Light directory not found (diffusers layout, local only)")
+        missing = missing_components(path)
+        if missing:
+            raise FileNotFoundError(f"{path}: not an IC-Light directory in diffusers layout (local only): "
+                                    f"missing {', '.join(missing)}")
         unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
