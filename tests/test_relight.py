@@ -489,11 +489,12 @@ def test_copypaste_relight_keeps_targets_and_background(train_bank, pasted):
         assert not torch.equal(x[:, covered], y[:, covered])
 
 
-def _tiny_iclight(path):
+def _tiny_iclight(path, in_channels: int = 8):
+    """A tiny random IC-Light directory (or, with ``in_channels=4``, a tiny "SD 1.5" one)."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install '.[diffusers]')")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
     vae = diffusers.AutoencoderKL(
@@ -538,3 +539,49 @@ def test_an_incomplete_teacher_directory_is_named_before_diffusers_looks_online(
         ICLightTeacher.from_local(path)
     with pytest.raises(FileNotFoundError, match="missing the directory itself"):
         ICLightTeacher.from_local(tmp_path / "nowhere")
+
+
+def test_iclight_directory_assembled_from_sd15_and_offsets(tmp_path):
+    """What `sos-aug relight iclight` makes: SD 1.5's UNet with conv_in widened (new channels zero)
+    plus IC-Light's offsets, every weight; the rest of SD 1.5 as it is; loadable as a teacher."""
+    from safetensors.torch import save_file
+
+    from sos_aug.cli import main
+    from sos_aug.relight.teacher import ICLightTeacher
+
+    sd15 = _tiny_iclight(tmp_path / "sd15", in_channels=4)
+    import diffusers
+
+    base = diffusers.UNet2DConditionModel.from_pretrained(sd15 / "unet").state_dict()
+    shapes = {k: v.shape for k, v in base.items()}
+    shapes["conv_in.weight"] = (shapes["conv_in.weight"][0], 8, *shapes["conv_in.weight"][2:])
+    g = torch.Generator().manual_seed(1)
+    offsets = {k: torch.randn(shape, generator=g) * 0.01 for k, shape in shapes.items()}
+    save_file(offsets, tmp_path / "iclight_sd15_fc.safetensors")
+    out = tmp_path / "iclight"
+    assert main(["relight", "iclight", "--sd15", str(sd15), "--offsets", str(tmp_path / "iclight_sd15_fc.safetensors"),
+                 "--out", str(out)]) == 0
+    merged = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    widened = torch.cat([base["conv_in.weight"], torch.zeros_like(base["conv_in.weight"])], 1)
+    assert torch.allclose(merged["conv_in.weight"], widened + offsets["conv_in.weight"])
+    assert all(torch.allclose(merged[k], base[k] + offsets[k]) for k in base if k != "conv_in.weight")
+    assert (out / "prompt_embeds.pt").read_bytes() == (sd15 / "prompt_embeds.pt").read_bytes()
+    teacher = ICLightTeacher.from_local(out, steps=1)
+    relit = teacher(torch.rand(1, 3, 32, 32), torch.ones(1, 1, 32, 32))
+    assert relit.shape == (1, 3, 32, 32) and torch.isfinite(relit).all()
+
+
+def test_iclight_assembly_refuses_mismatched_offsets_and_leaves_nothing(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from sos_aug.cli import main
+
+    sd15 = _tiny_iclight(tmp_path / "sd15", in_channels=4)
+    save_file({"conv_in.weight": torch.zeros(32, 8, 3, 3)}, tmp_path / "partial.safetensors")
+    out = tmp_path / "iclight"
+    args = ["relight", "iclight", "--sd15", str(sd15), "--offsets", str(tmp_path / "partial.safetensors"),
+            "--out", str(out)]
+    assert main(args) == 2
+    assert "partial.safetensors: offsets do not match" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err

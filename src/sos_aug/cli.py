@@ -171,6 +171,13 @@ def _relight_train(args) -> int:
     return 0
 
 
+def _relight_iclight(args) -> int:
+    from .relight.teacher import assemble_iclight
+
+    print(f"wrote {assemble_iclight(args.sd15, args.offsets, args.out)} (use it as --teacher)")
+    return 0
+
+
 def _relight_eval(args) -> int:
     from .relight.evaluate import evaluate, format_table
     from .relight.net import RelightNet
@@ -247,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_relight_train)
+    ic = rl.add_parser("iclight", help="make the local IC-Light teacher directory from SD 1.5 and IC-Light's offsets")
+    ic.add_argument("--sd15", required=True, help="Stable Diffusion 1.5 in diffusers layout (unet/, vae/, ...)")
+    ic.add_argument("--offsets", required=True, help="IC-Light's iclight_sd15_fc.safetensors")
+    ic.add_argument("--out", required=True, help="new directory, then --teacher for relight train")
+    ic.set_defaults(func=_relight_iclight)
     e = rl.add_parser("eval", help="parametric and transfer suites at 256², five methods")
     e.add_argument("--coco", required=True)
     e.add_argument("--images", required=True)
@@ -279,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # the command is the whole process (and its DataLoader workers, forked from it)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # a missing or bad file, bad input: named, no traceback
         print(f"sos-aug: error: {err}", file=sys.stderr)
         return 2
 

@@ -4,12 +4,15 @@ IC-Light's UNet takes 8 latent channels: the noisy latent and the VAE latent of 
 grey background. The teacher runs img2img from the composite's latent, conditioned on that
 foreground latent, and returns the relit composite. Nothing is downloaded: every component is
 loaded from a local directory in diffusers layout (``unet/``, ``vae/``, ``scheduler/``, and either
-``text_encoder/`` + ``tokenizer/`` or a ``prompt_embeds.pt`` tensor). Distillation fits the
+``text_encoder/`` + ``tokenizer/`` or a ``prompt_embeds.pt`` tensor). :func:`assemble_iclight` makes
+that directory from Stable Diffusion 1.5 and IC-Light's released offsets. Distillation fits the
 student's transform family to each teacher output inside the mask (:func:`.family.fit_family`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -93,3 +96,73 @@ class ICLightTeacher:
         out = self.vae.decode(latent / self.vae.config.scaling_factor).sample
         out = ((out + 1) / 2).clamp(0, 1)
         return nnf.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+
+
+SHARED = ("vae", "scheduler", "text_encoder", "tokenizer", "prompt_embeds.pt")  # taken from SD 1.5 as they are
+
+
+def assemble_iclight(sd15: str | Path, offsets: str | Path, out: str | Path) -> Path:
+    """Make the directory :meth:`ICLightTeacher.from_local` reads from a local Stable Diffusion 1.5
+    directory in diffusers layout and IC-Light's offsets file (``iclight_sd15_fc.safetensors``), as
+    IC-Light's own demo builds its UNet: ``conv_in`` widened to twice its input channels (the new
+    ones zero), then every weight plus its offset. Nothing is downloaded. Written beside ``out`` and
+    renamed when complete; an existing ``out`` is never touched."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    sd15, offsets, out = Path(sd15), Path(offsets), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; choose a new directory")
+    missing = [part for part in REQUIRED if not (sd15 / part).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{sd15}: not a Stable Diffusion 1.5 directory in diffusers layout: "
+                                f"missing {', '.join(missing)}")
+    if not offsets.is_file():
+        raise FileNotFoundError(f"{offsets}: IC-Light offsets file not found")
+    unet = UNet2DConditionModel.from_pretrained(sd15 / "unet", local_files_only=True)
+    _widen_conv_in(unet)
+    unet.load_state_dict(_merged(unet.state_dict(), load_file(offsets), offsets), strict=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
+    unet.save_pretrained(partial / "unet")
+    for part in SHARED:
+        if (sd15 / part).is_dir():
+            shutil.copytree(sd15 / part, partial / part, copy_function=_link_or_copy)
+        elif (sd15 / part).is_file():
+            _link_or_copy(sd15 / part, partial / part)
+    partial.rename(out)
+    return out
+
+
+def _widen_conv_in(unet) -> None:
+    """Give the UNet's first convolution as many new input channels as it had (the foreground
+    latent's), with zero weights, so that before the offsets it computes what it did."""
+    old = unet.conv_in
+    wide = torch.nn.Conv2d(2 * old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, : old.in_channels].copy_(old.weight)
+        wide.bias.copy_(old.bias)
+    unet.conv_in = wide
+    unet.register_to_config(in_channels=wide.in_channels)
+
+
+def _merged(weights: dict, offsets: dict, where: Path) -> dict:
+    """Each weight plus its offset; the offsets must name exactly the UNet's weights, shape for shape."""
+    missing, extra = sorted(set(weights) - set(offsets)), sorted(set(offsets) - set(weights))
+    if missing or extra:
+        raise ValueError(f"{where}: offsets do not match the widened SD 1.5 UNet "
+                         f"(missing {len(missing)}, e.g. {missing[:3]}; unexpected {len(extra)}, e.g. {extra[:3]})")
+    wrong = [k for k in weights if weights[k].shape != offsets[k].shape]
+    if wrong:
+        raise ValueError(f"{where}: {len(wrong)} offsets have another shape than their weight, e.g. {wrong[0]} "
+                         f"{tuple(offsets[wrong[0]].shape)} vs {tuple(weights[wrong[0]].shape)}")
+    return {k: weights[k] + offsets[k].to(weights[k].dtype) for k in weights}
+
+
+def _link_or_copy(src, dst) -> None:
+    """A hard link where the file system allows it (SD 1.5's VAE and text encoder are large), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
