@@ -585,3 +585,14 @@ def test_iclight_assembly_refuses_mismatched_offsets_and_leaves_nothing(tmp_path
     assert "partial.safetensors: offsets do not match" in capsys.readouterr().err and not out.exists()
     out.mkdir()
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_teacher_runs_in_the_dtype_and_device_it_is_moved_to(tmp_path):
+    from sos_aug.relight.teacher import ICLightTeacher
+
+    teacher = ICLightTeacher.from_local(_tiny_iclight(tmp_path / "iclight"), steps=2)
+    composite, alpha = torch.rand(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    single = teacher(composite, alpha)
+    double = teacher.to("cpu", torch.float64)(composite, alpha)
+    assert teacher.unet.dtype == torch.float64 and double.dtype == torch.float32
+    assert (single - double).abs().max() < 1e-4  # the same relighting, computed in another precision

@@ -44,6 +44,17 @@ class ICLightTeacher:
         self.unet, self.vae, self.scheduler = unet.eval(), vae.eval(), scheduler
         self.prompt_embeds, self.steps, self.strength, self.seed = prompt_embeds, steps, strength, seed
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> ICLightTeacher:
+        """Run on ``device`` in ``dtype`` (default: float16 on CUDA, as IC-Light runs, else float32);
+        inputs are moved there and results come back where the inputs were, in float32."""
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.unet.to(self.device, self.dtype)
+        self.vae.to(self.device, self.dtype)
+        self.prompt_embeds = self.prompt_embeds.to(self.device, self.dtype)
+        return self
 
     @classmethod
     def from_local(cls, path: str | Path, prompt: str = "natural lighting", **kwargs) -> ICLightTeacher:
@@ -79,23 +90,23 @@ class ICLightTeacher:
         h, w = composite.shape[-2:]
         f = self.factor * 8
         size = (max(f, round(h / f) * f), max(f, round(w / f) * f))
-        x = nnf.interpolate(composite, size=size, mode="bilinear", align_corners=False)
-        a = nnf.interpolate(alpha, size=size, mode="bilinear", align_corners=False)
+        x = nnf.interpolate(composite.to(self.device, self.dtype), size=size, mode="bilinear", align_corners=False)
+        a = nnf.interpolate(alpha.to(self.device, self.dtype), size=size, mode="bilinear", align_corners=False)
         foreground = self._encode(x * a + 0.5 * (1 - a))
         latent = self._encode(x)
         self.scheduler.set_timesteps(self.steps)
         start = int(self.steps * (1 - self.strength))
         timesteps = self.scheduler.timesteps[start:]
         g = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(latent.shape, generator=g)
+        noise = torch.randn(latent.shape, generator=g).to(latent)  # drawn on the CPU: the same on any device
         latent = self.scheduler.add_noise(latent, noise, timesteps[:1])
         embeds = self.prompt_embeds.expand(len(x), -1, -1).to(latent.dtype)
         for t in timesteps:
             eps = self.unet(torch.cat([latent, foreground], 1), t, encoder_hidden_states=embeds).sample
             latent = self.scheduler.step(eps, t, latent).prev_sample
         out = self.vae.decode(latent / self.vae.config.scaling_factor).sample
-        out = ((out + 1) / 2).clamp(0, 1)
-        return nnf.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        out = ((out.float() + 1) / 2).clamp(0, 1)
+        return nnf.interpolate(out, size=(h, w), mode="bilinear", align_corners=False).to(composite.device)
 
 
 SHARED = ("vae", "scheduler", "text_encoder", "tokenizer", "prompt_embeds.pt")  # taken from SD 1.5 as they are

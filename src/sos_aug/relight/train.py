@@ -87,6 +87,8 @@ def train_relight_net(
     many DataLoader processes (each with its own generator, seeded from ``seed``), which a GPU
     needs to be kept busy."""
     torch.manual_seed(seed)
+    if teacher is not None and hasattr(teacher, "to"):  # the teacher runs where the student trains
+        teacher.to(device)
     ids = [im["id"] for im in load_coco(ann_file, ("images", "annotations"))["images"]]
     train_ids, val_ids = split_ids(ids, val_fraction, seed)
     skipped = Skips()  # unreadable images and bad segmentations of both splits
