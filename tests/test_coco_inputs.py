@@ -89,8 +89,10 @@ def test_dataset_replaces_an_unreadable_image_by_the_next_and_counts_it(damaged)
 
 def test_dataset_over_a_wrong_image_folder_fails_with_the_folder(damaged, tmp_path):
     _, all_ann, _, _, _ = damaged
-    dataset = CocoInstances(all_ann, tmp_path)
-    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="could not be read"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'}: image folder not found"):
+        CocoInstances(all_ann, tmp_path / "nowhere")
+    dataset = CocoInstances(all_ann, tmp_path)  # a folder, but not of these images
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="8 images in a row could not be read"):
         dataset[0]
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .bank.sources import load_coco, read_rgb, segmentation_to_mask
+from .bank.sources import image_path, load_coco, read_rgb, segmentation_to_mask
 from .composite import tight_boxes
 
 
@@ -40,11 +40,6 @@ class Skips:
 def describe_skips(counts: dict[str, int], examples: dict[str, str]) -> str:
     """'2 missing_image (e.g. path), ...': skip counts by reason, for a report."""
     return ", ".join(f"{n} {reason} (e.g. {examples[reason]})" for reason, n in sorted(counts.items()))
-
-
-def image_path(images: Path, info: dict) -> Path:
-    """Where an image entry's file is: ``file_name``, or the last part of LVIS's ``coco_url``."""
-    return images / (info.get("file_name") or Path(info.get("coco_url", "")).name)
 
 
 def annotated_photos(ann_file: str | Path, images: str | Path, image_ids: list[int] | None = None,
@@ -104,6 +99,8 @@ class CocoInstances(Dataset):
     def __init__(self, ann_file: str | Path, images: str | Path, image_ids: list[int] | None = None,
                  only_annotated: bool = True):
         self.ann_file, self.images = Path(ann_file), Path(images)
+        if not self.images.is_dir():
+            raise FileNotFoundError(f"{self.images}: image folder not found")
         data = load_coco(self.ann_file)
         self.categories = data["categories"]
         self.anns: dict[int, list] = {}

@@ -72,8 +72,7 @@ def coco_source(
     for img in sorted(data["images"], key=lambda im: im["id"]):
         anns = by_image.pop(img["id"], [])
         if anns:
-            name = img.get("file_name") or Path(img.get("coco_url", "")).name  # LVIS has coco_url only
-            units.append((str(images / name), img["id"], img.get("height"), img.get("width"), anns))
+            units.append((str(image_path(images, img)), img["id"], img.get("height"), img.get("width"), anns))
     orphans = [a for anns in by_image.values() for a in anns]
     if orphans:  # annotations naming an image the file does not list
         units.append((None, -1, None, None, orphans))
@@ -133,6 +132,11 @@ class _CocoUnit:
             src = f"coco:{Path(path).name}#{ann.get('id')}"
             out.items.append(Item(encode_segment(rgba, src), rgba.shape[1], rgba.shape[2], cat, area, int(image_id)))
         return out
+
+
+def image_path(images: Path, info: dict) -> Path:
+    """Where an image entry's file is: ``file_name``, or the last part of LVIS's ``coco_url``."""
+    return images / (info.get("file_name") or Path(info.get("coco_url", "")).name)
 
 
 def load_coco(path: str | Path, fields: tuple[str, ...] = ("images", "annotations", "categories")) -> dict:
