@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sos_aug import CopyPaste
 from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch, RelightNet, compiling, relight
@@ -596,3 +598,36 @@ def test_teacher_runs_in_the_dtype_and_device_it_is_moved_to(tmp_path):
     double = teacher.to("cpu", torch.float64)(composite, alpha)
     assert teacher.unet.dtype == torch.float64 and double.dtype == torch.float32
     assert (single - double).abs().max() < 1e-4  # the same relighting, computed in another precision
+
+
+RELIGHTERS = {"net": lambda: RelightNet.pretrained(), "lab": lambda: LabBlend(), "reinhard": lambda: ReinhardTransfer(),
+              "net+lab": lambda: [RelightNet.pretrained(), LabBlend()]}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), picks=st.lists(st.integers(0, 78), min_size=1, max_size=3),
+       sos=st.booleans(), batched=st.booleans(), as_float=st.booleans(), relighter=st.sampled_from(sorted(RELIGHTERS)))
+def test_relighting_changes_only_pasted_pixels_and_no_target(train_bank, val_set, seed, picks, sos, batched,
+                                                            as_float, relighter):
+    """Over random layouts, images, dtypes and relighters, CopyPaste with relighting returns exactly
+    the targets it returns without, and the same pixels everywhere but under the visible pasted masks."""
+    from sos_aug import RandomLayout, SOSLayout
+
+    layout = SOSLayout() if sos else RandomLayout(scale=(0.3, 2.0))
+    plain_cp = CopyPaste(train_bank, layout=layout, num_pastes=(1, 8), batched=batched)
+    relit_cp = CopyPaste(train_bank, layout=layout, num_pastes=(1, 8), batched=batched,
+                         relight=RELIGHTERS[relighter]())
+    images, targets = zip(*[val_set[i % len(val_set)] for i in picks])
+    if as_float:
+        images = [im.as_subclass(torch.Tensor).float() / 255 for im in images]
+    g = torch.Generator().manual_seed(seed)
+    segments = plain_cp.fetch(len(images), g)
+    params = plain_cp.make_params([tuple(im.shape[-2:]) for im in images], targets, segments, g)
+    plain, plain_targets = plain_cp.apply(images, targets, segments, params)
+    relit, relit_targets = relit_cp.apply(images, targets, segments, params)
+    for a, b, t, u in zip(plain, relit, plain_targets, relit_targets):
+        assert t.keys() == u.keys()
+        assert all(torch.equal(t[k], u[k]) if torch.is_tensor(t[k]) else t[k] == u[k] for k in t)
+        pasted = t["masks"][t["is_pasted"]].any(0)
+        assert a.dtype == b.dtype and torch.equal(a[:, ~pasted], b[:, ~pasted])
