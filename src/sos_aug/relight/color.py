@@ -86,8 +86,11 @@ def lightness_eager(rgb: torch.Tensor) -> torch.Tensor:
 
 def _linear_rgb(rgb: torch.Tensor) -> torch.Tensor:
     """(3, ...) RGB, uint8 (by lookup) or float in [0, 1], as (3, n) linear light."""
-    if rgb.dtype == torch.uint8:
-        return _srgb_table(rgb.device).take(rgb.reshape(3, -1).long())
+    if rgb.dtype == torch.uint8:  # index_select with int32 indices: ~2x faster than take with int64 ones
+        flat, table = rgb.reshape(3, -1), _srgb_table(rgb.device)
+        if flat.T.is_contiguous():  # pixels gathered interleaved: looked up in memory order, no transpose
+            return table.index_select(0, flat.T.reshape(-1).int()).view(-1, 3).T
+        return table.index_select(0, flat.reshape(-1).int()).view(3, -1)
     return _srgb_to_linear(rgb.reshape(3, -1).clamp(0, 1))
 
 
