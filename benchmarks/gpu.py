@@ -10,8 +10,8 @@ batch in one copy. Timed with the device synchronised before and after, median o
   by matmuls (``warp="groups"``), batched piece by piece (``warp="loop"``) and image by image;
 * ``relight net``: ``RelightNet`` on the pasted segments of the same batch (its windows and forward
   one compiled graph and its pixel pass the Triton kernel, the default on CUDA; the torch pixel
-  pass; the windows eager with the forward compiled, the default before; all eager), and
-  net + LabBlend.
+  pass; the windows eager with the forward compiled, the default before; all eager), LabBlend
+  (its Triton kernel, the default on CUDA, and its torch path) and net + LabBlend.
 
 Also checks that the GPU and CPU paths agree on the same draws (labels, masks, pixels).
 Needs a CUDA device; prints a table and writes ``--json``.
@@ -120,7 +120,7 @@ def first_call_ms(fn, dev) -> dict:
 def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     """Relighting the pasted segments of the pasted batch: the net alone (forward and pixel pass
     compiled, the default on accelerators; forward eager; all eager), LabBlend on the net's
-    output, both, ReinhardTransfer, and LabBlend alone (over Reinhard)."""
+    output (kernel and torch path), both, ReinhardTransfer, and LabBlend alone (over Reinhard)."""
     net = RelightNet.pretrained().to(dev)
     batch = pasted_batch(out_images, out_targets)
     plain, masks = batch.plain, batch.masks
@@ -145,7 +145,13 @@ def bench_relight(out_images, out_targets, dev, repeats: int, rows) -> None:
     finally:
         del os.environ["SOS_AUG_COMPILE"]
     after_net = RelightBatch(relight(net, batch), plain, masks, batch.boxes)
-    rows["LabBlend on the net's output"] = cuda_ms(lambda: LabBlend()(after_net), repeats)
+    rows["LabBlend on the net's output (its Triton kernel, the default on CUDA)"] = cuda_ms(
+        lambda: LabBlend()(after_net), repeats)
+    kernels.FAILED.add("lab_blend")  # the torch path (nonzero, gather, elementwise Lab, scatter)
+    try:
+        rows["LabBlend on the net's output, torch path"] = cuda_ms(lambda: LabBlend()(after_net), repeats)
+    finally:
+        kernels.FAILED.discard("lab_blend")
     rows["relight net + LabBlend"] = cuda_ms(lambda: relight([net, LabBlend()], batch), repeats)
     rows["ReinhardTransfer"] = cuda_ms(lambda: relight(ReinhardTransfer(), batch), repeats)
     rows["LabBlend alone (over its Reinhard fallback)"] = cuda_ms(lambda: relight(LabBlend(), batch), repeats)

@@ -1,6 +1,6 @@
 """The Triton kernels (the CUDA defaults): the paste against torch's own antialiased resize, piece
 by piece, on real bank segments over a real COCO image (topmost-piece map, pixels, counts and
-boxes); the relight pixel pass against the torch pixel pass on real instance masks.
+boxes); the relight pixel pass and LabBlend against their torch paths on real instance masks.
 
 Without a GPU the kernels run under Triton's interpreter, which must be switched on before Triton
 is first imported (``TRITON_INTERPRET=1``): those checks run in a subprocess, this file as its script.
@@ -135,6 +135,7 @@ def check_relight(images: torch.Tensor, masks: list[torch.Tensor], device: str) 
     net = alpha_only_net()
     on_device = images.to(device), [m.to(device) for m in masks]
     by_kernel = _relight_group(net, *on_device).cpu()
+    assert "relight" not in kernels.FAILED, "the relight kernel failed and fell back to torch"
     kernels.FAILED.add("relight")  # now the torch path
     try:
         by_torch = _relight_group(net, *on_device).cpu()
@@ -146,6 +147,34 @@ def check_relight(images: torch.Tensor, masks: list[torch.Tensor], device: str) 
     tolerance = 1 if images.dtype == torch.uint8 else 1e-5
     assert (by_kernel.double() - by_torch.double()).abs().max() <= tolerance, "relight: kernel and torch differ"
     return int((by_kernel != images).any(1).sum())
+
+
+def check_lab_blend(images: torch.Tensor, masks: list[torch.Tensor], device: str) -> int:
+    """LabBlend of a batch through the kernel against the torch path, on a relit batch (the plain
+    one with its colours moved differently per image), a/b from either side. Returns how many
+    pixels changed."""
+    from sos_aug import kernels
+    from sos_aug.relight import LabBlend
+
+    scale = torch.tensor([1.25, 0.8, 0.9]).view(1, 3, 1, 1)
+    relit = (images.float() * scale).clamp(0, 255 if images.dtype == torch.uint8 else 1).to(images.dtype)
+    changed = 0
+    for ab in ("relit", "plain"):
+        blend = LabBlend(ab=ab)
+        args = relit.to(device), images.to(device), [m.to(device) for m in masks]
+        by_kernel = blend._blend_pixels(*args).cpu()
+        assert "lab_blend" not in kernels.FAILED, "the LabBlend kernel failed and fell back to torch"
+        kernels.FAILED.add("lab_blend")  # now the torch path
+        try:
+            by_torch = blend._blend_pixels(*args).cpu()
+        finally:
+            kernels.FAILED.discard("lab_blend")
+        outside = ~torch.stack([m.any(0) for m in masks]).unsqueeze(1).expand_as(images)
+        assert torch.equal(by_kernel[outside], relit[outside]), "lab_blend: pixels outside the masks changed"
+        tolerance = 1 if images.dtype == torch.uint8 else 1e-4
+        assert (by_kernel.double() - by_torch.double()).abs().max() <= tolerance, "lab_blend: kernel and torch differ"
+        changed += int((by_kernel != relit).any(1).sum())
+    return changed
 
 
 def real_masks(target: dict, size: tuple[int, int]) -> torch.Tensor:
@@ -186,7 +215,8 @@ def run_checks(bank_dir: str, data_root: str, device: str) -> dict:
     images = torch.stack([resize(im.as_subclass(torch.Tensor), list(size), antialias=True) for im, _ in pairs])
     masks = [real_masks(t, size) for _, t in pairs]
     relit = check_relight(images, masks, device) + check_relight(images.float() / 255, masks, device)
-    return {"pixels_checked": pixels, "pixels_relit": relit}
+    blended = check_lab_blend(images, masks, device) + check_lab_blend(images.float() / 255, masks, device)
+    return {"pixels_checked": pixels, "pixels_relit": relit, "pixels_blended": blended}
 
 
 def interpreted(train_bank, data: Path) -> dict:
@@ -202,13 +232,13 @@ def interpreted(train_bank, data: Path) -> dict:
 def test_kernels_equal_the_torch_paths_under_the_interpreter(train_bank, coco_mini):
     """On the CPU, through Triton's interpreter (slow: small canvases)."""
     covered = interpreted(train_bank, coco_mini.parent)
-    assert covered["pixels_checked"] > 1000 and covered["pixels_relit"] > 1000
+    assert covered["pixels_checked"] > 1000 and covered["pixels_relit"] > 1000 and covered["pixels_blended"] > 1000
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_equal_the_torch_paths_on_cuda(train_bank, coco_mini):
     covered = run_checks(str(train_bank.root), str(coco_mini.parent), "cuda")
-    assert covered["pixels_checked"] > 1000 and covered["pixels_relit"] > 1000
+    assert covered["pixels_checked"] > 1000 and covered["pixels_relit"] > 1000 and covered["pixels_blended"] > 1000
 
 
 if __name__ == "__main__":

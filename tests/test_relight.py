@@ -438,6 +438,19 @@ def test_lab_blend_weights_follow_the_area_rank():
     assert w[1] > w[0] > w[2]  # the smallest segment takes the most relit lighting
 
 
+def test_batch_weights_rank_each_images_segments_like_lab_blend_weights():
+    """The accelerator path's weights (all images at once, no wait on the device) are the per-image
+    ones, ties included (a stable sort's order)."""
+    from sos_aug.relight.classical import area_rank_weights
+
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 1, 0, 7, 5]
+    areas = torch.randint(0, 6, (sum(counts),), generator=g)  # few values: many ties
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    expected = torch.cat([LabBlend.weights(a) for a in areas.split(counts)])
+    assert torch.equal(area_rank_weights(areas, owner), expected)
+
+
 def test_shipped_weights_load_without_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("network access attempted")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .. import kernels
 from .color import lab_to_rgb_eager, lab_to_rgb_fused, lightness_eager, rgb_to_lab_eager, rgb_to_lab_fused
 from .compiling import compiled, mask_01, once_with_fallback
 
@@ -47,9 +48,9 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 def by_device(images: list[torch.Tensor], plain: list[torch.Tensor], masks: list[torch.Tensor],
               on_cpu: Callable, on_batch: Callable, boxes: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """A classical relighter's two paths: ``on_cpu(image, plain, masks, boxes)`` image by image on
-    the CPU (the masks' tight boxes where the caller has them, else None), ``on_batch(images, plain,
-    masks)`` on accelerators for stacked images of one size; images without pasted segments come
-    back as they are."""
+    the CPU, ``on_batch(images, plain, masks, boxes)`` on accelerators for stacked images of one
+    size (the masks' tight boxes where the caller has them, else None); images without pasted
+    segments come back as they are."""
     from ..composite import same_size_groups
 
     out, on_device = list(images), []
@@ -61,7 +62,7 @@ def by_device(images: list[torch.Tensor], plain: list[torch.Tensor], masks: list
     for group in same_size_groups([images[i] for i in on_device]):
         idx = [on_device[j] for j in group]
         changed = on_batch(torch.stack([images[i] for i in idx]), torch.stack([plain[i] for i in idx]),
-                           [masks[i] for i in idx])
+                           [masks[i] for i in idx], None if boxes is None else [boxes[i] for i in idx])
         for i, image in zip(idx, changed):
             out[i] = image
     return out
@@ -124,7 +125,8 @@ class ReinhardTransfer:
             _put_pixels(result, inside, lab + self.strength * (moved - lab))
         return result
 
-    def _transfer_pixels(self, images: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    def _transfer_pixels(self, images: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor],
+                         boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The accelerator path for a (B, 3, H, W) batch: every segment's ring as one (S, H, W) mask,
         the segments' and the rings' pixels listed once, their Lab statistics summed per segment, the
         segments' pixels moved and written back at once (two waits on the device, not several per
@@ -296,21 +298,44 @@ class LabBlend:
             _blend_lab(result, plain, torch.cat(idx), per_pixel, self.ab == "relit")
         return result
 
-    def _blend_pixels(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-        """The accelerator path: every pasted pixel of a same-size batch at once, only those pixels
-        through Lab and back (no windows, no loop over segments, one small sync for the areas)."""
-        from ..composite import count_pixels, row_owners
+    def _blend_pixels(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor],
+                      boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The accelerator path: every pasted pixel of a same-size batch at once. On CUDA one Triton
+        kernel walks each segment's box and blends the pixels under its mask (no pixel list, no wait
+        on the device); elsewhere, or if it fails, the pixels are listed and blended by torch."""
+        from ..composite import count_pixels, row_owners, tight_boxes
 
-        counts = [len(m) for m in masks]
         segs = torch.cat([m.bool() for m in masks])
-        areas = count_pixels(segs).cpu()  # one small sync: the area ranks are per image
-        weights = torch.cat([self.weights(a) for a in areas.split(counts)]).to(relit.device)
-        seg, y, x = segs.nonzero(as_tuple=True)
-        img = row_owners(counts, relit.device)[seg]
-        result = relit.clone()
-        result[img, :, y, x] = blend_pixels(relit[img, :, y, x], plain[img, :, y, x], weights[seg],
-                                            self.ab == "relit")
-        return result
+        owner = row_owners([len(m) for m in masks], relit.device)
+        weights = area_rank_weights(count_pixels(segs), owner)
+        relit_ab = self.ab == "relit"
+
+        def by_torch() -> torch.Tensor:
+            seg, y, x = segs.nonzero(as_tuple=True)
+            img = owner[seg]
+            result = relit.clone()
+            result[img, :, y, x] = blend_pixels(relit[img, :, y, x], plain[img, :, y, x], weights[seg], relit_ab)
+            return result
+
+        if not kernels.available(relit.device, "lab_blend"):
+            return by_torch()
+        from .lab_kernel import lab_blend_pixels
+
+        tight = tight_boxes(segs) if boxes is None else torch.cat(boxes).to(relit.device)
+        return kernels.run_or_fallback(
+            "lab_blend", lambda: lab_blend_pixels(relit, plain, segs, owner, tight, weights, relit_ab), by_torch)
+
+
+def area_rank_weights(areas: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """:meth:`LabBlend.weights` of every image's segments at once, on the device, without a wait:
+    each segment's rank by area among its own image's segments (ties in paste order, as a stable
+    sort), from one comparison of all segment pairs (a batch has a few hundred)."""
+    order = torch.arange(len(areas), device=areas.device)
+    same = owner[:, None] == owner[None, :]
+    below = (areas[None, :] < areas[:, None]) | ((areas[None, :] == areas[:, None]) & (order[None, :] < order[:, None]))
+    rank = (same & below).sum(1).float()
+    r = rank / (same.sum(1) - 1).clamp(min=1).float()
+    return 0.3 + 0.6 * torch.sigmoid(-10 * (r - 0.5))
 
 
 def _blend_segment(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, win: tuple[slice, slice],

@@ -73,14 +73,14 @@ def rgb_to_lab_eager(rgb: torch.Tensor) -> torch.Tensor:
     tangent line at the knee), uint8 linearised by lookup; about 10 passes over the pixels fewer
     than the elementwise form, which the compiler fuses better."""
     lin = _linear_rgb(rgb)
-    m = _eager_matrices(lin.dtype, lin.device)
+    m = lab_matrices(lin.dtype, lin.device)
     return torch.addmm(m["lab_offset"], m["to_lab"], _cube_root_knee(m["to_xyz"] @ lin)).view(rgb.shape)
 
 
 def lightness_eager(rgb: torch.Tensor) -> torch.Tensor:
     """The L channel of :func:`rgb_to_lab_eager`, shaped (1, ...): only Y is mixed and rooted."""
     lin = _linear_rgb(rgb)
-    m = _eager_matrices(lin.dtype, lin.device)
+    m = lab_matrices(lin.dtype, lin.device)
     return _cube_root_knee(m["to_xyz"][1:2] @ lin).mul_(116).sub_(16).view(1, *rgb.shape[1:])
 
 
@@ -104,7 +104,7 @@ _LAB_TO_F = ((1 / 116, 1 / 500, 0.0), (1 / 116, 0.0, 0.0), (1 / 116, 0.0, -1 / 2
 
 
 @functools.cache
-def _eager_matrices(dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def lab_matrices(dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """The eager conversions' matrices and offsets (white point folded in), made once per dtype and
     device rather than on every call (the classical relighters convert segment by segment)."""
     def tensor(values) -> torch.Tensor:
@@ -122,7 +122,7 @@ def lab_to_rgb_eager(lab: torch.Tensor) -> torch.Tensor:
     as matrix products, powers as exp/log in place): ~1.3x faster than kornia's on the CPU."""
     shape = lab.shape
     x = lab.reshape(3, -1)
-    m = _eager_matrices(x.dtype, x.device)
+    m = lab_matrices(x.dtype, x.device)
     f = torch.addmm(m["f_offset"], m["to_f"], x)
     f[2].clamp_(min=0)
     xyz = torch.where(f > 0.2068966, f * f * f, f.sub(4 / 29).div_(7.787))

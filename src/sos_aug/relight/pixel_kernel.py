@@ -62,7 +62,7 @@ def _shade(grid, u, v):
 
 
 @triton.jit
-def _store(at, value, on):
+def store_unit(at, value, on):
     """A relit value in [0, 1] stored in the image's dtype (uint8: x 255, rounded half to even)."""
     value = tl.minimum(tl.maximum(value, 0.0), 1.0)
     if at.dtype.element_ty == tl.uint8:
@@ -71,14 +71,19 @@ def _store(at, value, on):
         tl.store(at, value.to(at.dtype.element_ty), mask=on)
 
 
+@triton.jit
+def segment_box(boxes, s):
+    """Segment ``s``'s tight box (packed float XYXY rows, pixel edges) as x0, y0, width, height."""
+    x0, y0 = tl.load(boxes + 4 * s).to(tl.int32), tl.load(boxes + 4 * s + 1).to(tl.int32)
+    return x0, y0, tl.load(boxes + 4 * s + 2).to(tl.int32) - x0, tl.load(boxes + 4 * s + 3).to(tl.int32) - y0
+
+
 @triton.jit  # ("coeffs", not "params": some Triton versions' launchers have a local of that name)
 def _relight(images, result, masks, owner, boxes, ctx, coeffs, height, width,
              BLOCK: tl.constexpr, PROGRAMS: tl.constexpr):
     """Program (j, s): tiles j, j + PROGRAMS, ... of segment s's box; its masked pixels relit."""
     s = tl.program_id(1)
-    x0, y0 = tl.load(boxes + 4 * s).to(tl.int32), tl.load(boxes + 4 * s + 1).to(tl.int32)
-    box_w = tl.load(boxes + 4 * s + 2).to(tl.int32) - x0
-    box_h = tl.load(boxes + 4 * s + 3).to(tl.int32) - y0
+    x0, y0, box_w, box_h = segment_box(boxes, s)
     cx0, cy0 = tl.load(ctx + 4 * s), tl.load(ctx + 4 * s + 1)
     # context window size - 1 in shading-grid units per pixel, as the torch pass
     scale_x = (_G - 1.0) / tl.maximum(tl.load(ctx + 4 * s + 2) - cx0 - 1.0, 1.0)
@@ -101,9 +106,9 @@ def _relight(images, result, masks, owner, boxes, ctx, coeffs, height, width,
             if images.dtype.element_ty == tl.uint8:
                 red, green, blue = red / 255.0, green / 255.0, blue / 255.0
             shade = _shade(p + _SHADE, (xs.to(tl.float32) - cx0) * scale_x, (ys.to(tl.float32) - cy0) * scale_y)
-            _store(dst + pos, _channel(p, 0, red, green, blue) * shade, on)
-            _store(dst + plane + pos, _channel(p, 1, red, green, blue) * shade, on)
-            _store(dst + 2 * plane + pos, _channel(p, 2, red, green, blue) * shade, on)
+            store_unit(dst + pos, _channel(p, 0, red, green, blue) * shade, on)
+            store_unit(dst + plane + pos, _channel(p, 1, red, green, blue) * shade, on)
+            store_unit(dst + 2 * plane + pos, _channel(p, 2, red, green, blue) * shade, on)
 
 
 def relight_pixels(images: torch.Tensor, masks: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor,
@@ -116,9 +121,14 @@ def relight_pixels(images: torch.Tensor, masks: torch.Tensor, owner: torch.Tenso
     if len(masks) == 0:
         return result
     height, width = images.shape[-2:]
-    block, programs = (BLOCK, PROGRAMS) if images.device.type != "cpu" else (4096, 2)  # the interpreter: wide
+    block, programs = launch_shape(images.device)
     tables = [t.float().contiguous() for t in (boxes, ctx, params)]  # the kernel reads them as packed rows
     with kernels.on(images.device):
         _relight[(programs, len(masks))](images, result, masks.contiguous().view(torch.uint8), owner.contiguous(),
                                          *tables, height, width, BLOCK=block, PROGRAMS=programs)
     return result
+
+
+def launch_shape(device: torch.device) -> tuple[int, int]:
+    """(pixels per tile, programs per segment): on the CPU, under the interpreter, few wide tiles."""
+    return (BLOCK, PROGRAMS) if device.type != "cpu" else (4096, 2)
