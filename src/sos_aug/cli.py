@@ -163,7 +163,8 @@ def _relight_train(args) -> int:
 
         teacher = ICLightTeacher.from_local(args.teacher)
     report = train_relight_net(args.coco, args.images, args.out, minutes=args.minutes, seed=args.seed,
-                               teacher=teacher, progress=not args.quiet, device=args.device, workers=args.workers)
+                               teacher=teacher, progress=not args.quiet, device=args.device, workers=args.workers,
+                               resume=args.resume)
     if report.skipped.counts:
         print(f"skipped: {report.skipped}")
     print(f"saved {args.out} (best held-out fMSE {report.best_val_fmse * 255**2:.1f} at step {report.best_step} "
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=0, help="DataLoader processes building training batches")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--teacher", help="local IC-Light directory (diffusers layout) to distil from")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT's .resume.pt (same data, seed and settings)")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_relight_train)

@@ -80,12 +80,16 @@ def train_relight_net(
     max_steps: int | None = None,
     device: str | torch.device = "cpu",
     workers: int = 0,
+    resume: bool = False,
+    resume_every_s: float = 30.0,
 ) -> TrainReport:
     """Train and save the best (by held-out fMSE) weights to ``out``; writes ``out``.png (loss curve).
 
     ``device`` runs the net there (e.g. "cuda"); ``workers`` > 0 builds training batches in that
     many DataLoader processes (each with its own generator, seeded from ``seed``), which a GPU
-    needs to be kept busy."""
+    needs to be kept busy. Every ``resume_every_s`` seconds (and on Ctrl-C) the whole training state
+    goes to ``out``.resume.pt, atomically; ``resume=True`` continues from it (the same data, seed,
+    batch and size; the time budget counts the minutes already trained). A finished run removes it."""
     torch.manual_seed(seed)
     if teacher is not None and hasattr(teacher, "to"):  # the teacher runs where the student trains
         teacher.to(device)
@@ -97,27 +101,94 @@ def train_relight_net(
     if len(train_pool) == 0 or len(val_pool) == 0:
         raise ValueError(f"{ann_file}: too few readable instances to train and validate on"
                          + (f"; skipped {skipped}" if skipped.counts else ""))
-    report = TrainReport(skipped=skipped)
-    g = torch.Generator().manual_seed(seed)
     val_g = torch.Generator().manual_seed(seed + 1)
     val = _make_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
     val = tuple(t.to(device) for t in val)
-    batches = _batches(train_pool, batch, size, seed, g, workers, make_targets=teacher is None)
+    setup = {"annotations": str(Path(ann_file).resolve()), "seed": seed, "batch": batch, "size": size,
+             "teacher": teacher is not None}
+    run = _Run(RelightNet().to(device), lr, TrainReport(skipped=skipped), torch.Generator().manual_seed(seed), setup)
+    resume_file = Path(out).with_suffix(".resume.pt")
+    if resume:
+        run.restore(resume_file)
+    else:
+        run.report.best_val_fmse = _evaluate(run.net, *val)
+        run.report.val_loss.append((0, run.report.best_val_fmse))
+    batches = _batches(train_pool, batch, size, seed + run.report.steps, run.g, workers,
+                       make_targets=teacher is None)
+    try:
+        _train(run, batches, val, teacher, out, minutes, max_steps, device, progress, resume_file, resume_every_s)
+    except KeyboardInterrupt:  # keep what was trained: rerun with resume=True (--resume) to go on
+        run.save(resume_file)
+        raise
+    report, net = run.report, run.net
+    net.load_state_dict(run.best_state)
+    net.cpu()
+    report.gain = calibrate_gain(net, ann_file, images, val_ids, progress)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    net.save(out)
+    save_loss_curve(report, out.with_suffix(".png"))
+    resume_file.unlink(missing_ok=True)
+    return report
 
-    net = RelightNet().to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
-    best_state = {k: v.clone() for k, v in net.state_dict().items()}
-    report.best_val_fmse = _evaluate(net, *val)
-    report.val_loss.append((0, report.best_val_fmse))
-    deadline = time.monotonic() + minutes * 60
-    bar = tqdm(total=int(minutes * 60), desc="relight train", unit="s", disable=not progress)
-    started = time.monotonic()
-    while time.monotonic() < deadline and (max_steps is None or report.steps < max_steps):
-        item = next(batches) if teacher is None else _make_targets(*next(batches), g, teacher)
+
+class _Run:
+    """What training carries from step to step, and what a resumed run needs back: the net, its
+    optimiser, the report so far, the best weights, the batch generator and the time trained."""
+
+    def __init__(self, net: RelightNet, lr: float, report: TrainReport, g: torch.Generator, setup: dict):
+        self.net, self.lr, self.report, self.g, self.setup = net, lr, report, g, setup
+        self.opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.02)
+        self.best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        self.elapsed = 0.0  # seconds trained, over all resumed runs
+
+    def save(self, path: Path) -> None:
+        r = self.report
+        state = {"setup": self.setup, "net": self.net.state_dict(), "opt": self.opt.state_dict(),
+                 "best": self.best_state, "g": self.g.get_state(), "rng": torch.get_rng_state(),
+                 "elapsed": self.elapsed,
+                 "report": {"steps": r.steps, "best_val_fmse": r.best_val_fmse, "best_step": r.best_step,
+                            "train_loss": r.train_loss, "val_loss": [list(v) for v in r.val_loss]}}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def restore(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: nothing to resume (no interrupted run saved its state there)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["setup"] != self.setup:
+            raise ValueError(f"{path}: saved by a run with {state['setup']}, not {self.setup}")
+        device = next(self.net.parameters()).device
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])  # moved to the parameters' device by the optimiser
+        self.best_state = {k: v.to(device) for k, v in state["best"].items()}
+        self.g.set_state(state["g"])
+        torch.set_rng_state(state["rng"])  # dropout's draws
+        self.elapsed = state["elapsed"]
+        saved, r = state["report"], self.report
+        r.steps, r.best_val_fmse, r.best_step = saved["steps"], saved["best_val_fmse"], saved["best_step"]
+        r.train_loss, r.val_loss = list(saved["train_loss"]), [tuple(v) for v in saved["val_loss"]]
+
+
+def _train(run: _Run, batches, val, teacher, out, minutes: float, max_steps: int | None, device, progress: bool,
+           resume_file: Path, resume_every_s: float) -> None:
+    """Steps until the time budget (or ``max_steps``) is spent; validation every 25 steps keeps the
+    best weights (on disk too), and the resume state is saved every ``resume_every_s`` seconds."""
+    net, opt, report = run.net, run.opt, run.report
+    budget = minutes * 60
+    started = time.monotonic() - run.elapsed  # a resumed run goes on with the time already trained
+    saved_at = time.monotonic()
+    bar = tqdm(total=int(budget), initial=min(int(run.elapsed), int(budget)), desc="relight train", unit="s",
+               disable=not progress)
+    while True:
+        run.elapsed = time.monotonic() - started
+        if run.elapsed >= budget or (max_steps is not None and report.steps >= max_steps):
+            break
+        item = next(batches) if teacher is None else _make_targets(*next(batches), run.g, teacher)
         composite, alpha, target = (t.to(device) for t in item)
-        done = min(1.0, (time.monotonic() - started) / (minutes * 60))
         for group in opt.param_groups:  # cosine decay over the time budget
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
+            group["lr"] = run.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, run.elapsed / budget))))
         net.train()
         loss = fmse(predict(net, composite, alpha), target, alpha)
         opt.zero_grad()
@@ -131,21 +202,16 @@ def train_relight_net(
             report.val_loss.append((report.steps, v))
             if v < report.best_val_fmse:
                 report.best_val_fmse, report.best_step = v, report.steps
-                best_state = {k: t.clone() for k, t in net.state_dict().items()}
-                _checkpoint(best_state, out)
+                run.best_state = {k: t.clone() for k, t in net.state_dict().items()}
+                _checkpoint(run.best_state, out)
+            if time.monotonic() - saved_at >= resume_every_s:
+                run.save(resume_file)
+                saved_at = time.monotonic()
             bar.set_postfix(train=f"{loss.item() * 255**2:.0f}", val=f"{v * 255**2:.0f}",
                             best=f"{report.best_val_fmse * 255**2:.0f}")
-        bar.n = min(int(time.monotonic() - started), bar.total)
+        bar.n = min(int(run.elapsed), bar.total)
         bar.refresh()
     bar.close()
-    net.load_state_dict(best_state)
-    net.cpu()
-    report.gain = calibrate_gain(net, ann_file, images, val_ids, progress)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    net.save(out)
-    save_loss_curve(report, out.with_suffix(".png"))
-    return report
 
 
 class _BatchStream(torch.utils.data.IterableDataset):

@@ -1,0 +1,89 @@
+"""`sos-aug relight train` killed mid-run loses nothing it saved: rerun with --resume, it goes on from
+its last saved step (weights, optimiser, report, generator, time trained), and refuses a state saved
+under other settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sos_aug.relight import RelightNet
+from sos_aug.relight.train import train_relight_net
+
+SMALL = {"minutes": 5, "batch": 4, "size": 32, "progress": False}
+
+
+@pytest.fixture
+def few_images(tmp_path, train_ann):
+    """train2017's annotations cut to its first 12 annotated images: a small run's data."""
+    data = json.loads(train_ann.read_text())
+    ids = sorted({a["image_id"] for a in data["annotations"] if not a["iscrowd"]})[:12]
+    keep = set(ids)
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    path = tmp_path / "few.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_killed_training_run_resumes_from_its_saved_state(tmp_path, few_images, coco_mini):
+    train_ann, images, out = few_images, coco_mini / "train2017", tmp_path / "w.pt"
+    script = (f"from sos_aug.relight.train import train_relight_net\n"
+              f"train_relight_net({str(train_ann)!r}, {str(images)!r}, {str(out)!r}, resume_every_s=0, **{SMALL!r})")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    resume = out.with_suffix(".resume.pt")
+    deadline = time.monotonic() + 180
+    while not resume.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()
+    _, err = proc.communicate()
+    assert resume.exists(), err[-2000:]
+    saved = torch.load(resume, weights_only=True)
+    steps, val_loss = saved["report"]["steps"], [tuple(v) for v in saved["report"]["val_loss"]]
+    assert steps >= 25 and saved["elapsed"] > 0
+    shutil.copy(resume, tmp_path / "saved.pt")
+
+    # nothing more to train: the result is the best weights saved before the kill
+    report = train_relight_net(train_ann, images, out, resume=True, max_steps=steps, **SMALL)
+    assert report.steps == steps and report.best_step == saved["report"]["best_step"]
+    weights = RelightNet.load(out).state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in saved["best"].items() if k != "gain")
+
+    shutil.copy(tmp_path / "saved.pt", resume)
+    report = train_relight_net(train_ann, images, out, resume=True, max_steps=steps + 25, **SMALL)
+    assert report.steps == steps + 25 and len(report.train_loss) == steps + 25
+    assert report.val_loss[: len(val_loss)] == val_loss  # the history before the kill, then more
+    assert report.val_loss[-1][0] == steps + 25
+    assert not resume.exists() and isinstance(RelightNet.load(out), RelightNet)
+
+    shutil.copy(tmp_path / "saved.pt", resume)
+    with pytest.raises(ValueError, match="saved by a run with"):
+        train_relight_net(train_ann, images, out, resume=True, **{**SMALL, "batch": 8})
+    resume.unlink()
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train_relight_net(train_ann, images, out, resume=True, **SMALL)
+
+
+def test_ctrl_c_saves_the_state_to_resume_from(tmp_path, few_images, coco_mini):
+    """A user's teacher callable; the user presses Ctrl-C while it relights the 40th batch (its first
+    call made the validation targets), so 38 steps are done and saved, with no periodic save."""
+    calls = []
+
+    def teacher(composite: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        calls.append(len(composite))
+        if len(calls) == 40:
+            raise KeyboardInterrupt
+        return composite.flip(1)  # red and blue swapped: a relighting the family can fit
+
+    out = tmp_path / "w.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_relight_net(few_images, coco_mini / "train2017", out, teacher=teacher, resume_every_s=1e9, **SMALL)
+    state = torch.load(out.with_suffix(".resume.pt"), weights_only=True)
+    assert state["report"]["steps"] == 38 and len(state["report"]["train_loss"]) == 38
+    assert state["setup"]["teacher"] is True
