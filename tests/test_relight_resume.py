@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,3 +88,19 @@ def test_ctrl_c_saves_the_state_to_resume_from(tmp_path, few_images, coco_mini):
     state = torch.load(out.with_suffix(".resume.pt"), weights_only=True)
     assert state["report"]["steps"] == 38 and len(state["report"]["train_loss"]) == 38
     assert state["setup"]["teacher"] is True
+
+
+def test_ctrl_c_on_the_command_says_how_to_go_on(tmp_path, few_images, coco_mini):
+    out = tmp_path / "w.pt"
+    cmd = [sys.executable, "-m", "sos_aug.cli", "relight", "train", "--coco", str(few_images), "--images",
+           str(coco_mini / "train2017"), "--out", str(out), "--minutes", "5"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "relight train" not in seen and proc.poll() is None:  # the progress bar: training has started
+        seen += proc.stderr.read(1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    err = seen + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert f"training state in {out.with_suffix('.resume.pt')}" in err and "--resume" in err
+    assert torch.load(out.with_suffix(".resume.pt"), weights_only=True)["report"]["steps"] > 0

@@ -162,9 +162,15 @@ def _relight_train(args) -> int:
         from .relight.teacher import ICLightTeacher
 
         teacher = ICLightTeacher.from_local(args.teacher)
-    report = train_relight_net(args.coco, args.images, args.out, minutes=args.minutes, seed=args.seed,
-                               teacher=teacher, progress=not args.quiet, device=args.device, workers=args.workers,
-                               resume=args.resume)
+    try:
+        report = train_relight_net(args.coco, args.images, args.out, minutes=args.minutes, seed=args.seed,
+                                   teacher=teacher, progress=not args.quiet, device=args.device,
+                                   workers=args.workers, resume=args.resume)
+    except KeyboardInterrupt:
+        state = Path(args.out).with_suffix(".resume.pt")
+        if state.is_file():
+            print(f"interrupted: training state in {state}; the same command with --resume goes on", file=sys.stderr)
+        return 130
     if report.skipped.counts:
         print(f"skipped: {report.skipped}")
     print(f"saved {args.out} (best held-out fMSE {report.best_val_fmse * 255**2:.1f} at step {report.best_step} "

@@ -90,6 +90,9 @@ def train_relight_net(
     needs to be kept busy. Every ``resume_every_s`` seconds (and on Ctrl-C) the whole training state
     goes to ``out``.resume.pt, atomically; ``resume=True`` continues from it (the same data, seed,
     batch and size; the time budget counts the minutes already trained). A finished run removes it."""
+    resume_file = Path(out).with_suffix(".resume.pt")
+    if resume and not resume_file.is_file():  # said before the data is loaded
+        raise FileNotFoundError(f"{resume_file}: nothing to resume (no interrupted run saved its state there)")
     torch.manual_seed(seed)
     if teacher is not None and hasattr(teacher, "to"):  # the teacher runs where the student trains
         teacher.to(device)
@@ -107,7 +110,6 @@ def train_relight_net(
     setup = {"annotations": str(Path(ann_file).resolve()), "seed": seed, "batch": batch, "size": size,
              "teacher": teacher is not None}
     run = _Run(RelightNet().to(device), lr, TrainReport(skipped=skipped), torch.Generator().manual_seed(seed), setup)
-    resume_file = Path(out).with_suffix(".resume.pt")
     if resume:
         run.restore(resume_file)
     else:
@@ -149,13 +151,12 @@ class _Run:
                  "elapsed": self.elapsed,
                  "report": {"steps": r.steps, "best_val_fmse": r.best_val_fmse, "best_step": r.best_step,
                             "train_loss": r.train_loss, "val_loss": [list(v) for v in r.val_loss]}}
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
 
     def restore(self, path: Path) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: nothing to resume (no interrupted run saved its state there)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["setup"] != self.setup:
             raise ValueError(f"{path}: saved by a run with {state['setup']}, not {self.setup}")
