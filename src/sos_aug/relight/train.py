@@ -96,14 +96,7 @@ def train_relight_net(
     torch.manual_seed(seed)
     if teacher is not None and hasattr(teacher, "to"):  # the teacher runs where the student trains
         teacher.to(device)
-    ids = [im["id"] for im in load_coco(ann_file, ("images", "annotations"))["images"]]
-    train_ids, val_ids = split_ids(ids, val_fraction, seed)
-    skipped = Skips()  # unreadable images and bad segmentations of both splits
-    train_pool = InstancePool(ann_file, images, image_ids=train_ids, skips=skipped)
-    val_pool = InstancePool(ann_file, images, image_ids=val_ids, skips=skipped)
-    if len(train_pool) == 0 or len(val_pool) == 0:
-        raise ValueError(f"{ann_file}: too few readable instances to train and validate on"
-                         + (f"; skipped {skipped}" if skipped.counts else ""))
+    train_pool, val_pool, val_ids, skipped = _split_pools(ann_file, images, val_fraction, seed)
     val_g = torch.Generator().manual_seed(seed + 1)
     val = _make_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
     val = tuple(t.to(device) for t in val)
@@ -132,6 +125,21 @@ def train_relight_net(
     save_loss_curve(report, out.with_suffix(".png"))
     resume_file.unlink(missing_ok=True)
     return report
+
+
+def _split_pools(ann_file, images, val_fraction: float,
+                 seed: int) -> tuple[InstancePool, InstancePool, list[int], Skips]:
+    """The training and held-out instance pools (split by image), the held-out image ids, and the
+    unreadable images and bad segmentations of both, counted together."""
+    ids = [im["id"] for im in load_coco(ann_file, ("images", "annotations"))["images"]]
+    train_ids, val_ids = split_ids(ids, val_fraction, seed)
+    skipped = Skips()
+    train_pool = InstancePool(ann_file, images, image_ids=train_ids, skips=skipped)
+    val_pool = InstancePool(ann_file, images, image_ids=val_ids, skips=skipped)
+    if len(train_pool) == 0 or len(val_pool) == 0:
+        raise ValueError(f"{ann_file}: too few readable instances to train and validate on"
+                         + (f"; skipped {skipped}" if skipped.counts else ""))
+    return train_pool, val_pool, val_ids, skipped
 
 
 class _Run:
