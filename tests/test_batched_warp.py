@@ -4,7 +4,7 @@ antialiased resize, piece by piece, on real bank segments; and how it groups."""
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sos_aug.batched_warp import (
@@ -53,6 +53,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @given(seed=st.integers(0, 2**31 - 1), count=st.integers(1, 12), size=st.sampled_from([(96, 128), (240, 180)]),
        group_cost=st.sampled_from([0.0, 3e7, 1e15]), dense_limit=st.sampled_from([DENSE_LIMIT, 1e5, -1.0]),
        device=st.sampled_from(DEVICES))
+@example(seed=55345, count=1, size=(96, 128), group_cost=0.0, dense_limit=DENSE_LIMIT, device="cpu")  # off canvas
 def test_grouped_warp_equals_torch_resize_piece_by_piece(train_bank, seed, count, size, group_cost, dense_limit,
                                                          device):
     """Every piece, whether resized in a group by matmuls or alone by torch's kernel (over
@@ -81,9 +82,9 @@ def test_grouped_warp_equals_torch_resize_piece_by_piece(train_bank, seed, count
             got = piece[:, : row[HC], : row[WC]].cpu()
             assert got.shape == want.shape
             # 0..255 scale: float rounding only (torch's CUDA kernel, used alone over dense_limit,
-            # differs from its CPU kernel by up to 3e-3)
-            # torch's CUDA and CPU kernels themselves differ by up to ~8e-3 on 0..255 (measured on an H100)
-    assert (got - want).abs().max() < (2e-3 if device == "cpu" else 1e-2)
+            # differs from its CPU kernel by up to 3e-3; its CUDA and CPU kernels themselves by up to
+            # ~8e-3, measured on an H100)
+            assert (got - want).abs().max() < (2e-3 if device == "cpu" else 1e-2)
     on_canvas = {k for k in range(count) if clip_window(placement.boxes[k].tolist(),
                                                          int(placement.boxes[k, 3] - placement.boxes[k, 1]),
                                                          int(placement.boxes[k, 2] - placement.boxes[k, 0]),
