@@ -447,8 +447,15 @@ def test_batch_weights_rank_each_images_segments_like_lab_blend_weights():
     counts = [3, 1, 0, 7, 5]
     areas = torch.randint(0, 6, (sum(counts),), generator=g)  # few values: many ties
     owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    expected = torch.cat([LabBlend.weights(a) for a in areas.split(counts)])
-    assert torch.equal(area_rank_weights(areas, owner), expected)
+
+    def by_stable_sort(a: torch.Tensor) -> torch.Tensor:  # one image's weights, ranks from a stable sort
+        rank = torch.empty(len(a))
+        rank[torch.argsort(a, stable=True)] = torch.arange(len(a), dtype=torch.float)
+        return 0.3 + 0.6 * torch.sigmoid(-10 * (rank / max(len(a) - 1, 1) - 0.5))
+
+    expected = torch.cat([by_stable_sort(a) for a in areas.split(counts)])
+    assert torch.allclose(area_rank_weights(areas, owner), expected)
+    assert torch.equal(torch.cat([LabBlend.weights(a) for a in areas.split(counts)]), area_rank_weights(areas, owner))
 
 
 def test_shipped_weights_load_without_network(monkeypatch):

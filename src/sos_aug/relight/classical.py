@@ -261,14 +261,8 @@ class LabBlend:
 
     @staticmethod
     def weights(areas: torch.Tensor) -> torch.Tensor:
-        """Per-segment share of the relit L, from the segments' areas (see the class docstring)."""
-        k = len(areas)
-        if k == 0:
-            return areas.float()
-        rank = torch.empty(k, device=areas.device)
-        rank[torch.argsort(areas, stable=True)] = torch.arange(k, device=areas.device, dtype=torch.float)
-        r = rank / max(k - 1, 1)
-        return 0.3 + 0.6 * torch.sigmoid(-10 * (r - 0.5))
+        """Per-segment share of the relit L, from one image's segments' areas (see the class docstring)."""
+        return area_rank_weights(areas, torch.zeros(len(areas), dtype=torch.long, device=areas.device))
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
         relit_images = batch.images
