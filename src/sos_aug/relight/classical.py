@@ -68,6 +68,14 @@ def by_device(images: list[torch.Tensor], plain: list[torch.Tensor], masks: list
     return out
 
 
+def stacked_boxes(segs: torch.Tensor, boxes: list[torch.Tensor] | None) -> torch.Tensor:
+    """(S, 4) float tight XYXY boxes of a batch's stacked (S, H, W) masks: the caller's per-image
+    boxes where it has them (CopyPaste does), else computed from the masks."""
+    from ..composite import tight_boxes
+
+    return tight_boxes(segs) if boxes is None else torch.cat(boxes).to(segs.device).float()
+
+
 def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0,
              boxes: torch.Tensor | None = None) -> list[tuple[slice, slice] | None]:
     """Each mask's box (its tight XYXY box: ``boxes`` where given, else computed) grown by ``grow``
@@ -131,14 +139,14 @@ class ReinhardTransfer:
         the segments' and the rings' pixels listed once, their Lab statistics summed per segment, the
         segments' pixels moved and written back at once (two waits on the device, not several per
         segment). Same rules as :meth:`_transfer_windows`."""
-        from ..composite import count_pixels, row_owners, tight_boxes
+        from ..composite import count_pixels, row_owners
 
         dev, (height, width) = images.device, images.shape[-2:]
         segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
         owner = row_owners([len(m) for m in masks], dev)
         area = count_pixels(segs)
         grow = self.ring_widths(area)
-        box = tight_boxes(segs).long()
+        box = stacked_boxes(segs, boxes).long()
         lo = (box[:, :2] - grow[:, None]).clamp(min=0)  # the grown box, (x, y)
         hi = torch.minimum(box[:, 2:] + grow[:, None], torch.tensor([width, height], device=dev))
         free = torch.stack([m.bool().any(0) for m in masks]).logical_not_()  # (B, H, W): no segment there
@@ -297,7 +305,7 @@ class LabBlend:
         """The accelerator path: every pasted pixel of a same-size batch at once. On CUDA one Triton
         kernel walks each segment's box and blends the pixels under its mask (no pixel list, no wait
         on the device); elsewhere, or if it fails, the pixels are listed and blended by torch."""
-        from ..composite import count_pixels, row_owners, tight_boxes
+        from ..composite import count_pixels, row_owners
 
         segs = torch.cat([m.bool() for m in masks])
         owner = row_owners([len(m) for m in masks], relit.device)
@@ -315,7 +323,7 @@ class LabBlend:
             return by_torch()
         from .lab_kernel import lab_blend_pixels
 
-        tight = tight_boxes(segs) if boxes is None else torch.cat(boxes).to(relit.device)
+        tight = stacked_boxes(segs, boxes)
         return kernels.run_or_fallback(
             "lab_blend", lambda: lab_blend_pixels(relit, plain, segs, owner, tight, weights, relit_ab), by_torch)
 

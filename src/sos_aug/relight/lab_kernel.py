@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import kernels
 from .color import lab_matrices
-from .pixel_kernel import launch_shape, segment_box, store_unit
+from .pixel_kernel import launch_shape, load_unit, segment_box, store_unit
 
 
 @triton.jit
@@ -57,14 +57,6 @@ def _gamma(lin):
 
 
 @triton.jit
-def _load_unit(at, on):
-    value = tl.load(at, mask=on, other=0).to(tl.float32)
-    if at.dtype.element_ty == tl.uint8:
-        value = value / 255.0
-    return value
-
-
-@triton.jit
 def _lab_blend(relit, plain, result, masks, owner, boxes, weights, matrices, height, width,
                RELIT_AB: tl.constexpr, BLOCK: tl.constexpr, PROGRAMS: tl.constexpr):
     """Program (j, s): tiles j, j + PROGRAMS, ... of segment s's box; under its mask, L mixed as
@@ -82,10 +74,10 @@ def _lab_blend(relit, plain, result, masks, owner, boxes, weights, matrices, hei
         on = (idx < count) & (tl.load(masks + s.to(tl.int64) * plane + pos, mask=idx < count, other=0) != 0)
         if tl.sum(on.to(tl.int32), 0) > 0:
             src = relit + at + pos
-            lr, ar, br = _to_lab(_load_unit(src, on), _load_unit(src + plane, on), _load_unit(src + 2 * plane, on),
+            lr, ar, br = _to_lab(load_unit(src, on), load_unit(src + plane, on), load_unit(src + 2 * plane, on),
                                  to_xyz)
             src = plain + at + pos
-            lp, ap, bp = _to_lab(_load_unit(src, on), _load_unit(src + plane, on), _load_unit(src + 2 * plane, on),
+            lp, ap, bp = _to_lab(load_unit(src, on), load_unit(src + plane, on), load_unit(src + 2 * plane, on),
                                  to_xyz)
             if RELIT_AB:
                 a, b = ar, br

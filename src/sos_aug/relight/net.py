@@ -207,15 +207,15 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
                    boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The accelerator path for a (B, 3, H, W) batch: every segment's window in one ``roi_align``
     and one forward (both in one compiled graph), then one pass over just the segments' pixels."""
-    from ..composite import row_owners, tight_boxes
-    from .classical import to_unit
+    from ..composite import row_owners
+    from .classical import stacked_boxes, to_unit
 
     if next(net.parameters()).device != images.device:  # follow the batch (e.g. onto the GPU)
         net.to(images.device)
     images = images.contiguous()  # what the kernel reads; one layout, one compiled graph
     segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
     owner = row_owners([len(m) for m in masks], images.device)
-    tight = tight_boxes(segs) if boxes is None else torch.cat(boxes).to(segs.device).float()
+    tight = stacked_boxes(segs, boxes)
     params, ctx = _group_params(net, images.device)(images, segs, owner, tight)
     if kernels.available(images.device, "relight"):  # one launch over the segments' boxes, no pixel list
         from .pixel_kernel import relight_pixels

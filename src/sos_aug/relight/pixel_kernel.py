@@ -62,6 +62,15 @@ def _shade(grid, u, v):
 
 
 @triton.jit
+def load_unit(at, on):
+    """Pixel values in [0, 1] as float32, whatever the image's dtype (uint8: / 255)."""
+    value = tl.load(at, mask=on, other=0).to(tl.float32)
+    if at.dtype.element_ty == tl.uint8:
+        value = value / 255.0
+    return value
+
+
+@triton.jit
 def store_unit(at, value, on):
     """A relit value in [0, 1] stored in the image's dtype (uint8: x 255, rounded half to even)."""
     value = tl.minimum(tl.maximum(value, 0.0), 1.0)
@@ -100,11 +109,9 @@ def _relight(images, result, masks, owner, boxes, ctx, coeffs, height, width,
         pos = ys * width + xs
         on = (idx < count) & (tl.load(masks + s.to(tl.int64) * plane + pos, mask=idx < count, other=0) != 0)
         if tl.sum(on.to(tl.int32), 0) > 0:
-            red = tl.load(src + pos, mask=on, other=0).to(tl.float32)
-            green = tl.load(src + plane + pos, mask=on, other=0).to(tl.float32)
-            blue = tl.load(src + 2 * plane + pos, mask=on, other=0).to(tl.float32)
-            if images.dtype.element_ty == tl.uint8:
-                red, green, blue = red / 255.0, green / 255.0, blue / 255.0
+            red = load_unit(src + pos, on)
+            green = load_unit(src + plane + pos, on)
+            blue = load_unit(src + 2 * plane + pos, on)
             shade = _shade(p + _SHADE, (xs.to(tl.float32) - cx0) * scale_x, (ys.to(tl.float32) - cy0) * scale_y)
             store_unit(dst + pos, _channel(p, 0, red, green, blue) * shade, on)
             store_unit(dst + plane + pos, _channel(p, 1, red, green, blue) * shade, on)
