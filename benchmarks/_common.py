@@ -9,9 +9,17 @@ from pathlib import Path
 import torch
 
 
-def coco_mini() -> Path:
+def shared_data(name: str) -> Path:
+    """``../shared/data/NAME`` (or ``$SOS_AUG_TEST_DATA/NAME``), or exit saying where it was looked for."""
     root = Path(os.environ.get("SOS_AUG_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    path = root / "coco-mini"
+    path = root / name
+    if not path.is_dir():
+        raise SystemExit(f"benchmarks need the real data set {name!r} at {path}; set SOS_AUG_TEST_DATA")
+    return path
+
+
+def coco_mini() -> Path:
+    path = shared_data("coco-mini")
     if not (path / "annotations").is_dir():
         raise SystemExit(f"benchmarks need the real COCO subset at {path}; set SOS_AUG_TEST_DATA")
     return path
