@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_allocator_flag, coco_mini, machine, set_allocator, train_bank  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, RandomLayout  # noqa: E402
-from sos_aug.composite import tight_boxes  # noqa: E402
+from sos_aug.ops.masks import tight_boxes  # noqa: E402
 
 
 class PeakRSS:

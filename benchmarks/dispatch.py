@@ -76,7 +76,7 @@ def dispatched_from_python(fn) -> int:
 
 def relight_rows(cp: CopyPaste, images: torch.Tensor, targets: list, segments, params) -> dict:
     """Operations dispatched by the net's windows and forward on the batch ``cp`` pastes, three ways."""
-    from sos_aug.composite import row_owners
+    from sos_aug.ops.masks import row_owners
 
     out_images, out_targets = cp.apply(images, targets, segments, params)
     masks = [t["masks"][t["is_pasted"]] for t in out_targets]

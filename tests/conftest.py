@@ -7,10 +7,17 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from sos_aug.bank import SegmentBank, build_bank, coco_source
 
 REPO = Path(__file__).resolve().parents[1]
+
+# CI replays the same examples on every run (a landing never fails on a fresh random draw); local
+# runs keep exploring, which is how new counter-examples are found (they then become @example cases).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("SOS_AUG_HYPOTHESIS", "explore"))
 
 
 def data_root() -> Path:

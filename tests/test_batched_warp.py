@@ -22,8 +22,9 @@ from sos_aug.batched_warp import (
     piece_table,
     warp_groups,
 )
-from sos_aug.composite import flat_base, warp_segment
 from sos_aug.layout import Placement, clip_window
+from sos_aug.ops.buffers import flat_base
+from sos_aug.ops.resize import warp_segment
 from sos_aug.transforms import PasteSegments
 
 
@@ -125,7 +126,7 @@ def test_packed_row_counts_equal_a_plain_sum(val_set, pick, width, offset):
     """The accelerator path counts mask pixels eight columns per int64 (no int32 copy of the stack):
     on real masks, widened or cropped to widths that pack (multiples of 8 up to 2040) and that do
     not, and as views starting anywhere in a row, it equals a plain sum, and so do the boxes."""
-    from sos_aug.composite import _counts_and_boxes, _row_counts, tight_boxes
+    from sos_aug.ops.masks import counts_and_boxes, row_counts, tight_boxes
 
     _, target = val_set[pick]
     masks = target["masks"].as_subclass(torch.Tensor).bool()
@@ -135,18 +136,18 @@ def test_packed_row_counts_equal_a_plain_sum(val_set, pick, width, offset):
     canvas[:, -1] = True  # a full row: each byte lane counts width / 8 pixels, the most it can carry
     view = canvas[:, :, offset:]  # packs only where the view starts on an 8-byte boundary
     want = view.sum(2, dtype=torch.int32)
-    assert torch.equal(_row_counts(view.view(torch.uint8)), want)
-    counts, boxes = _counts_and_boxes(view)
+    assert torch.equal(row_counts(view.view(torch.uint8)), want)
+    counts, boxes = counts_and_boxes(view)
     assert torch.equal(counts, want.sum(1).long()) and torch.equal(boxes, tight_boxes(view))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pick=st.integers(0, 78), row=st.integers(0, 40), crop=st.tuples(st.integers(0, 200), st.integers(0, 200)),
        device=st.sampled_from(DEVICES))
-def test_mask_stats_equal_torch_counts_and_boxes(val_set, pick, row, crop, device):
+def test_mask_stats_equal_torchcounts_and_boxes(val_set, pick, row, crop, device):
     """The per-image path's host-side bookkeeping (NumPy views on the CPU, one reduction elsewhere)
     on real masks, whole and as windows (strided views), empty ones included."""
-    from sos_aug.composite import mask_stats, tight_boxes
+    from sos_aug.ops.masks import mask_stats, tight_boxes
 
     _, target = val_set[pick]
     masks = target["masks"].as_subclass(torch.Tensor).bool()
@@ -161,7 +162,7 @@ def test_mask_stats_equal_torch_counts_and_boxes(val_set, pick, row, crop, devic
 def test_resize_by_weights_equals_torch_resize(train_bank, row, height, width, device):
     """The weight-matrix resize (what a device whose own kernel refuses a large downscale falls back
     to; CUDA's does for one-pixel strips of large segments) against torch's CPU kernel."""
-    from sos_aug.batched_warp import resize_by_weights
+    from sos_aug.ops.resize import resize_by_weights
 
     segment = torch.tensor(train_bank.read_rgba(row % len(train_bank))[0]).float()
     want = warp_segment(segment, height, width, False, 0.0)

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from torchvision.ops import masks_to_boxes
 
 from sos_aug import CopyPaste, DropRule, ExistingBoxesLayout, RandomLayout, SOSLayout, label_map_from_coco
-from sos_aug.batched_warp import ALPHA_CUT
-from sos_aug.composite import PastedPiece, warp_segment
+from sos_aug.composite import PastedPiece
 from sos_aug.layout import clip_window
+from sos_aug.ops.masks import ALPHA_CUT
+from sos_aug.ops.resize import warp_segment
 
 LAYOUTS = {
     "random": lambda: RandomLayout(scale=(0.3, 2.5), rotation=0.0),

@@ -136,19 +136,20 @@ def test_workers_forked_after_the_warm_up_relight_without_compiling(train_bank, 
     anything. Without the warm-up, the worker compiles."""
     from torch._dynamo.utils import counters
 
-    from sos_aug.relight import RelightNet, compiling
+    from sos_aug.ops import backends
+    from sos_aug.relight import RelightNet
     from sos_aug.relight import net as net_module
 
     torch._dynamo.reset()  # nothing compiled by earlier tests: only the warm-up may have compiled
-    compiling.COMPILED.clear()
+    backends.COMPILED.clear()
     cp = CopyPaste(train_bank, num_pastes=(4, 4), relight=RelightNet.pretrained(compile_cpu=True))
     collate = CopyPasteCollate(cp, warm_up=warm_up)
-    assert ("cpu:box" in compiling.COMPILED) == warm_up
+    assert ("cpu:box" in backends.COMPILED) == warm_up
 
     def relight_counting_graphs(batch):
         before = counters["stats"]["unique_graphs"]
         images, targets = collate(batch)
-        compiled_box = compiling.COMPILED.get("cpu:box") not in (None, net_module._relight_box)
+        compiled_box = backends.COMPILED.get("cpu:box") not in (None, net_module._relight_box)
         return targets, counters["stats"]["unique_graphs"] - before, compiled_box
 
     loader = DataLoader(Subset(val_set, [0, 1, 2, 3]), batch_size=2, num_workers=1,

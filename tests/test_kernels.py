@@ -25,9 +25,9 @@ CUT_BAND = 1e-3  # alpha this close to the cut is decided by float rounding orde
 def reference(segments, placement, image, k0: int = 0):
     """One image pasted piece by piece with torch's float resize (the CPU kernel): topmost slot map,
     undecidable pixels, the composite's pixels and each slot's (full mask, full rgb)."""
-    from sos_aug.batched_warp import ALPHA_CUT
     from sos_aug.composite import warp_segment
     from sos_aug.layout import clip_window
+    from sos_aug.ops.masks import ALPHA_CUT
 
     _, height, width = image.shape
     top = torch.zeros(height, width, dtype=torch.int32)
@@ -53,7 +53,7 @@ def reference(segments, placement, image, k0: int = 0):
 
 
 def tight(mask: torch.Tensor) -> list[float]:
-    from sos_aug.composite import tight_boxes
+    from sos_aug.ops.masks import tight_boxes
 
     return tight_boxes(mask[None])[0].tolist()
 
@@ -63,7 +63,7 @@ def check_kernels(bank, image: torch.Tensor, seed: int, count: int, device: str,
     flips): the kernels' results against :func:`reference`. Returns how many pixels were checked."""
     from test_batched_warp import draw_pieces
 
-    from sos_aug.composite import flat_base
+    from sos_aug.ops.buffers import flat_base
     from sos_aug.paste_kernel import paste_kernels
 
     height, width = image.shape[-2:]
@@ -107,8 +107,8 @@ def check_kernels(bank, image: torch.Tensor, seed: int, count: int, device: str,
 def check_nothing_lands(image: torch.Tensor, segments: list[torch.Tensor], device: str) -> None:
     """No pieces at all, and pieces that all land off the canvas: the batch comes back as it was,
     with an empty topmost map and zero statistics."""
-    from sos_aug.composite import flat_base
     from sos_aug.layout import Placement
+    from sos_aug.ops.buffers import flat_base
     from sos_aug.paste_kernel import paste_kernels
 
     height, width = image.shape[-2:]
@@ -129,18 +129,18 @@ def check_relight(images: torch.Tensor, masks: list[torch.Tensor], device: str) 
     many pixels changed."""
     from test_relight import alpha_only_net
 
-    from sos_aug import kernels
+    from sos_aug.ops import backends
     from sos_aug.relight.net import _relight_group
 
     net = alpha_only_net()
     on_device = images.to(device), [m.to(device) for m in masks]
     by_kernel = _relight_group(net, *on_device).cpu()
-    assert "relight" not in kernels.FAILED, "the relight kernel failed and fell back to torch"
-    kernels.FAILED.add("relight")  # now the torch path
+    assert "relight" not in backends.FAILED, "the relight kernel failed and fell back to torch"
+    backends.FAILED.add("relight")  # now the torch path
     try:
         by_torch = _relight_group(net, *on_device).cpu()
     finally:
-        kernels.FAILED.discard("relight")
+        backends.FAILED.discard("relight")
     covered = torch.stack([m.any(0) for m in masks])
     outside = ~covered.unsqueeze(1).expand_as(images)
     assert torch.equal(by_kernel[outside], images[outside]), "relight: pixels outside the masks changed"
@@ -153,7 +153,7 @@ def check_lab_blend(images: torch.Tensor, masks: list[torch.Tensor], device: str
     """LabBlend of a batch through the kernel against the torch path, on a relit batch (the plain
     one with its colours moved differently per image), a/b from either side. Returns how many
     pixels changed."""
-    from sos_aug import kernels
+    from sos_aug.ops import backends
     from sos_aug.relight import LabBlend
 
     scale = torch.tensor([1.25, 0.8, 0.9]).view(1, 3, 1, 1)
@@ -163,12 +163,12 @@ def check_lab_blend(images: torch.Tensor, masks: list[torch.Tensor], device: str
         blend = LabBlend(ab=ab)
         args = relit.to(device), images.to(device), [m.to(device) for m in masks]
         by_kernel = blend._blend_pixels(*args).cpu()
-        assert "lab_blend" not in kernels.FAILED, "the LabBlend kernel failed and fell back to torch"
-        kernels.FAILED.add("lab_blend")  # now the torch path
+        assert "lab_blend" not in backends.FAILED, "the LabBlend kernel failed and fell back to torch"
+        backends.FAILED.add("lab_blend")  # now the torch path
         try:
             by_torch = blend._blend_pixels(*args).cpu()
         finally:
-            kernels.FAILED.discard("lab_blend")
+            backends.FAILED.discard("lab_blend")
         outside = ~torch.stack([m.any(0) for m in masks]).unsqueeze(1).expand_as(images)
         assert torch.equal(by_kernel[outside], relit[outside]), "lab_blend: pixels outside the masks changed"
         tolerance = 1 if images.dtype == torch.uint8 else 1e-4

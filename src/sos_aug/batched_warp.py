@@ -11,18 +11,12 @@ and the horizontal flip are folded into the weight matrices (which output rows a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from .layout import Placement, clip_window
+from .ops.masks import ALPHA_CUT
+from .ops.resize import aa_weights, full_fp32_matmul, warp_segment
 
-# round(alpha) >= 128 on float alpha. Binary segment alpha resized lands on exactly 127.5 often
-# (a pixel centred on an edge); float kernels put it a hair either side (torch's CUDA kernel up to
-# 3e-3 from its CPU one, measured on an H100), so the cut sits 1e-2 lower and every float path, on
-# any device, agrees on those pixels (and with the uint8 kernel, which rounds them up).
-ALPHA_CUT = 127.5 - 1e-2
 # a piece's host numbers, one row each in the table that goes to the device in one copy
 (FULL_AT, TOP_AT, OUT_AT, SLOT1, OFFSET, PLANE, HS, WS, HS1, WS1, CY0, CA, CS, Y0, X0, HC, WC, HO, WO) = range(19)
 # what one more group costs (its launches and host time), counted as matmul work it could pad
@@ -122,45 +116,6 @@ def warp_group(flat: torch.Tensor, t: torch.Tensor, f: torch.Tensor, sizes: tupl
     return out.view(g, hc_max, 4, wc_max).transpose(1, 2)
 
 
-def aa_weights(pos: torch.Tensor, scale: torch.Tensor, inv_support: torch.Tensor, in_size: torch.Tensor,
-               taps: torch.Tensor) -> torch.Tensor:
-    """(G, O, I) weights of torch's antialiased bilinear resize (align_corners=False) for output
-    coordinates ``pos`` (G, O), input positions ``taps`` (I,), per piece ``scale`` = in/out size and
-    ``inv_support`` = 1 / max(scale, 1) (G, 1). Taps at or past ``in_size`` (G, 1) weigh 0; rows
-    sum to 1 (a row with no weight, which only padding has, stays 0)."""
-    center = (pos + 0.5) * scale
-    w = (1 - ((taps + 0.5 - center.unsqueeze(-1)) * inv_support.unsqueeze(-1)).abs()).clamp_(min=0)
-    w *= taps < in_size.unsqueeze(-1)
-    return w / w.sum(-1, keepdim=True).clamp_(min=torch.finfo(w.dtype).tiny)
-
-
-def resize_by_weights(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A float (C, h, w) image resized as torch's antialiased bilinear resize does, by one weight
-    matrix per axis: for downscales too large for a device's own kernel."""
-    (hs, ws), dev = image.shape[-2:], image.device
-
-    def weights(out: int, size: int) -> torch.Tensor:
-        scale = size / out
-        pos = torch.arange(out, device=dev, dtype=torch.float32)[None]
-        return aa_weights(pos, torch.tensor([[scale]], device=dev), torch.tensor([[1 / max(scale, 1.0)]], device=dev),
-                          torch.tensor([[size]], device=dev), torch.arange(size, device=dev))[0]
-
-    with full_fp32_matmul():
-        return weights(height, hs) @ image.float() @ weights(width, ws).T
-
-
-@contextmanager
-def full_fp32_matmul() -> Iterator[None]:
-    """Run matmuls in full fp32, whatever the caller set (TF32 would move pixels by ~0.3 levels and
-    flip mask pixels next to the alpha threshold)."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement], height: int,
                 width: int, kmax: int, group_cost: float | None = None,
                 dense_limit: float = DENSE_LIMIT) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -191,7 +146,6 @@ def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: li
 def _warp_alone(flat: torch.Tensor, row: list[int]) -> torch.Tensor:
     """One large piece warped by :func:`~sos_aug.composite.warp_segment` (torch's kernel) and
     cropped, as a (1, 4, hc, wc) group."""
-    from .composite import warp_segment
 
     segment = flat[row[OFFSET] : row[OFFSET] + 4 * row[PLANE]].view(4, row[HS], row[WS]).float()
     piece = warp_segment(segment, row[HO], row[WO], row[CS] < 0, 0.0)

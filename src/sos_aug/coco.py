@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from .bank.sources import image_path, load_coco, read_rgb, segmentation_to_mask
-from .composite import tight_boxes
+from .ops.masks import tight_boxes
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Skips:
         return dict(sorted(self.counts.items()))
 
     def __str__(self) -> str:
-        return describe_skips(self.counts, self.examples)
+        return describe_skips(self.counts, self.examples) or "nothing skipped"
 
 
 def describe_skips(counts: dict[str, int], examples: dict[str, str]) -> str:

@@ -13,19 +13,17 @@ rules this module guarantees (and the property tests check):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
-from . import kernels
-from .batched_warp import ALPHA_CUT, paste_groups, resize_by_weights, topmost
+from .batched_warp import paste_groups, topmost
 from .layout import Placement, clip_window
-
-ALPHA_THRESHOLD = 128  # alpha >= this is inside the object's mask
+from .ops import backends
+from .ops.buffers import consecutive_base, flat_base
+from .ops.masks import ALPHA_CUT, ALPHA_THRESHOLD, count_pixels, counts_and_boxes, mask_stats, row_owners
+from .ops.resize import warp_segment
 
 
 @dataclass
@@ -55,45 +53,6 @@ class DropRule:
             ok = (moved <= self.box_threshold) | (visible > self.mask_threshold)
         ok = torch.where(crowd, torch.ones_like(ok), ok)
         return ok & (visible > 0)
-
-
-def warp_segment(rgba: torch.Tensor, height: int, width: int, flip: bool, angle: float) -> torch.Tensor:
-    """Resize (antialiased), flip and rotate a (4, h, w) segment (uint8, or float kept unrounded);
-    rotation grows the canvas."""
-    out = resize_aa(rgba, height, width)
-    if flip:
-        out = out.flip(-1)
-    if angle:
-        out = F.rotate(out, float(angle), interpolation=InterpolationMode.BILINEAR, expand=True)
-    return out
-
-
-def resize_aa(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Antialiased bilinear resize of a (C, h, w) uint8 or float tensor (float kept unrounded), as
-    torchvision's ``F.resize(..., antialias=True)`` computes it, without its per-call checks (they
-    cost more than the resize of a small window)."""
-    if tuple(image.shape[-2:]) == (height, width):
-        return image
-    if image.dtype == torch.uint8:  # torch's native uint8 kernel, the one F.resize calls
-        return torch._C._nn._upsample_bilinear2d_aa(image[None], [height, width], False, None)[0]
-    return _resize_float(image, height, width)
-
-
-def _resize_float(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Antialiased bilinear resize of a float (C, h, w) tensor: F.interpolate's kernel without its
-    per-call checks. That kernel (torch 2.14, CPU) returns the first output row in every row when the
-    output is one pixel wide, so that case runs transposed (one pixel high is right). CUDA's kernel
-    refuses large downscales (its taps must fit in shared memory): those take the same filter as
-    two weight matrices."""
-    transposed = width == 1 and height > 1
-    source, size = (image.transpose(-1, -2), [width, height]) if transposed else (image, [height, width])
-    try:
-        out = torch._C._nn._upsample_bilinear2d_aa(source[None], size, False, None)[0]
-    except RuntimeError as err:
-        if "shared memory" not in str(err):
-            raise
-        out = resize_by_weights(source, *size)
-    return out.transpose(-1, -2) if transposed else out
 
 
 @dataclass
@@ -177,69 +136,6 @@ def _compact(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if dst != src:
             rows[dst].copy_(rows[src])
     return rows[: len(kept)]
-
-
-def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Pixel-edge XYXY boxes of (N, H, W) bool masks (x1 = last column + 1); zeros for an empty mask.
-
-    torchvision's ``masks_to_boxes`` returns inclusive corners and loops per mask; this is one
-    max-reduction per axis on a uint8 view (bool reductions are many times slower on CPU).
-    """
-    n, h, w = masks.shape
-    if n == 0:
-        return torch.zeros(0, 4, device=masks.device)
-    as_bytes = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
-    return _boxes_from(as_bytes.amax(2), as_bytes.amax(1))
-
-
-def _boxes_from(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Pixel-edge XYXY boxes from (M, H) and (M, W) uint8 projections (1 where any pixel is set)."""
-    h, w = rows.shape[1], cols.shape[1]
-    y0, y1 = rows.argmax(1), h - rows.flip(1).argmax(1)
-    x0, x1 = cols.argmax(1), w - cols.flip(1).argmax(1)
-    return torch.stack([x0, y0, x1, y1], 1).float() * rows.amax(1, keepdim=True)
-
-
-def _counts_and_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel counts and :func:`tight_boxes` of (M, H, W) bool masks from two reductions (per-row
-    counts, per-column max) instead of three: what the batched path needs on an accelerator."""
-    if len(masks) == 0:
-        return torch.zeros(0, dtype=torch.long, device=masks.device), torch.zeros(0, 4, device=masks.device)
-    as_bytes = masks.view(torch.uint8)
-    row_counts = _row_counts(as_bytes)
-    return row_counts.sum(1).long(), _boxes_from((row_counts > 0).to(torch.uint8), as_bytes.amax(1))
-
-
-def _row_counts(as_bytes: torch.Tensor) -> torch.Tensor:
-    """Set pixels in each row of (M, H, W) uint8 0/1 masks, as int32, reading the masks once: eight
-    columns at a time as one int64 whose bytes each count one column (no carry while W / 8 <= 255),
-    then the eight byte counts added. (A sum with ``dtype=int32`` first converts the whole stack.)"""
-    m, h, w = as_bytes.shape
-    packs = (w % 8 == 0 and w // 8 <= 255 and as_bytes.stride(2) == 1 and as_bytes.storage_offset() % 8 == 0
-             and as_bytes.stride(0) % 8 == 0 and as_bytes.stride(1) % 8 == 0)
-    if not packs:
-        return as_bytes.sum(2, dtype=torch.int32)
-    lanes = as_bytes.view(torch.int64).sum(2)  # (M, H): byte j counts columns j, j + 8, j + 16, ...
-    return lanes.view(torch.uint8).view(m, h, 8).sum(2, dtype=torch.int32)
-
-
-def row_owners(counts: list[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """Which image each row of a batch's concatenated per-image rows belongs to (``counts`` rows per
-    image), built on the host: a ``repeat_interleave`` over device counts would wait on the device."""
-    owners = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)], dtype=torch.long)
-    return owners.to(device, non_blocking=True) if device is not None else owners
-
-
-def count_pixels(masks: torch.Tensor) -> torch.Tensor:
-    """Pixels set in each (..., H, W) bool mask, as int64; NumPy's popcount path on CPU."""
-    if masks.device.type == "cpu":  # per-mask count_nonzero is ~8x faster than an axis reduction
-        flat = masks.numpy().reshape(-1, *masks.shape[-2:])
-        counts = np.fromiter((np.count_nonzero(m) for m in flat), np.int64, len(flat))
-        return torch.from_numpy(counts.reshape(masks.shape[:-2]))
-    if masks.numel() == 0:
-        return torch.zeros(masks.shape[:-2], dtype=torch.long, device=masks.device)
-    rows = _row_counts(masks.reshape(-1, *masks.shape[-2:]).view(torch.uint8))
-    return rows.sum(1).long().view(masks.shape[:-2])
 
 
 @dataclass
@@ -338,21 +234,6 @@ def paste_into(
         pasted_kept=pasted_kept,
         piece_segment=torch.tensor(piece_segment, dtype=torch.long),
     )
-
-
-def mask_stats(mask: torch.Tensor) -> tuple[int, list[int]]:
-    """Pixel count and tight pixel-edge XYXY box (zeros when empty) of one (h, w) bool mask, as
-    Python numbers; through NumPy on the CPU (~4x less time than torch's reductions for a piece's
-    window, where per-call overhead dominates)."""
-    if mask.device.type != "cpu":
-        count, box = _counts_and_boxes(mask[None])
-        return int(count[0]), [int(v) for v in box[0].tolist()]
-    as_bytes = mask.numpy().view(np.uint8)
-    rows = np.flatnonzero(as_bytes.max(1))
-    if len(rows) == 0:
-        return 0, [0, 0, 0, 0]
-    cols = np.flatnonzero(as_bytes.max(0))
-    return int(np.count_nonzero(as_bytes)), [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
 
 
 def _on_canvas(stats: tuple[int, list[int]], piece: PastedPiece) -> tuple[int, list[int]]:
@@ -460,7 +341,7 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
             out, top, stats = paste_kernels(images, segments, flat_base(segments), placements, kmax)
             return out, None, top, stats
 
-        return kernels.run_or_fallback("paste", kernel, groups)
+        return backends.run_or_fallback("paste", kernel, groups)
     if path == "groups":
         return groups()
     as_uint8 = images.dtype == torch.uint8
@@ -498,8 +379,8 @@ def warp_path(warp: str, images: torch.Tensor, placements: list[Placement], feat
         return "loop"
     if warp == "auto":
         device = images.device
-        return "loop" if device.type == "cpu" else ("kernel" if kernels.available(device, "paste") else "groups")
-    if warp == "kernel" and not kernels.available(images.device, "paste"):
+        return "loop" if device.type == "cpu" else ("kernel" if backends.available(device, "paste") else "groups")
+    if warp == "kernel" and not backends.available(images.device, "paste"):
         raise RuntimeError(f"warp='kernel' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), "
                            f"with compiling on; the batch is on {images.device}")
     return warp
@@ -508,14 +389,6 @@ def warp_path(warp: str, images: torch.Tensor, placements: list[Placement], feat
 def check_warp(warp: str) -> None:
     if warp not in ("auto", "kernel", "groups", "loop"):
         raise ValueError(f"unknown warp {warp!r}; use 'auto', 'kernel', 'groups' or 'loop'")
-
-
-def flat_base(segments: list[torch.Tensor]) -> torch.Tensor:
-    """The segments as one flat buffer, in order: the one they are views of, or a packed copy."""
-    if not segments:
-        return torch.zeros(0, dtype=torch.uint8)
-    base = consecutive_base(segments)
-    return base if base is not None else torch.cat([t.reshape(-1) for t in segments])
 
 
 @dataclass
@@ -558,15 +431,15 @@ def _occlusion(shape: tuple[int, int, int, int], masks: list[torch.Tensor], boxe
                                                                         device=device)
     old_visible = torch.logical_and(old, (top == 0)[row_owners(n_per, device)], out=rows[:n_old])
     before = count_pixels(old)
-    after, visible_old_boxes = _counts_and_boxes(old_visible)
+    after, visible_old_boxes = counts_and_boxes(old_visible)
     touched = after < before
     old_boxes = torch.cat([bx.float() for bx in boxes]) if some else torch.zeros(0, 4, device=device)
     new_boxes = torch.where(touched[:, None], visible_old_boxes, old_boxes)
     old_crowd = torch.cat(crowd).bool() if some else torch.zeros(0, dtype=torch.bool, device=device)
     keep_old = drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched
     if stats is None:
-        pasted_full, full_boxes = _counts_and_boxes(full.flatten(0, 1))
-        pasted_visible, visible_boxes = _counts_and_boxes(visible.flatten(0, 1))
+        pasted_full, full_boxes = counts_and_boxes(full.flatten(0, 1))
+        pasted_visible, visible_boxes = counts_and_boxes(visible.flatten(0, 1))
     else:
         pasted_full, full_boxes = stats.full_count, stats.full_boxes
         pasted_visible, visible_boxes = stats.visible_count, stats.visible_boxes
@@ -634,27 +507,3 @@ def _as_float(segments: list[torch.Tensor], used: list[int]) -> dict[int, torch.
     return out
 
 
-def consecutive_base(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The 1-D buffer that these contiguous tensors are back-to-back views of, in order, or None.
-    Segments of a batch and the rows of a batched paste are such views: whoever needs them as one
-    tensor can take this instead of copying."""
-    first = tensors[0]
-    total = sum(t.numel() for t in tensors)
-    storage = first.untyped_storage()
-    if first.storage_offset() + total > storage.nbytes() // first.element_size():
-        return None
-    start = first.data_ptr()
-    for t in tensors:
-        if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.dtype != first.dtype
-                or not t.is_contiguous() or t.data_ptr() != start):
-            return None
-        start += t.numel() * t.element_size()
-    return first.as_subclass(torch.Tensor).as_strided((total,), (1,))
-
-
-def same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of images that can be stacked into one batch: same shape, dtype and device."""
-    groups: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(i)
-    return list(groups.values())

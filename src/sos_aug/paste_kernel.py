@@ -27,9 +27,11 @@ import triton
 import triton.language as tl
 
 from . import batched_warp as bw
-from . import kernels
-from .batched_warp import ALPHA_CUT, piece_table
+from .batched_warp import piece_table
 from .layout import Placement
+from .ops import backends
+from .ops.masks import ALPHA_CUT
+from .ops.triton_ops import round_half_even
 
 BLOCK = 256  # output pixels per program (the interpreter, on the CPU, takes 4096: fewer, wider programs)
 NCOL = bw.WO + 1  # integer columns of a piece row (batched_warp's table)
@@ -133,14 +135,6 @@ def _mark(flat, table, ftable, top, stats, width, CUT: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
-def round_half_even(v):
-    """``torch.round`` of non-negative floats (halves to the even neighbour), as a float."""
-    r = tl.floor(v + 0.5)
-    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-    return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
-
-
-@triton.jit
 def _as_pixel(value, dtype: tl.constexpr):
     """A 0..255 float as the batch stores it: uint8 clamped and rounded, or a float in [0, 1]."""
     if dtype == tl.uint8:
@@ -199,7 +193,7 @@ def paste_kernels(images: torch.Tensor, segments: list[torch.Tensor], flat: torc
         stats = torch.tensor([[0, BIG, BIG, 0, 0] * 2] * len(rows), dtype=torch.int32).to(dev, non_blocking=True)
         block = BLOCK if dev.type != "cpu" else 4096
         grid = (max(-(-row[bw.HC] * row[bw.WC] // block) for row in rows), len(rows))
-        with kernels.on(dev):
+        with backends.on(dev):
             _mark[grid](flat, table, ftable, top, stats, width, CUT=ALPHA_CUT, BLOCK=block)
             _paint[grid](flat, table, ftable, top, stats, out, width, height * width, BLOCK=block)
         slots = torch.tensor([row[bw.TOP_AT] // (height * width) * kmax + row[bw.SLOT1] - 1 for row in rows])

@@ -7,80 +7,19 @@ pixels under pasted masks may change; :func:`relight` enforces that after each s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-
 import torch
 
-from .. import kernels
+from ..ops import backends
+from ..ops.backends import compiled, once_with_fallback
+from ..ops.masks import count_pixels, mask_01, row_owners, stacked_boxes, tight_boxes
+from .batch import RelightBatch, Relighter, by_device, to_unit
 from .color import lab_to_rgb_eager, lab_to_rgb_fused, lightness_eager, rgb_to_lab_eager, rgb_to_lab_fused
-from .compiling import compiled, mask_01, once_with_fallback
-
-Relighter = Callable[["RelightBatch"], list]
-
-
-@dataclass
-class RelightBatch:
-    images: list[torch.Tensor]  # (3, H, W) uint8, or float in [0, 1]: the current composites
-    plain: list[torch.Tensor]  # the composites before any relighting
-    masks: list[torch.Tensor]  # (K, H, W) bool visible pasted masks (disjoint), in paste order
-    boxes: list[torch.Tensor] | None = None  # (K, 4) their tight XYXY boxes, when the caller has them
-
-
-def as_chain(relighters: Relighter | Sequence[Relighter]) -> list[Relighter]:
-    """One relighter or a list of them, as a list."""
-    return list(relighters) if isinstance(relighters, (list, tuple)) else [relighters]
-
-
-def relight(relighters: Relighter | Sequence[Relighter], batch: RelightBatch) -> list[torch.Tensor]:
-    """Run relighters in order (``[RelightNet.pretrained(), LabBlend()]`` composes). Each one works in
-    the windows of the pasted segments and writes only pixels under their masks."""
-    for step in as_chain(relighters):
-        batch = replace(batch, images=step(batch))
-    return batch.images
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """A window as float in [0, 1], whatever the image's dtype."""
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
-
-def by_device(images: list[torch.Tensor], plain: list[torch.Tensor], masks: list[torch.Tensor],
-              on_cpu: Callable, on_batch: Callable, boxes: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """A classical relighter's two paths: ``on_cpu(image, plain, masks, boxes)`` image by image on
-    the CPU, ``on_batch(images, plain, masks, boxes)`` on accelerators for stacked images of one
-    size (the masks' tight boxes where the caller has them, else None); images without pasted
-    segments come back as they are."""
-    from ..composite import same_size_groups
-
-    out, on_device = list(images), []
-    for i, (image, m) in enumerate(zip(images, masks)):
-        if len(m) and image.device.type == "cpu":
-            out[i] = on_cpu(image, plain[i], m, None if boxes is None else boxes[i])
-        elif len(m):
-            on_device.append(i)
-    for group in same_size_groups([images[i] for i in on_device]):
-        idx = [on_device[j] for j in group]
-        changed = on_batch(torch.stack([images[i] for i in idx]), torch.stack([plain[i] for i in idx]),
-                           [masks[i] for i in idx], None if boxes is None else [boxes[i] for i in idx])
-        for i, image in zip(idx, changed):
-            out[i] = image
-    return out
-
-
-def stacked_boxes(segs: torch.Tensor, boxes: list[torch.Tensor] | None) -> torch.Tensor:
-    """(S, 4) float tight XYXY boxes of a batch's stacked (S, H, W) masks: the caller's per-image
-    boxes where it has them (CopyPaste does), else computed from the masks."""
-    from ..composite import tight_boxes
-
-    return tight_boxes(segs) if boxes is None else torch.cat(boxes).to(segs.device).float()
 
 
 def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0,
              boxes: torch.Tensor | None = None) -> list[tuple[slice, slice] | None]:
     """Each mask's box (its tight XYXY box: ``boxes`` where given, else computed) grown by ``grow``
     pixels and clipped (None for an empty mask)."""
-    from ..composite import tight_boxes
 
     h, w = masks.shape[-2:]
     grow = torch.as_tensor(grow).expand(len(masks)).tolist()
@@ -112,7 +51,6 @@ class ReinhardTransfer:
                           boxes: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU path, segment by segment over its grown box: only the segment's and its ring's
         pixels go through Lab, and only the segment's come back."""
-        from ..composite import count_pixels
 
         result = image.clone()
         background = masks.view(torch.uint8).amax(0) == 0  # outside every pasted segment
@@ -139,7 +77,6 @@ class ReinhardTransfer:
         the segments' and the rings' pixels listed once, their Lab statistics summed per segment, the
         segments' pixels moved and written back at once (two waits on the device, not several per
         segment). Same rules as :meth:`_transfer_windows`."""
-        from ..composite import count_pixels, row_owners
 
         dev, (height, width) = images.device, images.shape[-2:]
         segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
@@ -283,7 +220,6 @@ class LabBlend:
         """The CPU path: eagerly, the pixels under all of an image's masks (found window by window)
         through Lab and back at once; with ``compile_cpu``, each segment's whole box in one
         compiled loop."""
-        from ..composite import count_pixels
 
         result = relit.clone()
         segments = [(k, win) for k, win in enumerate(_windows(masks, boxes=boxes)) if win is not None]
@@ -305,7 +241,6 @@ class LabBlend:
         """The accelerator path: every pasted pixel of a same-size batch at once. On CUDA one Triton
         kernel walks each segment's box and blends the pixels under its mask (no pixel list, no wait
         on the device); elsewhere, or if it fails, the pixels are listed and blended by torch."""
-        from ..composite import count_pixels, row_owners
 
         segs = torch.cat([m.bool() for m in masks])
         owner = row_owners([len(m) for m in masks], relit.device)
@@ -319,12 +254,12 @@ class LabBlend:
             result[img, :, y, x] = blend_pixels(relit[img, :, y, x], plain[img, :, y, x], weights[seg], relit_ab)
             return result
 
-        if not kernels.available(relit.device, "lab_blend"):
+        if not backends.available(relit.device, "lab_blend"):
             return by_torch()
         from .lab_kernel import lab_blend_pixels
 
         tight = stacked_boxes(segs, boxes)
-        return kernels.run_or_fallback(
+        return backends.run_or_fallback(
             "lab_blend", lambda: lab_blend_pixels(relit, plain, segs, owner, tight, weights, relit_ab), by_torch)
 
 

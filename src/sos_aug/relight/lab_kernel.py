@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import kernels
+from ..ops import backends
+from ..ops.triton_ops import launch_shape, load_unit, segment_box, store_unit
 from .color import lab_matrices
-from .pixel_kernel import launch_shape, load_unit, segment_box, store_unit
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def lab_blend_pixels(relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tens
     block, programs = launch_shape(relit.device)
     m = lab_matrices(torch.float32, relit.device)  # the white point folded in
     matrices = torch.cat([m["to_xyz"].reshape(-1), m["to_rgb"].reshape(-1)])
-    with kernels.on(relit.device):
+    with backends.on(relit.device):
         _lab_blend[(programs, len(masks))](relit, plain, result, masks.contiguous().view(torch.uint8),
                                            owner.contiguous(), boxes.float().contiguous(), weights.float().contiguous(),
                                            matrices, height, width, RELIT_AB=relit_ab, BLOCK=block, PROGRAMS=programs)

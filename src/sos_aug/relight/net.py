@@ -17,11 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torchvision.ops import roi_align
 
-from .. import kernels
-from ..kernels import compile_off
+from ..ops import backends
+from ..ops.backends import compile_off, compiled, once_with_fallback, with_fallback
+from ..ops.buffers import same_size_groups
+from ..ops.masks import mask_01, row_owners, stacked_boxes, tight_boxes
+from ..ops.resize import resize_aa
+from .batch import to_unit
 from .color import rgb_to_lab_eager, rgb_to_lab_fused
-from .compiling import compiled, mask_01, once_with_fallback, with_fallback
 from .family import (
     GRID,
     KNOTS,
@@ -170,7 +174,6 @@ def _net_inputs(context: torch.Tensor, eager: bool) -> tuple[torch.Tensor, torch
 
 def context_boxes(masks: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
     """(K, H, W) bool -> (K, 4) float XYXY context windows: each mask's box grown CONTEXT x, clipped."""
-    from ..composite import tight_boxes
 
     h, w = masks.shape[-2:]
     boxes = tight_boxes(masks) if boxes is None else boxes
@@ -190,7 +193,6 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
     where big gathers are slow and small windows stay in cache, window by window."""
     if all(image.device.type == "cpu" for image in batch.images):
         return _relight_windows(net, batch)
-    from ..composite import same_size_groups
 
     out = list(batch.images)
     pasted = [i for i, masks in enumerate(batch.masks) if len(masks)]
@@ -207,8 +209,6 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
                    boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The accelerator path for a (B, 3, H, W) batch: every segment's window in one ``roi_align``
     and one forward (both in one compiled graph), then one pass over just the segments' pixels."""
-    from ..composite import row_owners
-    from .classical import stacked_boxes, to_unit
 
     if next(net.parameters()).device != images.device:  # follow the batch (e.g. onto the GPU)
         net.to(images.device)
@@ -217,10 +217,10 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
     owner = row_owners([len(m) for m in masks], images.device)
     tight = stacked_boxes(segs, boxes)
     params, ctx = _group_params(net, images.device)(images, segs, owner, tight)
-    if kernels.available(images.device, "relight"):  # one launch over the segments' boxes, no pixel list
+    if backends.available(images.device, "relight"):  # one launch over the segments' boxes, no pixel list
         from .pixel_kernel import relight_pixels
 
-        return kernels.run_or_fallback("relight", lambda: relight_pixels(images, segs, owner, tight, ctx, params),
+        return backends.run_or_fallback("relight", lambda: relight_pixels(images, segs, owner, tight, ctx, params),
                                        lambda: _scatter_relit(images, to_unit(images), params, ctx, owner, segs))
     return _scatter_relit(images, to_unit(images), params, ctx, owner, segs)
 
@@ -230,8 +230,6 @@ def _group_inputs(images: torch.Tensor, segs: torch.Tensor, owner: torch.Tensor,
     """The net's (S, 4, INPUT, INPUT) inputs for segments ``segs`` ((S, H, W) bool, tight boxes
     ``tight``) of images ``owner`` of a (B, 3, H, W) batch, windows sampled by ``roi_align``; and
     their (S, 4) context windows."""
-    from torchvision.ops import roi_align
-
     ctx = context_boxes(segs, tight)
     rois = torch.cat([owner[:, None].to(ctx.dtype), ctx], 1)
     rgb_small = roi_align(images.float(), rois, output_size=INPUT, sampling_ratio=4, aligned=True)
@@ -313,7 +311,6 @@ def _pixel_pass(device: torch.device) -> Callable:
 def _small_rgb(rgb: torch.Tensor) -> torch.Tensor:
     """A context window's RGB at INPUT², antialiased, in the image's dtype (uint8 takes torch's
     uint8 resize kernel, several times faster on the CPU) or float."""
-    from ..composite import resize_aa
 
     return resize_aa(rgb if rgb.dtype == torch.uint8 else rgb.float(), INPUT, INPUT)
 
@@ -321,7 +318,6 @@ def _small_rgb(rgb: torch.Tensor) -> torch.Tensor:
 def _unit_windows(windows: list[torch.Tensor]) -> torch.Tensor:
     """(3, INPUT, INPUT) windows stacked as (S, 3, INPUT, INPUT) float in [0, 1], in one pass when
     all are uint8 (the usual case)."""
-    from .classical import to_unit
 
     if all(w.dtype == torch.uint8 for w in windows):
         return torch.stack(windows).float().div_(255)
@@ -347,7 +343,6 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
     """The CPU path, window by window: the net sees each context window at INPUT² (antialiased; one
     forward for the whole batch); the transform runs densely over the segment's box (0-255 scaling
     folded into its tables for uint8 images) and only the mask's pixels are written back."""
-    from ..composite import tight_boxes
 
     jobs, windows, alphas = [], [], []  # (image, mask index, box, context) per segment with pixels
     for b, (image, masks) in enumerate(zip(batch.images, batch.masks)):

@@ -14,12 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import kernels
-from ..paste_kernel import round_half_even
+from ..ops import backends
+from ..ops.triton_ops import launch_shape, load_unit, segment_box, store_unit
 from .family import GRID, KNOTS, N_AFFINE, N_CURVE, N_PARAMS
 
-BLOCK = 256  # pixels per tile
-PROGRAMS = 64  # programs per segment, each taking every PROGRAMS-th tile of its box
 _K, _G, _P = tl.constexpr(KNOTS), tl.constexpr(GRID), tl.constexpr(N_PARAMS)
 _CURVES, _SHADE = tl.constexpr(N_AFFINE), tl.constexpr(N_AFFINE + N_CURVE)
 
@@ -59,32 +57,6 @@ def _shade(grid, u, v):
     top = tl.load(corner) * (1 - fu) + tl.load(corner + 1) * fu
     bottom = tl.load(corner + _G) * (1 - fu) + tl.load(corner + _G + 1) * fu
     return tl.exp(top * (1 - fv) + bottom * fv)
-
-
-@triton.jit
-def load_unit(at, on):
-    """Pixel values in [0, 1] as float32, whatever the image's dtype (uint8: / 255)."""
-    value = tl.load(at, mask=on, other=0).to(tl.float32)
-    if at.dtype.element_ty == tl.uint8:
-        value = value / 255.0
-    return value
-
-
-@triton.jit
-def store_unit(at, value, on):
-    """A relit value in [0, 1] stored in the image's dtype (uint8: x 255, rounded half to even)."""
-    value = tl.minimum(tl.maximum(value, 0.0), 1.0)
-    if at.dtype.element_ty == tl.uint8:
-        tl.store(at, round_half_even(value * 255.0).to(tl.uint8), mask=on)
-    else:
-        tl.store(at, value.to(at.dtype.element_ty), mask=on)
-
-
-@triton.jit
-def segment_box(boxes, s):
-    """Segment ``s``'s tight box (packed float XYXY rows, pixel edges) as x0, y0, width, height."""
-    x0, y0 = tl.load(boxes + 4 * s).to(tl.int32), tl.load(boxes + 4 * s + 1).to(tl.int32)
-    return x0, y0, tl.load(boxes + 4 * s + 2).to(tl.int32) - x0, tl.load(boxes + 4 * s + 3).to(tl.int32) - y0
 
 
 @triton.jit  # ("coeffs", not "params": some Triton versions' launchers have a local of that name)
@@ -130,12 +102,9 @@ def relight_pixels(images: torch.Tensor, masks: torch.Tensor, owner: torch.Tenso
     height, width = images.shape[-2:]
     block, programs = launch_shape(images.device)
     tables = [t.float().contiguous() for t in (boxes, ctx, params)]  # the kernel reads them as packed rows
-    with kernels.on(images.device):
+    with backends.on(images.device):
         _relight[(programs, len(masks))](images, result, masks.contiguous().view(torch.uint8), owner.contiguous(),
                                          *tables, height, width, BLOCK=block, PROGRAMS=programs)
     return result
 
 
-def launch_shape(device: torch.device) -> tuple[int, int]:
-    """(pixels per tile, programs per segment): on the CPU, under the interpreter, few wide tiles."""
-    return (BLOCK, PROGRAMS) if device.type != "cpu" else (4096, 2)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..bank.sources import load_coco
 from ..coco import Skips
 from .data import InstancePool, training_batch
+from .evaluate import NoInstancesError, evaluate
 from .family import apply_family, fit_family
 from .net import INPUT, RelightNet
 from .perturb import training_perturbation
@@ -273,7 +274,6 @@ GAINS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 def calibrate_gain(net: RelightNet, ann_file, images, val_ids: list[int], progress: bool = True) -> float:
     """Pick the shrink toward the identity that does best on the held-out images under the evaluation
     protocol (mean relative fMSE of both suites vs doing nothing), and store it in the net."""
-    from .evaluate import NoInstancesError, evaluate
 
     net.eval()
     scores = {}

@@ -1,6 +1,7 @@
-"""When sos_aug's Triton kernels run (the paste and the relight pixel pass on CUDA), and what
-happens when they cannot: the torch path they replace runs instead, so a compiler problem costs
-speed, never a crash mid-epoch. ``SOS_AUG_COMPILE=0`` turns them off with everything compiled."""
+"""Backends and their fallback, in one place: when sos_aug's Triton kernels run (the paste and the
+relight pixel passes on CUDA) and what runs when they cannot (the torch path they replace), and
+``torch.compile`` made once per process with an eager fallback. A compiler problem costs speed,
+never a crash mid-epoch. ``SOS_AUG_COMPILE=0`` turns kernels and compiling off everywhere."""
 
 from __future__ import annotations
 
@@ -60,3 +61,25 @@ def on(device: torch.device):
     """The context to launch a kernel for tensors on ``device`` in: Triton launches on torch's current
     CUDA device, which need not be the tensors' (``cuda:1`` without ``torch.cuda.set_device``)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+COMPILED: dict[str, Callable] = {}  # name -> what to call (compiled, or the eager fallback)
+
+
+def compiled(name: str, fn: Callable) -> Callable:
+    """``torch.compile(fn)`` made once per process (any sizes), under ``name``; its CPU kernels
+    single-threaded (no OpenMP pool: safe in DataLoader workers and across forks)."""
+    if name not in COMPILED:
+        COMPILED[name] = torch.compile(fn, dynamic=True, options={"cpp.threads": 1})
+    return COMPILED[name]
+
+
+def once_with_fallback(key: str, call: Callable, eager: Callable) -> Callable:
+    """What to run under ``key``: ``call`` (code compiled on first use, once per process, i.e. per
+    DataLoader worker), or ``eager`` where ``SOS_AUG_COMPILE=0`` or compiling failed (with a
+    warning, and not tried again)."""
+    if compile_off():
+        return eager
+    if key not in COMPILED:
+        COMPILED[key] = with_fallback(call, eager, lambda: COMPILED.__setitem__(key, eager))
+    return COMPILED[key]
