@@ -54,7 +54,7 @@ from _common import machine, shared_data  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, RandomLayout, SegmentBank, SOSLayout, build_bank, coco_source  # noqa: E402
 from sos_aug.bank.sources import load_coco  # noqa: E402
-from sos_aug.composite import tight_boxes  # noqa: E402
+from sos_aug.ops.masks import tight_boxes  # noqa: E402
 from sos_aug.split import split_coco, write_json_atomic  # noqa: E402
 
 ARMS = ("none", "mmdet", "random", "sos", "sos_relight")
@@ -87,7 +87,13 @@ class Settings:
     proposals: int = 1000  # kept by the RPN in training (torchvision: 2000)
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """A digest of the settings; data paths count by their last two parts, so the same data at
+        another place (another checkout, CI's clone) gives the same key."""
+        fields = asdict(self)
+        for name in ("train", "train_images", "val", "val_images"):
+            fields[name] = "/".join(Path(fields[name]).parts[-2:])
+        fields["pastes"] = list(fields["pastes"])
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -113,6 +119,7 @@ def restrict_classes(data: dict, classes: list[str]) -> dict:
     """The COCO dict with only the named categories, renumbered 1..K in that order; images keep
     only annotations of those categories (images left without any are dropped)."""
     by_name = {c["name"]: c for c in data["categories"]}
+    classes = classes or [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
     missing = [n for n in classes if n not in by_name]
     if missing:
         raise SystemExit(f"categories {missing} are not in the file (it has {sorted(by_name)})")
@@ -430,8 +437,10 @@ def load_data(s: Settings, work: Path) -> dict:
 
 
 def run_grid(s: Settings, arms: list[str], seeds: list[int], out: Path, ckpt_every: int = 50,
-             progress: bool = True) -> list[dict]:
-    """Every (seed, arm) run not finished yet under these settings, seed by seed; returns all results."""
+             progress: bool = True, results_dir: Path | None = None) -> list[dict]:
+    """Every (seed, arm) run not finished yet under these settings, seed by seed; returns all results.
+    A run counts as finished when ``results_dir`` (the record kept in the repository) or its own
+    folder holds its result under the same settings key; finished results are copied there."""
     work = out / s.key()
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / "settings.json", asdict(s))
@@ -440,19 +449,39 @@ def run_grid(s: Settings, arms: list[str], seeds: list[int], out: Path, ckpt_eve
     for seed in seeds:
         for arm in arms:
             run_dir = work / "runs" / f"{arm}-s{seed}"
-            done = run_dir / "result.json"
-            if done.exists():
-                results.append(json.loads(done.read_text()))
-                if progress:
-                    print(f"{arm} seed {seed}: finished before, skipped", file=sys.stderr)
-                continue
-            data = data or load_data(s, work)
-            results.append(train_run(arm, seed, s, data, run_dir, ckpt_every, progress))
+            done = finished(s, arm, seed, [run_dir / "result.json"]
+                            + ([results_dir / f"{arm}-s{seed}.json"] if results_dir else []))
+            if done is None:
+                data = data or load_data(s, work)
+                done = train_run(arm, seed, s, data, run_dir, ckpt_every, progress)
+            elif progress:
+                print(f"{arm} seed {seed}: finished before, skipped", file=sys.stderr)
+            if results_dir is not None:
+                results_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(results_dir / f"{arm}-s{seed}.json", done)
+            results.append(done)
     return results
 
 
-def finished_results(work: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/result.json"))]
+def finished(s: Settings, arm: str, seed: int, places: list[Path]) -> dict | None:
+    """The first result of (arm, seed) under these settings found in ``places``, or None."""
+    for path in places:
+        if path.exists():
+            result = json.loads(path.read_text())
+            if result.get("key") == s.key():
+                return result
+    return None
+
+
+def finished_results(s: Settings, places: list[Path]) -> list[dict]:
+    """Every finished result under these settings in ``places`` (one per arm and seed)."""
+    found: dict[tuple, dict] = {}
+    for place in places:
+        for path in sorted(place.glob("*.json")) + sorted(place.glob("runs/*/result.json")):
+            result = json.loads(path.read_text())
+            if isinstance(result, dict) and result.get("key") == s.key():
+                found.setdefault((result["arm"], result["seed"]), result)
+    return list(found.values())
 
 
 def summarize(results: list[dict], baseline: str = "none") -> dict:
@@ -519,7 +548,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val", help="evaluation COCO file (default: facades valid)")
     p.add_argument("--val-images", help="its images (default: facades valid)")
     p.add_argument("--classes", default="window,balcony-fence,vegetation",
-                   help="comma-separated category names to train and evaluate (default %(default)s)")
+                   help="comma-separated category names to train and evaluate; empty: all (default %(default)s)")
     p.add_argument("--percent", type=float, default=10.0, help="training split: percent of the training file's "
                    "images, drawn as mmdet's split_coco does (default %(default)s)")
     p.add_argument("--fold", type=int, default=1, help="split fold (its seed; default %(default)s)")
@@ -539,6 +568,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=400, help="steps between curve points (default %(default)s)")
     p.add_argument("--val-limit", type=int, default=0, help="evaluate on the first N validation images (0: all)")
     p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "docs" / "train_effect"),
+                   help="where finished results are kept and looked up (default: docs/train_effect)")
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--summary-only", action="store_true", help="summarise the finished runs, train nothing")
     p.add_argument("--threads", type=int, default=1)
@@ -564,14 +595,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     s = settings_from(args)
-    out = Path(args.out)
-    work = out / s.key()
+    out, results_dir = Path(args.out), Path(args.results)
     if not args.summary_only:
-        run_grid(s, args.arms, args.seeds, out, args.ckpt_every)
-    results = finished_results(work) if work.exists() else []
-    summary = {"settings": asdict(s), "machine": machine(), "arms": summarize(results)}
+        run_grid(s, args.arms, args.seeds, out, args.ckpt_every, results_dir=results_dir)
+    results = finished_results(s, [results_dir, out / s.key()])
+    summary = {"settings": asdict(s), "key": s.key(), "machine": machine(), "arms": summarize(results)}
     if results:
-        plot_curves(results, work / "curves.png")
+        results_dir.mkdir(parents=True, exist_ok=True)
+        plot_curves(results, results_dir / "curves.png")
     text = json.dumps(summary, indent=1)
     print(text)
     if args.json:

@@ -168,3 +168,10 @@ def test_lvis_style_file_keeps_frequency_and_synonyms(tmp_path, train_ann, coco_
     person = bank.categories[1]
     assert person["frequency"] == "rcf"[1] and "person_thing" in person["synonyms"]
     assert bank.category_id("Person Thing") == 1
+
+
+def test_a_missing_image_folder_is_an_error_up_front(tmp_path, train_ann):
+    from sos_aug.bank import coco_source
+
+    with pytest.raises(FileNotFoundError, match="no_such_folder: image folder not found"):
+        coco_source(train_ann, tmp_path / "no_such_folder")

@@ -80,7 +80,7 @@ def test_tv_tensors_in_and_out_with_other_box_formats(train_bank, val_set):
     assert isinstance(out["boxes"], tv_tensors.BoundingBoxes) and out["boxes"].format.name == "CXCYWH"
     assert isinstance(out["masks"], tv_tensors.Mask)
     back = v2.ConvertBoundingBoxFormat("XYXY")(out["boxes"])
-    from sos_aug.composite import tight_boxes
+    from sos_aug.ops.masks import tight_boxes
 
     assert torch.allclose(back.as_subclass(torch.Tensor), tight_boxes(out["masks"].as_subclass(torch.Tensor).bool()))
 
@@ -228,3 +228,19 @@ def test_damaged_segment_is_skipped_and_counted_not_fatal(tmp_path, train_bank, 
 def test_layouts_accept_an_image_with_nothing_to_paste(layout):
     placement = layout(_scene(k=0), torch.Generator().manual_seed(0))
     assert len(placement) == 0 and placement.boxes.shape == (0, 4)
+
+
+def test_bad_images_are_named_clearly(train_bank, val_set):
+    """A NumPy HWC image and float images in 0-255 are refused with what was expected, not pasted
+    wrongly (pasted pixels in [0, 1] on a 0-255 canvas come out black)."""
+    import numpy as np
+
+    cp = CopyPaste(train_bank, num_pastes=(1, 2))
+    image, target = val_set[0]
+    hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    with pytest.raises(TypeError, match=r"torch tensors.*numpy.ndarray of shape .*permute"):
+        cp(hwc, target)
+    with pytest.raises(ValueError, match=r"\[0, 1\].*uint8"):
+        cp(image.float(), target)
+    out, _ = cp(image.float() / 255, target, generator=torch.Generator().manual_seed(0))
+    assert out.is_floating_point() and float(out.amax()) <= 1.0

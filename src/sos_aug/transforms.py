@@ -24,18 +24,12 @@ from . import allocator
 from .bank.format import BankFormatError
 from .bank.sources import load_coco
 from .bank.store import SegmentBank, normalize_name
-from .composite import (
-    DropRule,
-    PasteResult,
-    check_warp,
-    consecutive_base,
-    count_pixels,
-    flat_base,
-    paste_batch,
-    paste_into,
-    same_size_groups,
-)
+from .composite import DropRule, PasteResult, check_warp, paste_batch, paste_into
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
+from .ops.buffers import consecutive_base, flat_base, same_size_groups
+from .ops.masks import count_pixels
+from .relight.batch import RelightBatch, relight
+from .relight.batch import warm_up as compile_relighters
 
 Target = dict[str, Any]
 
@@ -238,9 +232,13 @@ class CopyPaste:
     def __call__(self, images, targets, segments: PasteSegments | None = None,
                  generator: torch.Generator | None = None):
         single = isinstance(images, torch.Tensor) and images.ndim == 3
-        if single:
+        if single or isinstance(targets, Mapping):  # one sample (a non-tensor image is refused below)
             images, targets = [images], [targets]
+        if not isinstance(images, (torch.Tensor, list, tuple)):
+            images = [images]
         batch = list(images)
+        for image, target in zip(batch, targets):
+            _check_target(image, target)
         if segments is None:
             segments = self.fetch(len(batch), generator)
         sizes = [tuple(im.shape[-2:]) for im in batch]
@@ -303,7 +301,6 @@ class CopyPaste:
 
     def _relight(self, images: list[torch.Tensor], targets: list[Target], n_pasted: list[int]) -> list[torch.Tensor]:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
-        from .relight.classical import RelightBatch, relight
 
         plain = [im.as_subclass(torch.Tensor) for im in images]
         first = [len(t["boxes"]) - n for t, n in zip(targets, n_pasted)]  # where the pasted rows start
@@ -393,6 +390,16 @@ def _instances(target: Target, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def _check_target(image: torch.Tensor, target: Target) -> None:
+    if not isinstance(image, torch.Tensor):
+        shape = getattr(image, "shape", None)
+        what = f"{type(image).__module__}.{type(image).__name__}" + (f" of shape {tuple(shape)}" if shape else "")
+        raise TypeError(f"CopyPaste takes (3, H, W) torch tensors (uint8, or float in [0, 1]); got {what} "
+                        "(a NumPy HWC image: torch.from_numpy(array).permute(2, 0, 1))")
+    if not isinstance(target, Mapping):
+        raise TypeError(f"CopyPaste takes a target dict per image (boxes, labels, masks); got {type(target).__name__}")
+    if image.is_floating_point() and image.device.type == "cpu" and image.numel() and float(image.amax()) > 1.0:
+        raise ValueError(f"float images must hold values in [0, 1]; this one reaches {float(image.amax()):.1f} "
+                         "(0-255 values: pass them as uint8, or divide by 255)")
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"CopyPaste needs (3, H, W) RGB images, got shape {tuple(image.shape)}")
     for key in ("boxes", "labels", "masks"):
@@ -472,7 +479,7 @@ class CopyPasteCollate:
     image in a worker here); ``keep_freed_memory=False`` leaves the workers' allocator alone.
 
     Relighters that compile their CPU code (``compile_cpu=True``) are compiled here, when the
-    collate is made (:func:`sos_aug.relight.compiling.warm_up`, seconds): workers forked from this
+    collate is made (:func:`sos_aug.relight.batch.warm_up`, seconds): workers forked from this
     process (Linux's default) then inherit the compiled code instead of compiling it in every worker
     and every epoch. ``warm_up=False`` skips that.
     """
@@ -482,7 +489,6 @@ class CopyPasteCollate:
         self.cp, self.collate_fn, self.defer = copy_paste, collate_fn, defer
         self.keep_freed_memory = keep_freed_memory
         if warm_up and not defer and copy_paste.relight is not None and get_worker_info() is None:
-            from .relight.compiling import warm_up as compile_relighters
 
             compile_relighters(copy_paste.relight)
         self._generator: torch.Generator | None = None

@@ -60,8 +60,11 @@ def coco_source(
     categories: list[str | int] | None = None,
     margin: float = 0.05,
 ) -> Source:
-    """Every non-crowd instance with a non-empty mask, cropped tightly with a small margin."""
+    """Every non-crowd instance with a non-empty mask, cropped tightly with a small margin. A missing
+    image folder is an error up front (not an empty bank that fails later)."""
     ann_file, images = Path(ann_file), Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: image folder not found")
     data = load_coco(ann_file)
     cats = [_category_record(c) for c in data["categories"]]
     keep = _selected_category_ids(cats, categories, ann_file)
