@@ -123,3 +123,19 @@ def test_lower_rooms_do_not_reach_up(room):
                 todo.append(n)
     upper = {"sos_aug.composite", "sos_aug.transforms", "sos_aug.relight", "sos_aug.cli"}
     assert not (seen & upper), f"{room} reaches {sorted(seen & upper)}"
+
+
+def test_the_public_names_resolve_and_the_package_imports_lazily():
+    """``sos_aug.X`` for every public name, and ``import sos_aug`` alone does not load torch (so
+    ``sos-aug --help`` answers at once)."""
+    import subprocess
+    import sys
+
+    import sos_aug
+
+    assert sorted(sos_aug.__all__) == sorted(sos_aug._HOMES)
+    for name in sos_aug.__all__:
+        assert getattr(sos_aug, name).__name__ == name
+    code = "import sys, sos_aug, sos_aug.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

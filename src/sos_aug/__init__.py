@@ -1,15 +1,48 @@
 """sos_aug: the SOS recipe (synthetic object segments, layout priors, exact targets) as an
-on-the-fly PyTorch augmentation."""
+on-the-fly PyTorch augmentation.
 
-from .bank import SegmentBank, build_bank, coco_source, merge_banks, rgba_tree_source, xpaste_source
-from .coco import CocoInstances
-from .composite import DropRule
-from .layout import DatasetStatsLayout, ExistingBoxesLayout, RandomLayout, SOSLayout
-from .transforms import CopyPaste, CopyPasteCollate, PasteSegments, label_map_from_coco
+The public names are imported on first use (PEP 562), so ``import sos_aug`` and ``sos-aug --help``
+do not pay for torch, torchvision and kornia until something needs them."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    "SegmentBank": "bank", "build_bank": "bank", "coco_source": "bank", "merge_banks": "bank",
+    "rgba_tree_source": "bank", "xpaste_source": "bank",
+    "CocoInstances": "coco",
+    "DropRule": "composite",
+    "DatasetStatsLayout": "layout", "ExistingBoxesLayout": "layout", "Layout": "layout", "Placement": "layout",
+    "RandomLayout": "layout", "SOSLayout": "layout", "Scene": "layout",
+    "CopyPaste": "transforms", "CopyPasteCollate": "transforms", "PasteSegments": "transforms",
+    "label_map_from_coco": "transforms",
+}
 __all__ = [
     "CocoInstances", "CopyPaste", "CopyPasteCollate", "DatasetStatsLayout", "DropRule", "ExistingBoxesLayout",
-    "PasteSegments", "RandomLayout", "SOSLayout", "SegmentBank", "build_bank", "coco_source",
-    "label_map_from_coco", "merge_banks", "rgba_tree_source", "xpaste_source",
+    "Layout", "PasteSegments", "Placement", "RandomLayout", "SOSLayout", "Scene", "SegmentBank", "build_bank",
+    "coco_source", "label_map_from_coco", "merge_banks", "rgba_tree_source", "xpaste_source",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value  # once
+        return value
+    raise AttributeError(f"module 'sos_aug' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .bank import SegmentBank, build_bank, coco_source, merge_banks, rgba_tree_source, xpaste_source
+    from .coco import CocoInstances
+    from .composite import DropRule
+    from .layout import DatasetStatsLayout, ExistingBoxesLayout, Layout, Placement, RandomLayout, Scene, SOSLayout
+    from .transforms import CopyPaste, CopyPasteCollate, PasteSegments, label_map_from_coco

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from .allocator import keep_freed_memory
 
 
@@ -107,6 +105,8 @@ def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num
         raise SystemExit(f"{ann_file}: no annotated image to preview")
     names = {c["id"]: c["name"] for c in ds.categories}
     cp = _make_copy_paste(bank, layout, str(ann_file), num, feather)
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(ds), generator=g)[:n].tolist()
     images, targets = zip(*[ds[i] for i in picks])
@@ -154,6 +154,8 @@ def _demo(args) -> int:
 
 
 def _relight_train(args) -> int:
+    import torch
+
     from .relight.train import train_relight_net
 
     torch.set_num_threads(args.threads)
@@ -186,6 +188,8 @@ def _relight_iclight(args) -> int:
 
 
 def _relight_eval(args) -> int:
+    import torch
+
     from .relight.evaluate import evaluate, format_table
     from .relight.net import RelightNet
 
