@@ -136,3 +136,16 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, coco_mini, train_ann
     resumed = te.train_run("sos", 0, s, data, tmp_path / "cut", ckpt_every=1, progress=False)
     assert resumed["losses"][:2] == whole["losses"][:2] and len(resumed["losses"]) == 3
     assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-4)
+
+
+def test_the_split_command_writes_every_fold_and_percent(tmp_path, train_ann):
+    from sos_aug.cli import main
+
+    assert main(["split", "--coco", str(train_ann), "--percent", "10", "50", "--fold", "1", "2",
+                 "--out", str(tmp_path)]) == 0
+    data = load_coco(train_ann)
+    for fold in (1, 2):
+        for percent in (10, 50):
+            part = json.loads((tmp_path / f"instances_train2017.{fold}@{percent}.json").read_text())
+            assert [im["id"] for im in part["images"]] == mmdet_split_ids(data["images"], percent, fold)
+    assert main(["split", "--coco", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2

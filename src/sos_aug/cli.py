@@ -203,6 +203,14 @@ def _relight_eval(args) -> int:
     return 0
 
 
+def _split(args) -> int:
+    from .split import write_splits
+
+    for path in write_splits(args.coco, args.out, args.percent, args.fold, args.stem):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sos-aug", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=48)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_bank_show)
+
+    sp = sub.add_parser("split", help="low-data training splits, the same images as mmdetection's split_coco.py draws",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sp.add_argument("--coco", required=True, help="COCO instances JSON to split")
+    sp.add_argument("--percent", type=float, nargs="+", default=[1.0], help="labelled percentages")
+    sp.add_argument("--fold", type=int, nargs="+", default=[1], help="folds (each the split's seed)")
+    sp.add_argument("--out", required=True, help="folder for {stem}.{fold}@{percent}.json and ...-unlabeled.json")
+    sp.add_argument("--stem", default="instances_train2017", help="file name stem")
+    sp.set_defaults(func=_split)
 
     v = sub.add_parser("preview", help="a grid of augmented images with outlines, boxes and labels")
     v.add_argument("--bank", required=True)
