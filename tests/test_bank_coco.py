@@ -175,3 +175,15 @@ def test_a_missing_image_folder_is_an_error_up_front(tmp_path, train_ann):
 
     with pytest.raises(FileNotFoundError, match="no_such_folder: image folder not found"):
         coco_source(train_ann, tmp_path / "no_such_folder")
+
+
+def test_cli_info_says_when_it_lists_only_the_top_categories(train_bank):
+    def info(*extra):
+        return subprocess.run([sys.executable, "-m", "sos_aug.cli", "bank", "info", str(train_bank.root), *extra],
+                              capture_output=True, text=True, check=True).stdout
+
+    n = len(Counter(train_bank.index["category"].tolist()))
+    assert n > 5
+    short = info("--top", "5")
+    assert f"and {n - 5} more categories" in short and len(short.splitlines()) == 1 + 5 + 1
+    assert "more categories" not in info("--top", str(n))

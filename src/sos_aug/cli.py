@@ -45,8 +45,11 @@ def _bank_info(args) -> int:
     else:
         print(f"{info['path']}: {info['num_segments']} segments, {info['num_categories']} categories, "
               f"{info['bytes'] / 1e6:.1f} MB of shards")
-        for c in sorted(info["categories"], key=lambda c: -c["count"])[:20]:
+        ranked = sorted(info["categories"], key=lambda c: -c["count"])
+        for c in ranked[: args.top]:
             print(f"  {c['count']:8d}  {c['name']} (id {c['id']})")
+        if len(ranked) > args.top:
+            print(f"  ... and {len(ranked) - args.top} more categories (--top N to list more, --json for all)")
         if info["skipped"]:
             print("skipped at build: " + ", ".join(f"{k}={v}" for k, v in sorted(info["skipped"].items())))
     return 0
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = bank.add_parser("info", help="segments and categories of a bank")
     i.add_argument("bank")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="everything, as JSON")
+    i.add_argument("--top", type=int, default=20, help="categories to list, most segments first (default 20)")
     i.set_defaults(func=_bank_info)
 
     s = bank.add_parser("show", help="a contact sheet of random segments")
