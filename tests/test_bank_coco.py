@@ -187,3 +187,49 @@ def test_cli_info_says_when_it_lists_only_the_top_categories(train_bank):
     short = info("--top", "5")
     assert f"and {n - 5} more categories" in short and len(short.splitlines()) == 1 + 5 + 1
     assert "more categories" not in info("--top", str(n))
+
+
+def test_repeat_factor_measured_on_a_reference_training_set(tmp_path, train_bank, val_ann):
+    """f_c comes from the reference file's images, categories matched by id, or by name/synonym
+    where ids differ; a category the reference lacks gets r_c = 1."""
+    ref = json.loads(val_ann.read_text())
+    # LVIS-style: other ids, names written differently, one category known only by a synonym, one missing
+    renamed = {}
+    for k, c in enumerate(ref["categories"]):
+        renamed[c["id"]] = 1000 + k
+        c["id"] = 1000 + k
+        c["name"] = c["name"].replace(" ", "_").upper()
+    ref["categories"][0]["synonyms"], ref["categories"][0]["name"] = [ref["categories"][0]["name"]], "xyz"
+    dropped = ref["categories"].pop(1)
+    for a in ref["annotations"]:
+        a["category_id"] = renamed[a["category_id"]]
+    ref["annotations"] = [a for a in ref["annotations"] if a["category_id"] != dropped["id"]]
+    path = tmp_path / "lvis_like.json"
+    path.write_text(json.dumps(ref))
+
+    coco = COCO(str(val_ann))
+    n_images = len(coco.getImgIds())
+    t = 0.2
+    weights = train_bank.sampling_weights("repeat_factor", t=t, reference=path)
+    cats = train_bank.index["category"]
+    checked = 0
+    for cid, cat in train_bank.categories.items():
+        rows = cats == cid
+        if not rows.any():
+            continue
+        in_ref = cat["name"] != coco.loadCats(list(renamed)[1])[0]["name"]
+        f = max(len(set(coco.getImgIds(catIds=[cid]))), 1) / n_images
+        expected = max(1.0, (t / f) ** 0.5) if in_ref else 1.0
+        assert np.allclose(weights[rows].numpy(), expected), cat["name"]
+        checked += 1
+    assert checked > 10
+
+    # the constructor measures f_c once; the bank pickles with it and samples by it
+    bank = SegmentBank(train_bank.root, sampling="repeat_factor", t=t, reference=path)
+    clone = pickle.loads(pickle.dumps(bank))
+    assert clone.reference_freq == bank.reference_freq
+    assert torch.equal(clone.sampling_weights("repeat_factor"), weights)
+    with pytest.raises(ValueError, match="none of the bank's categories"):
+        empty = {**ref, "categories": [{"id": 1, "name": "not a coco class"}], "annotations": []}
+        (tmp_path / "empty.json").write_text(json.dumps(empty))
+        SegmentBank(train_bank.root, reference=tmp_path / "empty.json")

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .format import FLAG_NAMES, FLAG_UNKNOWN, INDEX_DTYPE, BankFormatError, check_files, decode_segment, read_meta
+from .sources import load_coco
 
 SAMPLING_MODES = ("uniform", "category_balanced", "repeat_factor")
 
@@ -54,7 +55,10 @@ class SegmentBank(Dataset):
     to DataLoader workers and DDP ranks; each process opens the files on first access.
     """
 
-    def __init__(self, path: str | Path, sampling: str = "uniform"):
+    def __init__(self, path: str | Path, sampling: str = "uniform", t: float = 0.001,
+                 reference: str | Path | None = None):
+        """``sampling`` is the mode :meth:`sample` draws under; ``t`` and ``reference`` are the
+        repeat-factor threshold and the training set it is measured on (see :meth:`sampling_weights`)."""
         self.root = Path(path)
         self.meta = read_meta(self.root)
         check_files(self.root, self.meta)
@@ -64,6 +68,9 @@ class SegmentBank(Dataset):
         self._cdf: torch.Tensor | None = None
         self.sampling = _check_mode(sampling)
         self.categories = {c["id"]: c for c in self.meta["categories"]}
+        self.t = t
+        # f_c measured once here (a small dict that pickles to the workers), not per worker
+        self.reference_freq = None if reference is None else reference_frequencies(self.categories, reference)
 
     # -- pickling: ship the path and the rows, reopen in the worker -------------------------------
     def __getstate__(self) -> dict:
@@ -177,30 +184,45 @@ class SegmentBank(Dataset):
         return {int(i): int(c) for i, c in zip(ids, counts)}
 
     # -- sampling ---------------------------------------------------------------------------------
-    def sampling_weights(self, mode: str = "uniform", t: float = 0.001) -> torch.Tensor:
+    def sampling_weights(self, mode: str = "uniform", t: float | None = None,
+                         reference: str | Path | None = None) -> torch.Tensor:
         """Per-segment weights for ``WeightedRandomSampler``.
 
         ``uniform``: every segment alike. ``category_balanced``: every category gets equal total mass.
-        ``repeat_factor``: LVIS's r_c = max(1, sqrt(t / f_c)), f_c the fraction of source images that
-        hold category c (of segments, where the source image is unknown).
+        ``repeat_factor``: LVIS's r_c = max(1, sqrt(t / f_c)). With ``reference`` (a COCO/LVIS
+        instances file: the training set), f_c is the fraction of that file's images holding category
+        c, so a bank without source images (one segment per generated image) still favours what is
+        rare where it is pasted; without it, f_c is measured on the bank's own source images (of
+        segments, where the source image is unknown). ``t`` and ``reference`` default to the bank's.
         """
         index = self.index
         cats = index["category"].astype(np.int64)
+        t = self.t if t is None else t
         if _check_mode(mode) == "uniform" or len(index) == 0:
             return torch.ones(len(index), dtype=torch.float64)
         counts = np.bincount(cats)  # category ids are small non-negative ints
         if mode == "category_balanced":
             return torch.from_numpy(1.0 / counts[cats])
-        src = index["source_id"].astype(np.int64)
-        if (src >= 0).all():  # f_c over source images: distinct (category, image) pairs, as one int64 key
-            pairs = _distinct(cats * (int(src.max()) + 1) + src)
-            per_cat_images = np.bincount(pairs // (int(src.max()) + 1), minlength=len(counts))
-            freq = per_cat_images / len(_distinct(src))
+        ref = reference_frequencies(self.categories, reference) if reference is not None else self.reference_freq
+        if ref is not None:
+            freq = np.full(len(counts), np.inf)  # a category the training set lacks: r_c = 1
+            for cid, f in ref.items():
+                if cid < len(freq):
+                    freq[cid] = f
         else:
-            freq = counts / len(index)
+            freq = self._own_frequencies(cats, counts)
         with np.errstate(divide="ignore"):
             repeat = np.maximum(1.0, np.sqrt(t / freq))
         return torch.from_numpy(repeat[cats])
+
+    def _own_frequencies(self, cats: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """f_c over the bank's own source images: distinct (category, image) pairs per image."""
+        src = self.index["source_id"].astype(np.int64)
+        if (src >= 0).all():  # one int64 key per (category, image) pair
+            pairs = _distinct(cats * (int(src.max()) + 1) + src)
+            per_cat_images = np.bincount(pairs // (int(src.max()) + 1), minlength=len(counts))
+            return per_cat_images / len(_distinct(src))
+        return counts / len(cats)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` view positions (with replacement) under this view's sampling mode; O(n log N)."""
@@ -212,9 +234,13 @@ class SegmentBank(Dataset):
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         return torch.searchsorted(self._cdf, u, right=True).clamp_(max=len(self) - 1)
 
-    def with_sampling(self, mode: str) -> SegmentBank:
+    def with_sampling(self, mode: str, t: float | None = None, reference: str | Path | None = None) -> SegmentBank:
+        """The same segments, drawn under another sampling mode (and repeat-factor settings)."""
         view = self._view(np.arange(len(self)))
         view.sampling = _check_mode(mode)
+        view.t = self.t if t is None else t
+        if reference is not None:
+            view.reference_freq = reference_frequencies(self.categories, reference)
         return view
 
     def info(self) -> dict:
@@ -232,6 +258,36 @@ class SegmentBank(Dataset):
 
     def __repr__(self) -> str:
         return f"SegmentBank({str(self.root)!r}, segments={len(self)}, categories={len(self.categories)})"
+
+
+def reference_frequencies(categories: dict[int, dict], reference: str | Path) -> dict[int, float]:
+    """Bank category id -> f_c, the fraction of the reference file's images that hold category c.
+
+    Categories are matched by id where the reference's category of that id has the same name (or
+    a synonym), else by name and synonyms; a bank category the reference lacks gets no entry
+    (r_c = 1). A matched category with no image counts as in one image (its largest r_c)."""
+    data = load_coco(reference)
+    images = {a["image_id"] for a in data["annotations"]} | {im["id"] for im in data["images"]}
+    per_cat: dict[int, set] = {}
+    for a in data["annotations"]:
+        per_cat.setdefault(a["category_id"], set()).add(a["image_id"])
+    ref_cats = {c["id"]: c for c in data["categories"]}
+    by_name = {}
+    for c in data["categories"]:
+        for name in [c["name"], *c.get("synonyms", [])]:
+            by_name.setdefault(normalize_name(name), c["id"])
+    out = {}
+    for cid, cat in categories.items():
+        names = {normalize_name(n) for n in [cat["name"], *cat.get("synonyms", [])]}
+        same = cid in ref_cats and names & {normalize_name(n) for n in
+                                            [ref_cats[cid]["name"], *ref_cats[cid].get("synonyms", [])]}
+        ref_id = cid if same else next((by_name[n] for n in names if n in by_name), None)
+        if ref_id is not None:
+            out[cid] = max(len(per_cat.get(ref_id, ())), 1) / max(len(images), 1)
+    if not out:
+        raise ValueError(f"{reference}: none of the bank's categories is in this file (matched by id, name and "
+                         "synonyms); is it the training set's instances file?")
+    return out
 
 
 def _distinct(values: np.ndarray) -> np.ndarray:
