@@ -29,7 +29,6 @@ import statistics
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ import torch
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_allocator_flag, coco_mini, machine, set_allocator, train_bank  # noqa: E402
+from _common import add_allocator_flag, coco_mini, machine, mmcv_ext_shim, set_allocator, train_bank  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, RandomLayout  # noqa: E402
 from sos_aug.ops.masks import tight_boxes  # noqa: E402
@@ -146,26 +145,8 @@ def bench_output_floor(data, k: int):
     return run
 
 
-def _mmcv_ext_shim() -> None:
-    """Let mmdet import without mmcv's compiled ops: ``mmcv._ext`` answers every name with a stub."""
-    if "mmcv._ext" in sys.modules:
-        return
-    shim = types.ModuleType("mmcv._ext")
-
-    def missing(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def stub(*args, **kwargs):
-            raise RuntimeError(f"mmcv._ext.{name} is a benchmark shim; compiled mmcv ops are not installed")
-        return stub
-
-    shim.__getattr__ = missing  # type: ignore[attr-defined]
-    sys.modules["mmcv._ext"] = shim
-
-
 def bench_mmdet(data):
-    _mmcv_ext_shim()
+    mmcv_ext_shim()
     from mmdet.datasets.transforms import CopyPaste as MMCopyPaste
     from mmdet.structures.bbox import HorizontalBoxes
     from mmdet.structures.mask import BitmapMasks

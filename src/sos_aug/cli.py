@@ -64,21 +64,6 @@ def _bank_show(args) -> int:
     return 0
 
 
-def make_relighter(name: str | None, weights: str | None = None):
-    """A relighter chain by name: none, net, lab, reinhard, net+lab."""
-    from .relight import LabBlend, ReinhardTransfer, RelightNet
-
-    if name in (None, "none"):
-        return None
-    def net():
-        return RelightNet.load(weights) if weights else RelightNet.pretrained()
-
-    chains = {"net": net, "lab": LabBlend, "reinhard": ReinhardTransfer, "net+lab": lambda: [net(), LabBlend()]}
-    if name not in chains:
-        raise ValueError(f"unknown relighter {name!r}; choose from none, {', '.join(chains)}")
-    return chains[name]()
-
-
 def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, int], feather: float):
     from .layout import DatasetStatsLayout, ExistingBoxesLayout, RandomLayout, SOSLayout
     from .transforms import CopyPaste, label_map_from_coco
@@ -117,6 +102,8 @@ def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num
     out_images, out_targets = cp(list(images), list(targets), generator=g)
     tiles = []
     if relight not in (None, "none"):
+        from .relight.named import make_relighter
+
         cp.relight = make_relighter(relight, weights)
         g.set_state(state)
         relit, _ = cp(list(images), list(targets), generator=g)

@@ -74,6 +74,25 @@ class PasteSegments:
     def for_image(self, b: int) -> list[int]:
         return (self.image == b).nonzero().flatten().tolist()
 
+    @staticmethod
+    def concat(parts: Sequence[PasteSegments]) -> PasteSegments:
+        """One batch's segments from parts fetched for one image each (frameworks that collate the
+        samples themselves, as mmdet does): image ``b`` of the result is part ``b``'s image; layouts
+        drawn with the parts are kept, re-indexed into the joined segments."""
+        if not parts:
+            raise ValueError("PasteSegments.concat needs at least one part")
+        if any(len(p.placements or []) > 1 or bool((p.image != 0).any()) for p in parts):
+            raise ValueError("PasteSegments.concat joins parts fetched for one image each (fetch(1))")
+        starts = np.cumsum([0] + [len(p.rgba) for p in parts])
+        drawn = all(p.placements is not None for p in parts)
+        placements = [Placement(q.boxes, q.segment + int(start), q.flip, q.angle)
+                      for p, start in zip(parts, starts) for q in p.placements] if drawn else None
+        rgba = PasteSegments.pack([r.numpy() for p in parts for r in p.rgba])
+        image = torch.cat([torch.full((len(p.rgba),), b, dtype=torch.long) for b, p in enumerate(parts)])
+        return PasteSegments(rgba, image, torch.cat([p.labels for p in parts]), [n for p in parts for n in p.names],
+                             torch.cat([p.bank_rows for p in parts]), placements,
+                             [sz for p in parts for sz in p.sizes] if drawn else None)
+
     def __reduce__(self):  # one buffer across processes, not a storage per view
         shapes = [tuple(r.shape) for r in self.rgba]
         flat = flat_base(self.rgba)

@@ -1,0 +1,226 @@
+"""mmdetection 3.x: ``SOSCopyPaste`` (a pipeline transform) and ``SOSBatchCopyPaste`` (a
+``data_preprocessor.batch_augments`` entry that pastes on the device after transfer).
+
+Add ``custom_imports = dict(imports=['sos_aug.integrations.mmdet'])`` to a config, then::
+
+    dict(type='SOSCopyPaste', bank='banks/coco_train', classes=metainfo['classes'],
+         layout='sos', num_pastes=(1, 10), relight=['net', 'lab'])
+
+after ``LoadAnnotations`` (and any resize/crop) and before ``PackDetInputs``. The bank is the paste
+source, so no ``MultiImageMixDataset`` is needed and the transform works inside
+``ClassBalancedDataset`` / ``RepeatDataset``. Labels are positions in ``classes`` (the dataset's
+``metainfo['classes']``; COCO's by default). Randomness comes from torch's global generator, which
+mmengine seeds per worker and rank (``randomness=dict(seed=...)``; ``diff_rank_seed=True`` for
+ranks that draw differently without workers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from mmcv.transforms import BaseTransform
+from mmdet.registry import DATASETS, MODELS, TRANSFORMS
+from mmdet.structures.bbox import HorizontalBoxes
+from mmdet.structures.mask import BitmapMasks, PolygonMasks
+from mmengine.structures import InstanceData
+
+from ..transforms import PasteSegments
+from .common import Instances, Pasted, make_copy_paste, paste_instances
+
+SEGMENTS_KEY = "sos_segments"  # where SOSCopyPaste(defer=True) leaves the fetched segments
+
+
+def _classes(classes: Sequence[str] | str | None) -> list[str]:
+    """Class names in label order: a list, or the name of a registered dataset (its METAINFO)."""
+    if classes is None or isinstance(classes, str):
+        dataset = DATASETS.get(classes or "CocoDataset")
+        if dataset is None:
+            raise ValueError(f"classes={classes!r} is neither a list of names nor a registered mmdet dataset")
+        return list(dataset.METAINFO["classes"])
+    return list(classes)
+
+
+@TRANSFORMS.register_module()
+class SOSCopyPaste(BaseTransform):
+    """Paste bank segments into one sample's ``img`` and update ``gt_bboxes``, ``gt_bboxes_labels``,
+    ``gt_masks`` (``BitmapMasks``; ``PolygonMasks`` come back as ``BitmapMasks``, the exact form of
+    an occluded polygon) and ``gt_ignore_flags``; ``sos_is_pasted`` marks the pasted instances.
+
+    Without ``gt_masks`` (a box-only dataset) pasted segments add their tight boxes; an existing box
+    is dropped when the pasted segments leave less of it visible than the drop rule allows,
+    otherwise kept as it was. Ignored instances (crowd regions) are kept and never become targets.
+
+    With ``defer=True`` it only draws the segments and their layout (the worker's share) and leaves
+    them in ``results['sos_segments']``; list that key in ``PackDetInputs(meta_keys=...)`` and let
+    :class:`SOSBatchCopyPaste` composite on the device.
+
+    Args:
+        bank: the bank's folder. classes: class names in label order, or a registered dataset's
+        name (default ``CocoDataset``). layout: ``random``, ``sos`` or ``existing``. num_pastes:
+        (low, high) per image. prob: chance an image is pasted into. relight: relighter names
+        (``'net'``, ``'lab'``, ``'net+lab'`` or a list). sampling: ``uniform``,
+        ``category_balanced`` or ``repeat_factor`` (with ``reference``: the training set's
+        annotation file, and ``t``). drop: the drop rule's name. channel_order: of ``img``.
+    """
+
+    def __init__(self, bank: str, classes: Sequence[str] | str | None = None, layout: str = "random",
+                 num_pastes: Sequence[int] = (1, 10), prob: float = 1.0, relight: Any = None,
+                 sampling: str = "uniform", reference: str | None = None, t: float = 0.001,
+                 drop: str = "visible_fraction", feather_sigma: float = 0.0, channel_order: str = "bgr",
+                 defer: bool = False, relight_weights: str | None = None):
+        if channel_order not in ("bgr", "rgb"):
+            raise ValueError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
+        self.cp = make_copy_paste(bank, _classes(classes), layout, tuple(num_pastes), prob, relight, drop,
+                                  feather_sigma, sampling, reference, t, relight_weights)
+        self.bgr, self.defer = channel_order == "bgr", defer
+
+    def transform(self, results: dict) -> dict:
+        image, inst = to_instances(results, self.bgr)
+        if self.defer:
+            segments = self.cp.fetch(1)
+            target = {"boxes": inst.boxes, "labels": inst.labels, "iscrowd": inst.ignore.long(),
+                      **({"masks": inst.masks} if inst.masks is not None else {})}
+            size = tuple(image.shape[-2:])
+            segments.placements = self.cp.make_params([size], [target], segments)
+            segments.sizes = [size]
+            results[SEGMENTS_KEY] = segments
+            return results
+        (out,), (pasted,) = paste_instances(self.cp, [image], [inst])
+        return from_pasted(results, out, pasted, self.bgr)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(bank={str(self.cp.bank.root)!r}, layout={type(self.cp.layout).__name__}, "
+                f"num_pastes={self.cp.num_pastes}, prob={self.cp.p}, defer={self.defer})")
+
+
+def to_instances(results: dict, bgr: bool = True) -> tuple[torch.Tensor, Instances]:
+    """mmdet's results dict -> a (3, H, W) RGB image (uint8, or float in [0, 1]) and its instances."""
+    img = results["img"]
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"SOSCopyPaste needs results['img'] as an (H, W, 3) array, got shape {img.shape}")
+    rgb = img[..., ::-1] if bgr else img
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    if image.is_floating_point():  # after PhotoMetricDistortion: float in 0-255
+        image = (image.float() / 255).clamp_(0, 1)
+    h, w = image.shape[-2:]
+    boxes = results.get("gt_bboxes")
+    boxes = torch.zeros(0, 4) if boxes is None else (boxes.tensor if isinstance(boxes, HorizontalBoxes)
+                                                       else torch.as_tensor(np.asarray(boxes)))
+    n = len(boxes)
+    labels = torch.as_tensor(np.asarray(results.get("gt_bboxes_labels", np.zeros(n, np.int64)))).long()
+    ignore = torch.as_tensor(np.asarray(results.get("gt_ignore_flags", np.zeros(n, bool)))).bool()
+    masks = results.get("gt_masks")
+    if masks is not None:
+        if isinstance(masks, PolygonMasks):
+            masks = masks.to_bitmap()
+        masks = torch.from_numpy(np.asarray(masks.masks)).bool().reshape(len(masks), h, w)
+    if not (len(labels) == len(ignore) == n and (masks is None or len(masks) == n)):
+        raise ValueError(f"results hold {n} gt_bboxes, {len(labels)} gt_bboxes_labels, {len(ignore)} "
+                         f"gt_ignore_flags and {None if masks is None else len(masks)} gt_masks")
+    return image, Instances(boxes.float().reshape(-1, 4), labels, masks, ignore)
+
+
+def from_pasted(results: dict, image: torch.Tensor, pasted: Pasted, bgr: bool = True) -> dict:
+    """Write a pasted image and its instances back into mmdet's results dict, in its types."""
+    old = results["img"]
+    pixels = image.permute(1, 2, 0)
+    if old.dtype != np.uint8:
+        pixels = pixels.float() * 255 if image.is_floating_point() else pixels.float()
+    arr = pixels.numpy()
+    results["img"] = np.ascontiguousarray(arr[..., ::-1] if bgr else arr).astype(old.dtype, copy=False)
+    results["gt_bboxes"] = HorizontalBoxes(pasted.boxes.float())
+    results["gt_bboxes_labels"] = pasted.labels.numpy().astype(np.int64)
+    results["gt_ignore_flags"] = pasted.ignore.numpy().astype(bool)
+    if pasted.masks is not None:
+        h, w = pasted.masks.shape[-2:]
+        results["gt_masks"] = BitmapMasks(pasted.masks.numpy().astype(np.uint8), h, w)
+    results["sos_is_pasted"] = pasted.is_pasted.numpy()
+    return results
+
+
+@MODELS.register_module()
+class SOSBatchCopyPaste(torch.nn.Module):
+    """Paste on the device, in ``DetDataPreprocessor(batch_augments=[dict(type='SOSBatchCopyPaste', ...)])``.
+
+    It runs after normalisation and padding: each image's unpadded part (``img_shape``) is taken
+    back to [0, 1] with ``mean``/``std`` (write the preprocessor's), pasted, and normalised again;
+    the padding is never pasted into. Segments drawn in the workers (``SOSCopyPaste(defer=True)``,
+    ``meta_keys`` holding ``'sos_segments'``) are used where every sample has them; otherwise they
+    are drawn here. Each data sample's ``gt_instances`` (and ``ignored_instances``) are rewritten;
+    ``gt_instances.is_pasted`` marks pasted ones. The same arguments as :class:`SOSCopyPaste`.
+    """
+
+    def __init__(self, bank: str, classes: Sequence[str] | str | None = None,
+                 mean: Sequence[float] = (123.675, 116.28, 103.53), std: Sequence[float] = (58.395, 57.12, 57.375),
+                 **kwargs):
+        super().__init__()
+        self.paste = SOSCopyPaste(bank, classes, channel_order="rgb", **kwargs)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+
+    def forward(self, inputs: torch.Tensor, data_samples: list) -> tuple[torch.Tensor, list]:
+        if not self.training:
+            return inputs, data_samples
+        crops, insts, hows = [], [], []
+        for i, sample in enumerate(data_samples):
+            h, w = sample.img_shape[:2]
+            crops.append(((inputs[i, :, :h, :w] * self.std + self.mean) / 255).clamp(0, 1))
+            inst, how = _sample_instances(sample, h, w, inputs.device)
+            insts.append(inst)
+            hows.append(how)
+        parts = [s.metainfo.get(SEGMENTS_KEY) for s in data_samples]
+        segments = PasteSegments.concat(parts).to(inputs.device) if all(p is not None for p in parts) else None
+        out, pasted = paste_instances(self.paste.cp, crops, insts, segments=segments)
+        inputs = inputs.clone()
+        for i, (sample, image, p, how) in enumerate(zip(data_samples, out, pasted, hows)):
+            h, w = image.shape[-2:]
+            inputs[i, :, :h, :w] = (image.float() * 255 - self.mean) / self.std
+            _write_instances(sample, p, how)
+        return inputs, data_samples
+
+
+def _sample_instances(sample, h: int, w: int, device: torch.device) -> tuple[Instances, dict]:
+    """A data sample's ground truth as :class:`Instances` (its ignored instances appended as
+    ignored), cropped to the image, and how each part came in (box type, mask size) to write it
+    back alike."""
+    parts = [("gt_instances", False)]
+    if "ignored_instances" in sample and len(sample.ignored_instances):
+        parts.append(("ignored_instances", True))
+    boxes, labels, masks, ignore, how = [], [], [], [], {}
+    for key, ignored in parts:
+        inst = getattr(sample, key)
+        b = inst.bboxes.tensor if isinstance(inst.bboxes, HorizontalBoxes) else torch.as_tensor(inst.bboxes)
+        boxes.append(b.float().to(device).reshape(-1, 4))
+        labels.append(torch.as_tensor(inst.labels).long().to(device))
+        ignore.append(torch.full((len(b),), ignored, dtype=torch.bool, device=device))
+        size = None
+        if "masks" in inst:
+            m = inst.masks.to_bitmap() if isinstance(inst.masks, PolygonMasks) else inst.masks
+            m = m.to_tensor(torch.bool, device) if hasattr(m, "to_tensor") else torch.as_tensor(m)
+            size = tuple(m.shape[-2:])
+            masks.append(m.to(device).bool()[:, :h, :w])
+        how[key] = (isinstance(inst.bboxes, HorizontalBoxes), size)
+    mask = torch.cat(masks) if len(masks) == len(parts) else None
+    return Instances(torch.cat(boxes), torch.cat(labels), mask, torch.cat(ignore)), how
+
+
+def _write_instances(sample, p: Pasted, how: dict) -> None:
+    """Split pasted instances back into ``gt_instances`` and ``ignored_instances``, boxes in the type
+    and masks at the size they came in (padded to the batch where the preprocessor padded them)."""
+    for key, rows in (("gt_instances", ~p.ignore), ("ignored_instances", p.ignore)):
+        if key not in how and not rows.any():
+            continue
+        boxed, size = how.get(key, how["gt_instances"])
+        inst = InstanceData()
+        inst.bboxes = HorizontalBoxes(p.boxes[rows]) if boxed else p.boxes[rows]
+        inst.labels = p.labels[rows]
+        if p.masks is not None:
+            mask_h, mask_w = size or p.masks.shape[-2:]
+            m = torch.zeros((int(rows.sum()), mask_h, mask_w), dtype=torch.uint8, device=p.masks.device)
+            m[:, : p.masks.shape[-2], : p.masks.shape[-1]] = p.masks[rows]
+            inst.masks = BitmapMasks(m.cpu().numpy(), mask_h, mask_w)
+        inst.is_pasted = p.is_pasted[rows]
+        setattr(sample, key, inst)
