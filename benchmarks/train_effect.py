@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
@@ -54,6 +53,7 @@ from _common import machine, shared_data  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, RandomLayout, SegmentBank, SOSLayout, build_bank, coco_source  # noqa: E402
 from sos_aug.bank.sources import load_coco  # noqa: E402
+from sos_aug.integrations.torchvision import coco_detections, coco_evaluate  # noqa: E402
 from sos_aug.ops.masks import tight_boxes  # noqa: E402
 from sos_aug.split import split_coco, write_json_atomic  # noqa: E402
 
@@ -360,40 +360,19 @@ def evaluate(model: MaskRCNN, val_file: Path, images: str, bootstrap: int = 200,
     model.eval()
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(val_file))
-    dets = {"bbox": [], "segm": []}
-    for image, target in CocoInstances(val_file, images, only_annotated=False):
-        out = model([image.as_subclass(torch.Tensor).float().div(255)])[0]
-        image_id = target["image_id"]
-        for box, score, label, mask in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(),
-                                           out["masks"][:, 0] > 0.5):
-            x1, y1, x2, y2 = box
-            common = {"image_id": image_id, "category_id": int(label), "score": float(score)}
-            dets["bbox"].append({**common, "bbox": [x1, y1, x2 - x1, y2 - y1]})
-            rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode()
-            dets["segm"].append({**common, "segmentation": rle})
+    dets = [coco_detections(model([image.as_subclass(torch.Tensor).float().div(255)])[0], target["image_id"])
+            for image, target in CocoInstances(val_file, images, only_annotated=False)]
+    evals = coco_evaluate(gt, dets)
     metrics: dict = {}
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(gt.getImgIds()), len(gt.getImgIds())) for _ in range(bootstrap)]
-    for kind in ("bbox", "segm"):
-        ev = coco_eval(gt, dets[kind], kind)
+    for kind, ev in evals.items():
         metrics[f"{kind}_AP"] = round(100 * ev.stats[0], 2) if ev else 0.0
         metrics[f"{kind}_AP50"] = round(100 * ev.stats[1], 2) if ev else 0.0
         metrics[f"{kind}_per_category"] = per_category_ap(ev, gt) if ev else {}
         if draws and ev:
             metrics[f"{kind}_AP_bootstrap_std"] = round(float(np.std([bootstrap_ap(ev, d) for d in draws])), 2)
     return metrics
-
-
-def coco_eval(gt: COCO, dets: list[dict], kind: str) -> COCOeval | None:
-    if not dets:
-        return None
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt, gt.loadRes(dets), kind)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
 
 
 def per_category_ap(ev: COCOeval, gt: COCO) -> dict[str, float]:

@@ -1,0 +1,158 @@
+"""detectron2: ``CopyPasteMapper`` (pastes in the data workers, after the mapper's augmentations,
+LSJ's ``ResizeScale`` + ``FixedSizeCrop`` included) and ``DevicePasteLoader`` (pastes the segments
+the workers drew on the device, after transfer).
+
+Config keys live under ``cfg.INPUT.SOS`` (:func:`add_sos_config`)::
+
+    cfg.INPUT.SOS.ENABLED = True
+    cfg.INPUT.SOS.BANK = "banks/coco_train"
+    cfg.INPUT.SOS.LAYOUT = "sos"            # random | sos | existing
+    cfg.INPUT.SOS.NUM_PASTES = (1, 10)
+    cfg.INPUT.SOS.RELIGHT = ["net", "lab"]
+    cfg.INPUT.SOS.SAMPLING = "repeat_factor"   # with REFERENCE: the training set's json (LVIS)
+
+and the trainer builds its loader with ``mapper=CopyPasteMapper(cfg, is_train=True)``. Polygon
+annotations come back as ``BitMasks`` (the exact form of an occluded polygon), so detectron2's
+polygon assertion never sees a cut polygon. Labels are positions in the training datasets'
+``thing_classes``; crowd annotations never reach the mapper's output (DatasetMapper drops them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.structures import BitMasks, Boxes, PolygonMasks
+from detectron2.structures import Instances as D2Instances
+
+from ..transforms import CopyPaste, PasteSegments
+from .common import Instances, Pasted, make_copy_paste, paste_instances
+
+SEGMENTS_KEY = "sos_segments"
+
+
+def add_sos_config(cfg: CfgNode) -> None:
+    """Add ``cfg.INPUT.SOS`` with its defaults (disabled)."""
+    cfg.INPUT.SOS = CfgNode()
+    cfg.INPUT.SOS.ENABLED = False
+    cfg.INPUT.SOS.BANK = ""
+    cfg.INPUT.SOS.LAYOUT = "random"
+    cfg.INPUT.SOS.NUM_PASTES = (1, 10)
+    cfg.INPUT.SOS.PROB = 1.0
+    cfg.INPUT.SOS.RELIGHT = []
+    cfg.INPUT.SOS.SAMPLING = "uniform"
+    cfg.INPUT.SOS.REFERENCE = ""
+    cfg.INPUT.SOS.REPEAT_THRESH = 0.001
+    cfg.INPUT.SOS.ON_DEVICE = False  # draw in the workers, composite after transfer (DevicePasteLoader)
+
+
+def copy_paste_from_config(cfg: CfgNode) -> CopyPaste:
+    """The :class:`CopyPaste` that ``cfg.INPUT.SOS`` describes; labels follow the first training
+    dataset's ``thing_classes``."""
+    sos = cfg.INPUT.SOS
+    classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
+    return make_copy_paste(sos.BANK, classes, sos.LAYOUT, tuple(sos.NUM_PASTES), sos.PROB, list(sos.RELIGHT) or None,
+                           sampling=sos.SAMPLING, reference=sos.REFERENCE or None, t=sos.REPEAT_THRESH)
+
+
+class CopyPasteMapper:
+    """A mapper (``DatasetMapper`` by default, or any callable from a dataset dict to model input)
+    followed by SOS copy-paste on its output ``image`` and ``instances``.
+
+    With ``defer=True`` (``cfg.INPUT.SOS.ON_DEVICE``) it draws the segments and their layout only,
+    leaving them in ``dataset_dict['sos_segments']`` for :class:`DevicePasteLoader`."""
+
+    def __init__(self, cfg: CfgNode, is_train: bool = True, mapper: Callable[[dict], dict] | None = None,
+                 copy_paste: CopyPaste | None = None, defer: bool | None = None):
+        self.mapper = mapper or DatasetMapper(cfg, is_train=is_train)
+        self.enabled = is_train and cfg.INPUT.SOS.ENABLED
+        self.cp = copy_paste or (copy_paste_from_config(cfg) if self.enabled else None)
+        self.bgr = cfg.INPUT.FORMAT == "BGR"
+        self.defer = cfg.INPUT.SOS.ON_DEVICE if defer is None else defer
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        out = self.mapper(dataset_dict)
+        if self.cp is None or "instances" not in out:
+            return out
+        image, inst = to_instances(out["image"], out["instances"], self.bgr)
+        if self.defer:
+            out[SEGMENTS_KEY] = draw_segments(self.cp, image, inst)
+            return out
+        (pasted_image,), (pasted,) = paste_instances(self.cp, [image], [inst])
+        out["image"], out["instances"] = from_pasted(pasted_image, pasted, out["instances"], self.bgr)
+        return out
+
+
+def draw_segments(cp: CopyPaste, image: torch.Tensor, inst: Instances) -> PasteSegments:
+    """One image's segments and layout, drawn where the data is loaded (a worker)."""
+    segments = cp.fetch(1)
+    target = {"boxes": inst.boxes, "labels": inst.labels, "iscrowd": inst.ignore.long()}
+    if inst.masks is not None:
+        target["masks"] = inst.masks
+    size = tuple(image.shape[-2:])
+    segments.placements = cp.make_params([size], [target], segments)
+    segments.sizes = [size]
+    return segments
+
+
+class DevicePasteLoader:
+    """Wrap a detectron2 train loader whose mapper deferred the paste: each batch's images and
+    instances go to ``device`` and are pasted there (same-size images in one batched call), so the
+    model receives them already on the device. Use it in ``build_train_loader``."""
+
+    def __init__(self, loader: Iterable[list[dict]], copy_paste: CopyPaste, device: str | torch.device = "cuda",
+                 bgr: bool = True):
+        self.loader, self.cp, self.device, self.bgr = loader, copy_paste, torch.device(device), bgr
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        for batch in self.loader:
+            yield paste_on_device(self.cp, batch, self.device, self.bgr)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+
+def paste_on_device(cp: CopyPaste, batch: list[dict], device: torch.device, bgr: bool = True) -> list[dict]:
+    """Composite the segments each dict carries (``sos_segments``) on ``device``."""
+    if not batch or any(SEGMENTS_KEY not in d for d in batch):
+        return batch
+    images, insts = zip(*[to_instances(d["image"].to(device, non_blocking=True), d["instances"].to(device), bgr)
+                          for d in batch])
+    segments = PasteSegments.concat([d.pop(SEGMENTS_KEY) for d in batch]).to(device)
+    out_images, pasted = paste_instances(cp, list(images), list(insts), segments=segments)
+    for d, image, p in zip(batch, out_images, pasted):
+        d["image"], d["instances"] = from_pasted(image, p, d["instances"], bgr)
+    return batch
+
+
+def to_instances(image: torch.Tensor, instances: D2Instances, bgr: bool = True) -> tuple[torch.Tensor, Instances]:
+    """A mapper's (C, H, W) image and ``Instances`` -> an RGB image and :class:`Instances`."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"CopyPasteMapper needs a (3, H, W) image, got shape {tuple(image.shape)}")
+    h, w = image.shape[-2:]
+    rgb = image.flip(0) if bgr else image
+    boxes = instances.gt_boxes.tensor.float()
+    masks = None
+    if instances.has("gt_masks"):
+        m = instances.gt_masks
+        if isinstance(m, PolygonMasks):
+            m = BitMasks.from_polygon_masks(m, h, w)
+        masks = m.tensor.to(image.device).bool()
+    labels = instances.gt_classes.long()
+    return rgb, Instances(boxes, labels, masks, torch.zeros(len(labels), dtype=torch.bool, device=labels.device))
+
+
+def from_pasted(image: torch.Tensor, pasted: Pasted, like: D2Instances, bgr: bool = True) -> tuple[torch.Tensor, Any]:
+    """Back to detectron2: the image in the mapper's channel order, ``Instances`` with ``gt_boxes``,
+    ``gt_classes``, ``gt_masks`` as ``BitMasks`` (where the input had masks) and ``is_pasted``."""
+    out = D2Instances(like.image_size)
+    out.gt_boxes = Boxes(pasted.boxes)
+    out.gt_classes = pasted.labels.to(like.gt_classes.dtype)
+    if pasted.masks is not None:
+        out.gt_masks = BitMasks(pasted.masks)
+    out.is_pasted = pasted.is_pasted
+    return (image.flip(0) if bgr else image).contiguous(), out
+
