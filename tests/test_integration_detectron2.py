@@ -103,3 +103,28 @@ def test_device_loader_pastes_what_the_workers_drew(cfg, dicts):
     for b, a in zip(before, out):
         assert "sos_segments" not in a
         check(b, a)
+
+
+def test_train_net_builds_a_pasting_loader_from_the_shipped_config(coco_mini, train_bank):
+    """examples/detectron2/train_net.py with configs/detectron2's yaml: its loader yields LSJ
+    batches whose instances include pasted ones."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("d2_train_net", root / "examples" / "detectron2" / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    args = train_net.parser().parse_args([
+        "--config-file", str(root / "configs" / "detectron2" / "mask_rcnn_R_50_FPN_lsj_coco-1pct_sos.yaml"),
+        "--train-json", str(coco_mini / "annotations" / "instances_train2017.json"),
+        "--train-images", str(coco_mini / "train2017"),
+        "INPUT.SOS.BANK", str(train_bank.root), "INPUT.LSJ_SIZE", "256", "SOLVER.IMS_PER_BATCH", "2",
+        "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", "/tmp/sos_d2_test"])
+    if "sos_train" in DatasetCatalog.list():
+        DatasetCatalog.remove("sos_train")
+        MetadataCatalog.remove("sos_train")
+    cfg = train_net.setup(args)
+    batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
+    assert len(batch) == 2 and all(d["image"].shape[-2:] == (256, 256) for d in batch)
+    assert sum(int(d["instances"].is_pasted.sum()) for d in batch) > 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.structures import BitMasks, Boxes, PolygonMasks
 from detectron2.structures import Instances as D2Instances
 
@@ -53,7 +53,10 @@ def copy_paste_from_config(cfg: CfgNode) -> CopyPaste:
     """The :class:`CopyPaste` that ``cfg.INPUT.SOS`` describes; labels follow the first training
     dataset's ``thing_classes``."""
     sos = cfg.INPUT.SOS
-    classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
+    name = cfg.DATASETS.TRAIN[0]
+    if not hasattr(MetadataCatalog.get(name), "thing_classes"):
+        DatasetCatalog.get(name)  # a COCO-format dataset sets its thing_classes when first loaded
+    classes = MetadataCatalog.get(name).thing_classes
     return make_copy_paste(sos.BANK, classes, sos.LAYOUT, tuple(sos.NUM_PASTES), sos.PROB, list(sos.RELIGHT) or None,
                            sampling=sos.SAMPLING, reference=sos.REFERENCE or None, t=sos.REPEAT_THRESH)
 
