@@ -28,7 +28,7 @@ def test_demo_on_embedded_data_builds_a_bank_and_a_preview(tmp_path):
 def test_preview_on_real_coco(tmp_path, train_bank, val_ann, coco_mini):
     out = tmp_path / "grid.png"
     proc = cli("preview", "--bank", train_bank.root, "--coco", val_ann, "--images", coco_mini / "val2017",
-               "--out", out, "--n", "2", "--layout", "sos")
+               "--out", out, "--n", "2", "--layout", "sos", "--sampling", "repeat_factor", "--t", "0.3")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size[0] > 500
 

@@ -80,14 +80,18 @@ def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, in
 
 
 def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num=(4, 10), feather=0.0,
-            relight: str | None = None, weights: str | None = None) -> Path:
+            relight: str | None = None, weights: str | None = None, sampling: str = "uniform",
+            reference: str | None = None, t: float = 0.001) -> Path:
     """Augment ``n`` images of a COCO set and save each beside its original; with ``relight``, the
-    same augmented batch is shown without and with relighting instead."""
+    same augmented batch is shown without and with relighting instead. ``sampling`` draws the bank's
+    segments (``repeat_factor`` measures f_c on ``reference``, by default the COCO file itself)."""
     from .bank import SegmentBank
     from .coco import CocoInstances
     from .preview import draw_instances, save_grid
 
-    bank = SegmentBank(bank_path)
+    if sampling == "repeat_factor" and reference is None:
+        reference = ann_file
+    bank = SegmentBank(bank_path, sampling=sampling, t=t, reference=reference if sampling == "repeat_factor" else None)
     ds = CocoInstances(ann_file, images_dir)
     if len(ds) == 0:
         raise SystemExit(f"{ann_file}: no annotated image to preview")
@@ -117,7 +121,8 @@ def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num
 
 def _preview(args) -> int:
     path = preview(args.bank, args.coco, args.images, args.out, n=args.n, seed=args.seed, layout=args.layout,
-                   feather=args.feather, relight=args.relight, weights=args.weights)
+                   feather=args.feather, relight=args.relight, weights=args.weights, sampling=args.sampling,
+                   reference=args.reference, t=args.t)
     what = ("each augmented image without (left) and with relighting (right)" if args.relight not in (None, "none")
             else "each original left of its augmented copy")
     print(f"wrote {path} ({what}; pasted instances in magenta, marked '+')")
@@ -257,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--relight", choices=["none", "net", "lab", "reinhard", "net+lab"], default="none",
                    help="show the batch without and with this relighting")
     v.add_argument("--weights", help="relighting net weights (default: the shipped ones)")
+    v.add_argument("--sampling", choices=["uniform", "category_balanced", "repeat_factor"], default="uniform",
+                   help="how segments are drawn from the bank (default %(default)s)")
+    v.add_argument("--reference", help="repeat_factor: the training set's instances JSON that f_c is measured on "
+                   "(default: --coco)")
+    v.add_argument("--t", type=float, default=0.001, help="repeat_factor threshold (LVIS: 0.001, the default)")
     v.set_defaults(func=_preview)
 
     rl = sub.add_parser("relight", help="train and evaluate the relighting net").add_subparsers(
