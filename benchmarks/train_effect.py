@@ -493,6 +493,27 @@ def summarize(results: list[dict], baseline: str = "none") -> dict:
     return summary
 
 
+def markdown_table(summary: dict, baseline: str = "none") -> str:
+    """The summary as the README's table: mean ± std over seeds, paired differences against the
+    baseline, window mask AP, and the validation-bootstrap spread."""
+    def pm(v: dict | None) -> str:
+        if not v:
+            return "-"
+        return f"{v['mean']:+.2f} ± {v['std']:.2f}" if v.get("seeds") else (
+            f"{v['mean']:.2f} ± {v['std']:.2f}" if v["std"] is not None else f"{v['mean']:.2f}")
+
+    lines = ["| arm | seeds | box AP | mask AP | box AP50 | mask AP50 | box AP vs none | mask AP vs none | "
+             "window mask AP | bootstrap std (mask AP) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = [a for a in ARMS if a in summary]
+    for arm in order:
+        r = summary[arm]
+        lines.append(f"| {arm} | {len(r['seeds'])} | {pm(r['bbox_AP'])} | {pm(r['segm_AP'])} | {pm(r['bbox_AP50'])} | "
+                     f"{pm(r['segm_AP50'])} | {pm(r.get(f'bbox_AP_vs_{baseline}'))} | "
+                     f"{pm(r.get(f'segm_AP_vs_{baseline}'))} | {r['segm_per_category'].get('window', '-')} | "
+                     f"{r['bootstrap_std_segm_AP']} |")
+    return "\n".join(lines)
+
+
 def plot_curves(results: list[dict], path: Path) -> None:
     """AP at each checkpoint, one line per run, coloured by arm."""
     import matplotlib
@@ -547,6 +568,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=400, help="steps between curve points (default %(default)s)")
     p.add_argument("--val-limit", type=int, default=0, help="evaluate on the first N validation images (0: all)")
     p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--markdown", action="store_true", help="print the summary as a markdown table")
     p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "docs" / "train_effect"),
                    help="where finished results are kept and looked up (default: docs/train_effect)")
     p.add_argument("--json", help="write the summary here")
@@ -583,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict:
         results_dir.mkdir(parents=True, exist_ok=True)
         plot_curves(results, results_dir / "curves.png")
     text = json.dumps(summary, indent=1)
-    print(text)
+    print(markdown_table(summary["arms"]) if args.markdown else text)
     if args.json:
         Path(args.json).write_text(text)
     return summary

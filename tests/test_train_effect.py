@@ -102,6 +102,9 @@ def test_every_arm_trains_and_a_rerun_skips_finished_runs(tmp_path, coco_mini, t
     summary = te.summarize(again)
     assert set(summary) == set(te.ARMS) and "bbox_AP_vs_none" in summary["sos"]
     assert json.loads(json.dumps(summary)) == summary
+    table = te.markdown_table(summary).splitlines()
+    assert len(table) == 2 + len(te.ARMS) and table[2].startswith("| none | 1 |")
+    assert f"{summary['sos']['segm_AP']['mean']:.2f}" in next(row for row in table if row.startswith("| sos |"))
     assert before.keys() == {p for p in results_dir.glob("*.json")}
 
 
