@@ -135,10 +135,18 @@ def from_pasted(results: dict, image: torch.Tensor, pasted: Pasted, bgr: bool = 
     results["gt_bboxes_labels"] = pasted.labels.numpy().astype(np.int64)
     results["gt_ignore_flags"] = pasted.ignore.numpy().astype(bool)
     if pasted.masks is not None:
-        h, w = pasted.masks.shape[-2:]
-        results["gt_masks"] = BitmapMasks(pasted.masks.numpy().astype(np.uint8), h, w)
+        results["gt_masks"] = bitmap_masks(pasted.masks.view(torch.uint8).numpy())
     results["sos_is_pasted"] = pasted.is_pasted.numpy()
     return results
+
+
+def bitmap_masks(masks: np.ndarray) -> BitmapMasks:
+    """``BitmapMasks`` around an (N, H, W) uint8 array as it is (its constructor copies the array
+    mask by mask through ``np.stack``: a third of this transform's time at 1024²)."""
+    n, h, w = masks.shape
+    out = BitmapMasks([], h, w)
+    out.masks = np.ascontiguousarray(masks)
+    return out
 
 
 @MODELS.register_module()
@@ -221,6 +229,6 @@ def _write_instances(sample, p: Pasted, how: dict) -> None:
             mask_h, mask_w = size or p.masks.shape[-2:]
             m = torch.zeros((int(rows.sum()), mask_h, mask_w), dtype=torch.uint8, device=p.masks.device)
             m[:, : p.masks.shape[-2], : p.masks.shape[-1]] = p.masks[rows]
-            inst.masks = BitmapMasks(m.cpu().numpy(), mask_h, mask_w)
+            inst.masks = bitmap_masks(m.cpu().numpy())
         inst.is_pasted = p.is_pasted[rows]
         setattr(sample, key, inst)
