@@ -244,3 +244,27 @@ def test_bad_images_are_named_clearly(train_bank, val_set):
         cp(image.float(), target)
     out, _ = cp(image.float() / 255, target, generator=torch.Generator().manual_seed(0))
     assert out.is_floating_point() and float(out.amax()) <= 1.0
+
+
+def test_every_box_is_tight_by_default_and_input_boxes_stay_only_when_asked(train_bank, val_set):
+    """After a resize, boxes are fractional and no longer their masks' tight boxes: by default every
+    output box becomes its mask's tight box (as mmdet does after pasting); boxes="keep" leaves the
+    instances no segment covers with the boxes they came with."""
+    from sos_aug.ops.masks import tight_boxes
+
+    image, target = v2.Resize((301, 397), antialias=True)(*val_set[3])
+    fractional = target["boxes"].as_subclass(torch.Tensor)
+    assert not torch.equal(fractional, fractional.round())
+    for mode in ("tight", "keep"):
+        cp = CopyPaste(train_bank, num_pastes=(1, 2), boxes=mode)
+        _, out = cp(image, target, generator=torch.Generator().manual_seed(5))
+        boxes = out["boxes"].as_subclass(torch.Tensor)
+        tight = tight_boxes(out["masks"].as_subclass(torch.Tensor).bool()).float()
+        if mode == "tight":
+            assert torch.equal(boxes, tight)
+        else:
+            untouched = [i for i in range(int((~out["is_pasted"]).sum()))
+                         if any(torch.equal(boxes[i], b) for b in fractional)]
+            assert untouched and all(not torch.equal(boxes[i], tight[i]) for i in untouched)
+    with pytest.raises(ValueError, match="boxes must be"):
+        CopyPaste(train_bank, boxes="loose")

@@ -27,7 +27,7 @@ from .bank.store import SegmentBank, normalize_name
 from .composite import DropRule, PasteResult, check_warp, paste_batch, paste_into
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
 from .ops.buffers import consecutive_base, flat_base, same_size_groups
-from .ops.masks import count_pixels
+from .ops.masks import count_pixels, tight_boxes
 from .relight.batch import RelightBatch, relight
 from .relight.batch import warm_up as compile_relighters
 
@@ -162,6 +162,10 @@ class CopyPaste:
             not grow with the number of pieces), ``"loop"`` piece by piece, ``"auto"`` (default)
             the kernels on CUDA where Triton runs, else groups, on accelerators. Results agree up
             to float rounding (see :mod:`sos_aug.paste_kernel`, :mod:`sos_aug.batched_warp`).
+        boxes: ``"tight"`` (default): every output box is the tight pixel-edge box of its output
+            mask, as mmdet does after pasting; ``"keep"``: instances no segment covers keep the
+            boxes they came with (fractional after a resize, say), covered and pasted ones get
+            their mask's tight box.
     """
 
     def __init__(
@@ -177,7 +181,10 @@ class CopyPaste:
         relight=None,
         batched: bool | None = None,
         warp: str = "auto",
+        boxes: str = "tight",
     ):
+        if boxes not in ("tight", "keep"):
+            raise ValueError(f"boxes must be 'tight' or 'keep', got {boxes!r}")
         if num_pastes[0] < 0 or num_pastes[1] < num_pastes[0]:
             raise ValueError(f"num_pastes must be (low, high) with 0 <= low <= high, got {num_pastes}")
         check_warp(warp)
@@ -187,6 +194,7 @@ class CopyPaste:
         self.open_vocabulary = open_vocabulary
         self.relight = relight
         self.batched, self.warp = batched, warp
+        self.boxes = boxes
         self.skipped = 0  # segments that could not be read (counted, warned about)
         self.label_of = _resolve_labels(bank, label_map, open_vocabulary)
         usable = [c for c, lab in self.label_of.items() if lab >= 0 or open_vocabulary]
@@ -392,6 +400,10 @@ class CopyPaste:
             out["names"] = [nm for nm, k in zip(old_names, keep.tolist()) if k] + [
                 segments.names[int(i)] for i in kept_src]
         out["pasted_rows"] = segments.bank_rows[kept_src]
+        if self.boxes == "tight":
+            masks = torch.as_tensor(out["masks"]).as_subclass(torch.Tensor)
+            out["boxes"] = _wrap_boxes(target["boxes"], tight_boxes(masks.bool()).to(res.boxes.dtype),
+                                       image.shape[-2:])
         img = res.image
         if isinstance(image, tv_tensors.Image):
             img = tv_tensors.wrap(img, like=image)
