@@ -268,3 +268,15 @@ def test_every_box_is_tight_by_default_and_input_boxes_stay_only_when_asked(trai
             assert untouched and all(not torch.equal(boxes[i], tight[i]) for i in untouched)
     with pytest.raises(ValueError, match="boxes must be"):
         CopyPaste(train_bank, boxes="loose")
+
+
+def test_existing_boxes_layout_falls_back_with_every_setting_it_was_given():
+    """Without a box pool it places like RandomLayout, keeping its scale jitter and upscale cap."""
+    scene = _scene(h=100, w=200, k=6)
+    mine = ExistingBoxesLayout(flip=0.0, scale_jitter=(0.5, 0.5), max_upscale=1.0)
+    same = RandomLayout(flip=0.0, scale_jitter=(0.5, 0.5), max_upscale=1.0)
+    a = mine(scene, torch.Generator().manual_seed(3))
+    b = same(scene, torch.Generator().manual_seed(3))
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.segment, b.segment)
+    sizes = (a.boxes[:, 2:] - a.boxes[:, :2]).flip(1)
+    assert (sizes <= scene.segment_hw[a.segment] * 1.0 + 1e-6).all()  # the cap held

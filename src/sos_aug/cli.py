@@ -65,17 +65,12 @@ def _bank_show(args) -> int:
 
 
 def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, int], feather: float):
-    from .layout import DatasetStatsLayout, ExistingBoxesLayout, RandomLayout, SOSLayout
+    from .layout import LAYOUTS, DatasetStatsLayout
     from .transforms import CopyPaste, label_map_from_coco
 
-    layouts = {
-        "random": lambda: RandomLayout(),
-        "sos": lambda: SOSLayout(),
-        "existing": lambda: ExistingBoxesLayout(),
-        "stats": lambda: DatasetStatsLayout(ann_file),
-    }
+    chosen = DatasetStatsLayout(ann_file) if layout == "stats" else LAYOUTS[layout]()
     label_map = label_map_from_coco(ann_file) if ann_file else None
-    return CopyPaste(bank, layout=layouts[layout](), num_pastes=num, feather_sigma=feather, label_map=label_map,
+    return CopyPaste(bank, layout=chosen, num_pastes=num, feather_sigma=feather, label_map=label_map,
                      open_vocabulary=label_map is None)
 
 

@@ -68,14 +68,23 @@ class Layout:
         if k == 0:
             return Placement(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
                              torch.zeros(0))
-        sizes = self.sizes(scene, generator)
-        sizes = sizes * _uniform(k, *self.scale_jitter, generator)[:, None]
+        sizes = self.fitted(self.sizes(scene, generator), scene, generator)
+        tops, order = self.positions(scene, sizes, generator)
+        return self.placement(tops, sizes, order, generator)
+
+    def fitted(self, sizes: torch.Tensor, scene: Scene, g: torch.Generator | None) -> torch.Tensor:
+        """Sizes after scale jitter, the upscale cap and fitting the canvas (whole pixels)."""
+        sizes = sizes * _uniform(len(sizes), *self.scale_jitter, g)[:, None]
         if self.max_upscale is not None:  # a small crop blown up far past its resolution looks blurred
             sizes = torch.minimum(sizes, scene.segment_hw.double() * self.max_upscale)
-        sizes = _fit_canvas(sizes, scene.height, scene.width)
-        tops, order = self.positions(scene, sizes, generator)
-        flip = torch.rand(k, generator=generator) < self.flip
-        angle = _uniform(k, -self.rotation, self.rotation, generator).float()
+        return _fit_canvas(sizes, scene.height, scene.width)
+
+    def placement(self, tops: torch.Tensor, sizes: torch.Tensor, order: torch.Tensor,
+                  g: torch.Generator | None) -> Placement:
+        """Corners and sizes in paste order, with a flip and an angle drawn per segment."""
+        k = len(sizes)
+        flip = torch.rand(k, generator=g) < self.flip
+        angle = _uniform(k, -self.rotation, self.rotation, g).float()
         boxes = torch.cat([tops.flip(1), tops.flip(1) + sizes.flip(1)], 1)[order]
         return Placement(boxes.float(), order, flip[order], angle[order])
 
@@ -239,23 +248,20 @@ class ExistingBoxesLayout(Layout):
 
     def __call__(self, scene: Scene, generator: torch.Generator | None = None) -> Placement:
         pool = self.pool if self.pool is not None else scene.other_boxes
-        if pool is None or len(pool) == 0:
-            return RandomLayout(flip=self.flip, rotation=self.rotation)(scene, generator)
+        if pool is None or len(pool) == 0 or len(scene.segment_hw) == 0:
+            return RandomLayout(flip=self.flip, rotation=self.rotation, scale_jitter=self.scale_jitter,
+                                max_upscale=self.max_upscale)(scene, generator)
         k = len(scene.segment_hw)
         pick = torch.randint(len(pool), (k,), generator=generator)
         box = pool[pick].double() * torch.tensor([scene.width, scene.height] * 2, dtype=torch.float64)
         bh, bw = box[:, 3] - box[:, 1], box[:, 2] - box[:, 0]
         seg = scene.segment_hw.double()
         scale = torch.minimum(bh / seg[:, 0], bw / seg[:, 1])
-        sizes = _fit_canvas((seg * scale[:, None]).clamp(min=1), scene.height, scene.width)
+        sizes = self.fitted((seg * scale[:, None]).clamp(min=1), scene, generator)
         cy, cx = (box[:, 1] + box[:, 3]) / 2, (box[:, 0] + box[:, 2]) / 2
-        top = torch.stack([(cy - sizes[:, 0] / 2).round(), (cx - sizes[:, 1] / 2).round()], 1)
-        top = top.clamp(min=0)
+        top = torch.stack([(cy - sizes[:, 0] / 2).round(), (cx - sizes[:, 1] / 2).round()], 1).clamp(min=0)
         top = torch.minimum(top, torch.tensor([scene.height, scene.width], dtype=torch.float64) - sizes)
-        flip = torch.rand(k, generator=generator) < self.flip
-        angle = _uniform(k, -self.rotation, self.rotation, generator).float()
-        boxes = torch.cat([top.flip(1), top.flip(1) + sizes.flip(1)], 1)
-        return Placement(boxes.float(), torch.arange(k), flip, angle)
+        return self.placement(top, sizes, torch.arange(k), generator)
 
 
 def boxes_from_coco(ann_file: str | Path) -> torch.Tensor:
@@ -274,6 +280,8 @@ def boxes_from_coco(ann_file: str | Path) -> torch.Tensor:
 
 
 LAYOUTS = {"random": RandomLayout, "sos": SOSLayout, "existing": ExistingBoxesLayout}
+"""Layouts by the names configs and the command line use (``stats`` needs an annotation file:
+:class:`DatasetStatsLayout`)."""
 
 
 def grid_step(height: int, width: int, cells: int = 64) -> int:
