@@ -37,9 +37,9 @@ def broken_set(tmp_path, coco_mini, train_ann):
                  "segmentation": [[10, 10, 20, 20]], "bbox": [10, 10, 10, 10], "area": 0})
     ann_file = tmp_path / "ann.json"
     ann_file.write_text(json.dumps({**data, "images": images, "annotations": anns}))
-    n_corrupt = sum(1 for a in anns if a["image_id"] == corrupt["id"] and not a["iscrowd"])
-    n_missing = sum(1 for a in anns if a["image_id"] == missing["id"] and not a["iscrowd"])
-    return ann_file, folder, {"corrupt_image": n_corrupt, "missing_image": n_missing, "empty_mask": 1,
+    # image faults count images (one each here); instance faults count annotations
+    assert sum(1 for a in anns if a["image_id"] == missing["id"] and not a["iscrowd"]) > 1
+    return ann_file, folder, {"corrupt_image": 1, "missing_image": 1, "empty_mask": 1,
                               "unknown_category": 1, "degenerate_mask": 1}, corrupt["file_name"]
 
 
@@ -132,3 +132,17 @@ def test_missing_bank_and_bad_json_are_clear(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         coco_source(bad, tmp_path)
+
+
+def test_the_terminal_report_counts_images_and_shows_an_example(tmp_path, broken_set):
+    import subprocess
+    import sys
+
+    ann_file, folder, _, corrupt_name = broken_set
+    proc = subprocess.run([sys.executable, "-m", "sos_aug.cli", "bank", "build", "--coco", str(ann_file),
+                           "--images", str(folder), "--out", str(tmp_path / "bank"), "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if "corrupt_image=" in ln)
+    assert "corrupt_image=1, e.g." in line and corrupt_name in line and "annotations not used" in line
+    assert "missing_image=1, e.g." in proc.stdout

@@ -32,7 +32,10 @@ def _bank_build(args) -> int:
     report = build_bank(args.out, source, workers=args.workers, strict=args.strict, progress=not args.quiet)
     print(f"added {report['added']} segments to {args.out}")
     if report["skipped"]:
-        print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(report["skipped"].items())))
+        print("skipped (images for image faults, annotations otherwise; all examples in meta.json):")
+        for reason, count in sorted(report["skipped"].items()):
+            example = (report.get("skipped_examples", {}).get(reason) or ["?"])[0]
+            print(f"  {reason}={count}, e.g. {example}")
     return 0
 
 

@@ -97,20 +97,20 @@ class _CocoUnit:
     def __call__(self, unit) -> UnitResult:
         path, image_id, height, width, anns = unit
         out = UnitResult()
-        if path is None:
-            out.skips += [("unknown_image", f"annotation {a.get('id')}") for a in anns]
+        if path is None:  # one skip per image: a fault of the image, whatever it holds
+            out.skips.append(("unknown_image", f"image_id {image_id} ({_lost(anns)})"))
             return out
         wanted = [a for a in anns if not a.get("iscrowd", 0)]
         if not wanted:
             return out
         rgb, problem = read_rgb(path)
         if rgb is None:
-            out.skips += [(problem[0], f"{problem[1]} (annotation {a.get('id')})") for a in wanted]
+            out.skips.append((problem[0], f"{problem[1]} ({_lost(wanted)})"))
             return out
         h, w = rgb.shape[:2]
         if (height, width) != (None, None) and (height, width) != (h, w):
-            out.skips += [("size_mismatch", f"{path}: JSON says {height}x{width}, file is {h}x{w}")
-                          for _ in wanted]
+            out.skips.append(("size_mismatch", f"{path}: JSON says {height}x{width}, file is {h}x{w} "
+                                               f"({_lost(wanted)})"))
             return out
         for ann in wanted:
             what = f"{path} annotation {ann.get('id')}"
@@ -135,6 +135,10 @@ class _CocoUnit:
             src = f"coco:{Path(path).name}#{ann.get('id')}"
             out.items.append(Item(encode_segment(rgba, src), rgba.shape[1], rgba.shape[2], cat, area, int(image_id)))
         return out
+
+
+def _lost(anns: list) -> str:
+    return f"{len(anns)} annotation{'s' if len(anns) != 1 else ''} not used"
 
 
 def image_path(images: Path, info: dict) -> Path:
