@@ -103,3 +103,18 @@ def test_ctrl_c_on_the_command_says_how_to_go_on(tmp_path, few_images, coco_mini
     assert proc.returncode == 130, err[-2000:]
     assert f"training state in {out.with_suffix('.resume.pt')}" in err and "--resume" in err
     assert torch.load(out.with_suffix(".resume.pt"), weights_only=True)["report"]["steps"] > 0
+
+
+def test_the_loss_curve_shows_a_single_held_out_point(tmp_path):
+    """One held-out evaluation is still drawn (as a point), beside the smoothed training loss."""
+    import numpy as np
+    from PIL import Image
+
+    from sos_aug.relight.train import TrainReport, save_loss_curve
+
+    report = TrainReport(steps=20, best_val_fmse=0.01, best_step=10, train_loss=[0.03 - 0.001 * i for i in range(20)],
+                         val_loss=[(10, 0.01)])
+    save_loss_curve(report, tmp_path / "curve.png")
+    pixels = np.asarray(Image.open(tmp_path / "curve.png").convert("RGB")).reshape(-1, 3)
+    assert ((pixels == (30, 90, 200)).all(1)).sum() >= 9  # the held-out point
+    assert ((pixels == (150, 150, 150)).all(1)).sum() > 20  # the training line

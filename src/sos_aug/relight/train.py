@@ -333,10 +333,14 @@ def save_loss_curve(report: TrainReport, path: Path, size=(640, 360)) -> None:
 
     if len(smooth) > 1:
         draw.line([xy(i + 1, v) for i, v in enumerate(smooth)], fill=(150, 150, 150), width=1)
-    if len(report.val_loss) > 1:
-        draw.line([xy(s, v) for s, v in report.val_loss], fill=(30, 90, 200), width=2)
+    held_out = [xy(s, v) for s, v in report.val_loss]
+    if len(held_out) > 1:
+        draw.line(held_out, fill=(30, 90, 200), width=2)
+    for x, y in held_out:  # a point per evaluation, so a single one shows too
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 90, 200))
     draw.rectangle([pad, pad, size[0] - pad, size[1] - pad], outline="black")
-    draw.text((pad, 10), f"fMSE (0-255², log) train grey, held-out blue; best {report.best_val_fmse * 255**2:.0f} "
+    # PIL's built-in bitmap font has no superscript two: write the units as 0-255^2
+    draw.text((pad, 10), f"fMSE (0-255^2, log) train grey, held-out blue; best {report.best_val_fmse * 255**2:.0f} "
               f"at step {report.best_step}", fill="black")
     draw.text((pad, size[1] - pad + 8), f"0 .. {report.steps} steps   range {10**lo:.0f} .. {10**hi:.0f}",
               fill="black")
