@@ -186,9 +186,10 @@ def test_classical_cpu_paths_read_and_write_channels_last_images(pasted, relight
 
     from sos_aug.ops.masks import tight_boxes
 
-    planar_out = relighter(RelightBatch(relit, plain, batch.masks))
-    interleaved_out = relighter(RelightBatch(interleaved(relit), interleaved(plain), batch.masks))
-    with_boxes = relighter(RelightBatch(relit, plain, batch.masks, [tight_boxes(m) for m in batch.masks]))
+    planar_out = relighter(RelightBatch(relit, plain, batch.masks, relit=True))
+    interleaved_out = relighter(RelightBatch(interleaved(relit), interleaved(plain), batch.masks, relit=True))
+    with_boxes = relighter(RelightBatch(relit, plain, batch.masks, [tight_boxes(m) for m in batch.masks],
+                                        relit=True))
     for a, b, c, before, masks in zip(planar_out, interleaved_out, with_boxes, relit, batch.masks):
         assert torch.equal(a, b) and torch.equal(a, c)
         assert b.stride() == (1, 3 * b.shape[2], 3)
@@ -294,7 +295,7 @@ def test_compiled_lab_blend_blends_like_the_eager_one(pasted, as_uint8):
     plain = [(im * 255).round().to(torch.uint8) for im in batch.images] if as_uint8 else batch.images
     relit = [(im.float() * 0.8 + 20).round().to(torch.uint8) if as_uint8 else (im * 0.8 + 0.08) for im in plain]
     relit = [torch.where(m.any(0), r, p) for r, p, m in zip(relit, plain, batch.masks)]  # relit under masks only
-    step = RelightBatch(relit, plain, batch.masks)
+    step = RelightBatch(relit, plain, batch.masks, relit=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fused = LabBlend(compile_cpu=True)(step)
@@ -655,3 +656,32 @@ def test_relighting_changes_only_pasted_pixels_and_no_target(train_bank, val_set
         assert all(torch.equal(t[k], u[k]) if torch.is_tensor(t[k]) else t[k] == u[k] for k in t)
         pasted = t["masks"][t["is_pasted"]].any(0)
         assert a.dtype == b.dtype and torch.equal(a[:, ~pasted], b[:, ~pasted])
+
+
+def test_the_net_is_never_moved_behind_the_callers_back():
+    """Relighting a batch on another device uses a copy of the net there, made once and remade only
+    after the weights change; the caller's module stays where it was."""
+    from sos_aug.relight.net import replica_on
+
+    net = RelightNet.pretrained()
+    meta = torch.device("meta")
+    first = replica_on(net, meta)
+    assert first is not net and next(first.parameters()).device == meta
+    assert next(net.parameters()).device.type == "cpu"
+    assert replica_on(net, meta) is first  # made once
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)  # new weights: a new copy
+    assert replica_on(net, meta) is not first
+    assert replica_on(net, torch.device("cpu")) is net
+
+
+def test_lab_blend_knows_from_the_chain_whether_the_images_were_relit(pasted):
+    """LabBlend first in a chain blends toward its fallback; after another relighter it blends toward
+    that one's output, even where that output is the plain composite itself (no identity test)."""
+    batch = pasted[0]
+    plain = [(im * 255).round().to(torch.uint8) for im in batch.images]
+    alone = LabBlend()(RelightBatch(plain, plain, batch.masks))
+    after_a_no_op = LabBlend()(RelightBatch(plain, plain, batch.masks, relit=True))
+    assert any(not torch.equal(a, p) for a, p in zip(alone, plain))  # the fallback relit something
+    for out, p in zip(after_a_no_op, plain):  # blending an image with itself leaves it (within a level)
+        assert (out.int() - p.int()).abs().max() <= 1

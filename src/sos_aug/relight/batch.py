@@ -22,6 +22,7 @@ class RelightBatch:
     plain: list[torch.Tensor]  # the composites before any relighting
     masks: list[torch.Tensor]  # (K, H, W) bool visible pasted masks (disjoint), in paste order
     boxes: list[torch.Tensor] | None = None  # (K, 4) their tight XYXY boxes, when the caller has them
+    relit: bool = False  # whether an earlier step of the chain relit ``images`` (LabBlend blends toward it)
 
 
 def as_chain(relighters: Relighter | Sequence[Relighter]) -> list[Relighter]:
@@ -33,7 +34,7 @@ def relight(relighters: Relighter | Sequence[Relighter], batch: RelightBatch) ->
     """Run relighters in order (``[RelightNet.pretrained(), LabBlend()]`` composes). Each one works in
     the windows of the pasted segments and writes only pixels under their masks."""
     for step in as_chain(relighters):
-        batch = replace(batch, images=step(batch))
+        batch = replace(batch, images=step(batch), relit=True)
     return batch.images
 
 

@@ -211,7 +211,7 @@ class LabBlend:
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
         relit_images = batch.images
-        if all(a is b for a, b in zip(batch.images, batch.plain)):  # nothing relit yet
+        if not batch.relit:  # LabBlend first (or alone): blend toward its fallback's relighting
             relit_images = self.fallback(batch)
         return by_device(relit_images, batch.plain, batch.masks, self._blend_windows, self._blend_pixels, batch.boxes)
 

@@ -8,6 +8,7 @@ starts as the identity (zero last layer).
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import weakref
@@ -129,6 +130,21 @@ class RelightNet(nn.Module):
 
 
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REPLICAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def replica_on(net: RelightNet, device: torch.device) -> RelightNet:
+    """``net`` where it already lives on ``device``; else a copy of it there, made once and made
+    again only after the net's weights change, so relighting a GPU batch never moves the caller's
+    module (which DataLoader workers may still use on the CPU)."""
+    if next(net.parameters()).device == device:
+        return net
+    version = tuple(p._version for p in net.parameters())  # bumped by every in-place write
+    cached = _REPLICAS.setdefault(net, {}).get(device)
+    if cached is None or cached[0] != version:
+        cached = (version, copy.deepcopy(net).to(device).eval())
+        _REPLICAS[net][device] = cached
+    return cached[1]
 
 
 def _compiled_forward(net: RelightNet) -> Callable:
@@ -210,8 +226,7 @@ def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tens
     """The accelerator path for a (B, 3, H, W) batch: every segment's window in one ``roi_align``
     and one forward (both in one compiled graph), then one pass over just the segments' pixels."""
 
-    if next(net.parameters()).device != images.device:  # follow the batch (e.g. onto the GPU)
-        net.to(images.device)
+    net = replica_on(net, images.device)  # the caller's module stays where it is
     images = images.contiguous()  # what the kernel reads; one layout, one compiled graph
     segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
     owner = row_owners([len(m) for m in masks], images.device)
@@ -361,8 +376,7 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
     out = list(batch.images)
     if not jobs:
         return out
-    if next(net.parameters()).device != out[0].device:  # follow the batch
-        net.to(out[0].device)
+    net = replica_on(net, out[0].device)
     params = net.forward(torch.cat([_unit_windows(windows), torch.stack(alphas)], 1))
     tables = {dtype: family_tables(params, 1 / 255, 255) if dtype == torch.uint8 else family_tables(params)
               for dtype in {out[j[0]].dtype for j in jobs}}  # 0-255 images get 0-255 tables
