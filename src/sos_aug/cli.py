@@ -204,6 +204,61 @@ def _split(args) -> int:
     return 0
 
 
+def refer(ann_file, images_dir, out, bank_path=None, paste=False, per_kind=2, limit=0, seed=0,
+          layout="sos", num=(2, 8), progress=True) -> dict:
+    """Referring expressions for a COCO-format set as it is (real images only) or after pasting
+    (the pasted images written to ``out/images``), exported with :func:`grounding_export.write_grounding`."""
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .bank import SegmentBank
+    from .coco import CocoInstances
+    from .grounding import KINDS, Referring
+    from .grounding_export import Sample, write_grounding
+
+    ds = CocoInstances(ann_file, images_dir, only_annotated=True)
+    names = {c["id"]: c["name"] for c in ds.categories}
+    referring = Referring(per_kind={k: per_kind for k in KINDS}, vocabulary=sorted(names.values()))
+    cp = None
+    if paste:
+        if not bank_path:
+            raise ValueError("refer --paste needs --bank")
+        cp = _make_copy_paste(SegmentBank(bank_path), layout, str(ann_file), num, 0.0)
+        cp.referring = referring
+        (Path(out) / "images").mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    n = min(len(ds), limit) if limit else len(ds)
+    samples, counts = [], dict.fromkeys(KINDS, 0)
+    for i in tqdm(range(n), desc="refer", disable=not progress):
+        image, target = ds[i]
+        info = ds.infos[i]
+        if cp is not None:
+            image, target = cp(image, target, generator=g)
+            file_name = f"images/{Path(info['file_name']).stem}.png"
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(Path(out) / file_name)
+        else:
+            target = dict(target)
+            labels = target["labels"].tolist()
+            target["referring"] = referring(image, target, [names[int(lab)] for lab in labels], None, g)
+            file_name = info["file_name"]
+        for r in target["referring"]:
+            counts[r["kind"]] += 1
+        samples.append(Sample(file_name, int(info["id"]), target))
+    paths = write_grounding(out, samples, ds.categories)
+    return {"images": len(samples), "expressions": counts, "files": {k: str(v) for k, v in paths.items()}}
+
+
+def _refer(args) -> int:
+    result = refer(args.coco, args.images, args.out, args.bank, args.paste, args.per_kind, args.limit, args.seed,
+                   args.layout, tuple(args.num), progress=not args.quiet)
+    print(f"{result['images']} images, expressions by kind: " +
+          ", ".join(f"{k}={v}" for k, v in result["expressions"].items()))
+    for path in result["files"].values():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sos-aug", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -247,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder for {stem}.{fold}@{percent}.json and ...-unlabeled.json")
     sp.add_argument("--stem", default="instances_train2017", help="file name stem")
     sp.set_defaults(func=_split)
+
+    rf = sub.add_parser("refer", help="verified referring expressions for a COCO set, as it is or after pasting, "
+                        "written as ODVG, gRefCOCO and RefCOCO", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rf.add_argument("--coco", required=True, help="COCO instances JSON")
+    rf.add_argument("--images", required=True, help="its image folder")
+    rf.add_argument("--out", required=True, help="output folder")
+    rf.add_argument("--bank", help="segment bank to paste from (with --paste)")
+    rf.add_argument("--paste", action="store_true", help="paste segments first; the images go to OUT/images")
+    rf.add_argument("--per-kind", type=int, default=2, help="expressions of each kind per image, at most")
+    rf.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    rf.add_argument("--seed", type=int, default=0)
+    rf.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos")
+    rf.add_argument("--num", type=int, nargs=2, default=[2, 8], metavar=("LOW", "HIGH"), help="segments per image")
+    rf.add_argument("--quiet", action="store_true", help="no progress bar")
+    rf.set_defaults(func=_refer)
 
     v = sub.add_parser("preview", help="a grid of augmented images with outlines, boxes and labels")
     v.add_argument("--bank", required=True)

@@ -25,6 +25,7 @@ from .bank.format import BankFormatError
 from .bank.sources import load_coco
 from .bank.store import SegmentBank, normalize_name
 from .composite import DropRule, PasteResult, check_warp, paste_batch, paste_into
+from .grounding import Referring
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
 from .ops.buffers import consecutive_base, flat_base, same_size_groups
 from .ops.masks import count_pixels, tight_boxes
@@ -162,6 +163,8 @@ class CopyPaste:
             not grow with the number of pieces), ``"loop"`` piece by piece, ``"auto"`` (default)
             the kernels on CUDA where Triton runs, else groups, on accelerators. Results agree up
             to float rounding (see :mod:`sos_aug.paste_kernel`, :mod:`sos_aug.batched_warp`).
+        referring: a :class:`~sos_aug.grounding.Referring` that adds ``target["referring"]``, verified
+            referring expressions over existing and pasted instances, drawn from the same generator.
         boxes: ``"tight"`` (default): every output box is the tight pixel-edge box of its output
             mask, as mmdet does after pasting; ``"keep"``: instances no segment covers keep the
             boxes they came with (fractional after a resize, say), covered and pasted ones get
@@ -182,6 +185,7 @@ class CopyPaste:
         batched: bool | None = None,
         warp: str = "auto",
         boxes: str = "tight",
+        referring: Referring | None = None,
     ):
         if boxes not in ("tight", "keep"):
             raise ValueError(f"boxes must be 'tight' or 'keep', got {boxes!r}")
@@ -195,6 +199,7 @@ class CopyPaste:
         self.relight = relight
         self.batched, self.warp = batched, warp
         self.boxes = boxes
+        self.referring = referring
         self.skipped = 0  # segments that could not be read (counted, warned about)
         self.label_of = _resolve_labels(bank, label_map, open_vocabulary)
         usable = [c for c, lab in self.label_of.items() if lab >= 0 or open_vocabulary]
@@ -209,6 +214,7 @@ class CopyPaste:
         for c, lab in self.label_of.items():
             self._label_table[c] = lab
         self._cats = torch.from_numpy(self.bank.index["category"].astype("int64"))
+        self.label_names = _label_names(bank, label_map)
 
     # -- draw --------------------------------------------------------------------------------------
     def fetch(self, num_images: int, generator: torch.Generator | None = None) -> PasteSegments:
@@ -278,6 +284,9 @@ class CopyPaste:
                              "(segments.placements = None)")
         stacked = isinstance(images, torch.Tensor) and not single
         out_images, out_targets = self.apply(images if stacked else batch, targets, segments, params)
+        if self.referring is not None:
+            for image, target in zip(out_images, out_targets):
+                target["referring"] = self.refer(image, target, generator)
         if single:
             return out_images[0], out_targets[0]
         if stacked:
@@ -315,6 +324,18 @@ class CopyPaste:
         if self.relight is not None:
             out_images = self._relight(out_images, out_targets, [len(k) for k in kept_src])
         return out_images, out_targets
+
+    def refer(self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None) -> list[dict]:
+        """Verified referring expressions for one output (``referring``), pasted segments named by
+        their bank text's short phrase where it has one."""
+        labels = target["labels"].tolist()
+        names = target.get("names") or [self.label_names.get(int(lab), str(lab)) for lab in labels]
+        phrases: list[str | None] = [None] * len(labels)
+        pasted = target["is_pasted"].nonzero().flatten().tolist()
+        pointers = self.bank.index["text"][target["pasted_rows"].cpu().numpy()] if pasted else []
+        for row, pointer in zip(pasted, pointers):
+            phrases[row] = self.bank.text(int(pointer)).get("short_phrase")
+        return self.referring(image, target, names, phrases, generator)
 
     def _batch_on(self, image: torch.Tensor) -> bool:
         """Whether images like this one go through :func:`paste_batch` (see ``batched``)."""
@@ -410,7 +431,7 @@ class CopyPaste:
         return img, out
 
 
-_INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows"}
+_INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows", "referring"}
 
 
 def _instances(target: Target, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -468,6 +489,20 @@ def _wrap_boxes(like, boxes: torch.Tensor, canvas) -> torch.Tensor:
 
 def _wrap_like(like, tensor: torch.Tensor) -> torch.Tensor:
     return tv_tensors.Mask(tensor) if isinstance(like, tv_tensors.Mask) else tensor
+
+
+def _label_names(bank: SegmentBank, label_map) -> dict[int, str]:
+    """Dataset label -> a category name: the first name the label map gives it (a COCO file's own
+    name before its synonyms), or the bank's name where labels are the bank's ids."""
+    if label_map is None:
+        return {cid: c["name"] for cid, c in bank.categories.items()}
+    out: dict[int, str] = {}
+    for key, label in label_map.items():
+        if isinstance(key, str):
+            out.setdefault(int(label), key)
+        elif int(key) in bank.categories:
+            out.setdefault(int(label), bank.categories[int(key)]["name"])
+    return out
 
 
 def _resolve_labels(bank: SegmentBank, label_map, open_vocabulary: bool) -> dict[int, int]:
