@@ -249,7 +249,7 @@ class Referring:
             c, n = x.category, x.noun
             many = len(by_cat[c]) > 1
             if not many:
-                out.append(("attribute", say([f"the {n}", f"the {x.colour} {n}"]), Spec(c), [x.index]))
+                out.append(("attribute", f"the {n}", Spec(c), [x.index]))
             out.append(("attribute", say([f"the {x.colour} {n}", f"the {n} that is {x.colour}"]),
                         Spec(c, colour=x.colour), [x.index]))
             if many:
