@@ -199,3 +199,60 @@ def test_refer_command_on_real_and_pasted_images(tmp_path, train_bank, val_ann, 
         grefs = json.loads((out / "grefs.json").read_text())
         assert grefs and any(g["no_target"] for g in grefs) and any(not g["no_target"] for g in grefs)
         assert (out / "images").is_dir() == bool(extra)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=st.integers(0, 78), seed=st.integers(0, 2**31 - 1))
+def test_expressions_on_real_images_as_they_are(cp, val_set, index, seed):
+    """Existing instances only (no pasting): the same checks."""
+    image, target = val_set[index]
+    target = dict(target, is_pasted=torch.zeros(len(target["labels"]), dtype=torch.bool))
+    names = names_of(cp, target)
+    records = cp.referring(image, target, names, None, torch.Generator().manual_seed(seed))
+    for r in records:
+        check_record(r, image, target, names)
+
+
+def no_target_matches_nothing(r: dict, image, target, names) -> None:
+    """A no-target expression names a class the image lacks, or a colour none of its class shows."""
+    words = r["text"].split()[1:]
+    present = [n for n in set(names) if " ".join(words).endswith(n) or " ".join(words).endswith(plural(n))]
+    if not present:
+        return
+    (cat,) = present
+    colour = words[0]
+    masks = target["masks"].as_subclass(torch.Tensor).bool()
+    for j, n in enumerate(names):
+        if n == cat:
+            assert colour_shares(image, masks[j]).get(colour, 0.0) < COLOUR_SAYS
+
+
+def test_over_the_set_every_kind_appears_and_intra_class_wherever_it_can(cp, val_set):
+    kinds = set()
+    for i in range(12):
+        image, target = cp(*val_set[i], generator=torch.Generator().manual_seed(i))
+        names = names_of(cp, target)
+        records = target["referring"]
+        kinds |= {r["kind"] for r in records}
+        for r in records:
+            if r["kind"] == "no_target":
+                no_target_matches_nothing(r, image, target, names)
+        masks = target["masks"].as_subclass(torch.Tensor).bool()
+        crowd = target["iscrowd"].bool()
+        visible = [j for j in range(len(names)) if not crowd[j] and masks[j].sum() >= 64]
+        for cat in set(names):
+            members = [j for j, n in enumerate(names) if n == cat]
+            if len(members) >= 2 and all(j in visible for j in members):
+                assert any(r["intra_class"] for r in records), f"image {i}: two or more {cat} and no intra-class"
+    assert kinds == set(KINDS)
+
+
+def test_preview_draws_expressions(tmp_path, train_bank, val_ann, coco_mini):
+    from PIL import Image
+
+    out = tmp_path / "refer.png"
+    proc = subprocess.run([sys.executable, "-m", "sos_aug.cli", "preview", "--bank", str(train_bank.root), "--coco",
+                           str(val_ann), "--images", str(coco_mini / "val2017"), "--out", str(out), "--n", "2",
+                           "--referring"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "referring expressions" in proc.stdout and Image.open(out).size[0] > 500

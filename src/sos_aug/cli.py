@@ -79,7 +79,7 @@ def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, in
 
 def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num=(4, 10), feather=0.0,
             relight: str | None = None, weights: str | None = None, sampling: str = "uniform",
-            reference: str | None = None, t: float = 0.001) -> Path:
+            reference: str | None = None, t: float = 0.001, referring: bool = False) -> Path:
     """Augment ``n`` images of a COCO set and save each beside its original; with ``relight``, the
     same augmented batch is shown without and with relighting instead. ``sampling`` draws the bank's
     segments (``repeat_factor`` measures f_c on ``reference``, by default the COCO file itself)."""
@@ -101,6 +101,13 @@ def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num
     picks = torch.randperm(len(ds), generator=g)[:n].tolist()
     images, targets = zip(*[ds[i] for i in picks])
     state = g.get_state()
+    if referring:
+        from .grounding import Referring
+        from .preview import draw_referring
+
+        cp.referring = Referring(vocabulary=sorted(names.values()))
+        out_images, out_targets = cp(list(images), list(targets), generator=g)
+        return save_grid([draw_referring(im, tg) for im, tg in zip(out_images, out_targets)], out, cols=4)
     out_images, out_targets = cp(list(images), list(targets), generator=g)
     tiles = []
     if relight not in (None, "none"):
@@ -120,8 +127,9 @@ def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num
 def _preview(args) -> int:
     path = preview(args.bank, args.coco, args.images, args.out, n=args.n, seed=args.seed, layout=args.layout,
                    feather=args.feather, relight=args.relight, weights=args.weights, sampling=args.sampling,
-                   reference=args.reference, t=args.t)
+                   reference=args.reference, t=args.t, referring=args.referring)
     what = ("each augmented image without (left) and with relighting (right)" if args.relight not in (None, "none")
+            else "augmented images with referring expressions and their targets' boxes" if args.referring
             else "each original left of its augmented copy")
     print(f"wrote {path} ({what}; pasted instances in magenta, marked '+')")
     return 0
@@ -335,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--reference", help="repeat_factor: the training set's instances JSON that f_c is measured on "
                    "(default: --coco)")
     v.add_argument("--t", type=float, default=0.001, help="repeat_factor threshold (LVIS: 0.001, the default)")
+    v.add_argument("--referring", action="store_true",
+                   help="draw a few verified referring expressions per image with their targets' boxes")
     v.set_defaults(func=_preview)
 
     rl = sub.add_parser("relight", help="train and evaluate the relighting net").add_subparsers(

@@ -17,12 +17,14 @@ case; ``original`` beside ``text`` where a rewrite hook changed it). Exports:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .ops.masks import count_pixels, tight_boxes
 from .relight.color import rgb_to_lab_eager
 
 KINDS = ("attribute", "position", "relation", "ordinal", "multi", "no_target")
@@ -90,22 +92,42 @@ class Spec:
     every: bool = False  # all the instances it matches (multi-target)
 
 
-def lab_colour_terms(pixels: torch.Tensor) -> list[str]:
-    """The basic colour term of each of (3, N) RGB pixels (uint8 or [0, 1]), nearest in Lab."""
-    names = list(COLOURS)
-    proto = rgb_to_lab_eager(torch.tensor([COLOURS[n] for n in names], dtype=torch.uint8).T.contiguous())
-    lab = rgb_to_lab_eager(pixels.contiguous())
-    nearest = torch.cdist(lab.T.float(), proto.T.float()).argmin(1)
-    return [names[i] for i in nearest.tolist()]
+_PROTOTYPES: dict[torch.device, torch.Tensor] = {}
 
 
-def colour_shares(image: torch.Tensor, mask: torch.Tensor, max_pixels: int = 4096) -> dict[str, float]:
-    """The share of the mask's visible pixels (evenly subsampled) each basic colour term takes."""
+def _prototypes(device: torch.device) -> torch.Tensor:
+    """The colour terms' prototypes in Lab, (11, 3), computed once per device."""
+    if device not in _PROTOTYPES:
+        rgb = torch.tensor(list(COLOURS.values()), dtype=torch.uint8, device=device).T.contiguous()
+        _PROTOTYPES[device] = rgb_to_lab_eager(rgb).T.float()
+    return _PROTOTYPES[device]
+
+
+def lab_colour_terms(pixels: torch.Tensor) -> torch.Tensor:
+    """The index into :data:`COLOURS` of each of (3, N) RGB pixels (uint8 or [0, 1]): the basic
+    colour term whose prototype is nearest in Lab."""
+    lab = rgb_to_lab_eager(pixels.contiguous()).T.float()
+    return torch.cdist(lab, _prototypes(pixels.device)).argmin(1)
+
+
+def colour_shares(image: torch.Tensor, mask: torch.Tensor, max_pixels: int = 1024,
+                  box: Sequence[float] | None = None) -> dict[str, float]:
+    """The share of the mask's visible pixels (evenly subsampled) each basic colour term takes;
+    ``box``, the mask's tight box where known, saves a pass over the whole canvas."""
+    image = image.as_subclass(torch.Tensor)
+    if box is not None:
+        x0, y0, x1, y1 = (int(v) for v in box)
+        image, mask = image[:, y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    step = max(1, int((mask.shape[-2] * mask.shape[-1] / (4 * max_pixels)) ** 0.5))  # a regular grid first
+    image, mask = image[:, ::step, ::step], mask[::step, ::step]
     pixels = image[:, mask]
     if pixels.shape[1] > max_pixels:
         pixels = pixels[:, :: pixels.shape[1] // max_pixels + 1]
-    terms = lab_colour_terms(pixels)
-    return {t: terms.count(t) / len(terms) for t in set(terms)}
+    if pixels.shape[1] == 0:
+        return {}
+    counts = torch.bincount(lab_colour_terms(pixels), minlength=len(COLOURS)).tolist()
+    total = sum(counts)
+    return {name: c / total for name, c in zip(COLOURS, counts) if c}
 
 
 COLOUR_SAYS = 0.25  # an instance "is" a colour when that much of it is
@@ -116,11 +138,13 @@ def describe(image: torch.Tensor, target: dict, names: Sequence[str], phrases: S
              min_pixels: int = 64) -> list[Instance]:
     """The attribute model of a pasted (or plain) image's instances. ``names[i]`` is instance i's
     category name; ``phrases[i]`` an optional short phrase used as its noun (SOS's text)."""
+    image = image.as_subclass(torch.Tensor)
     masks = target["masks"].as_subclass(torch.Tensor).bool()
     boxes = torch.as_tensor(target["boxes"]).as_subclass(torch.Tensor).float().tolist()
     crowd = target.get("iscrowd", torch.zeros(len(masks), dtype=torch.long)).bool().tolist()
     pasted = target.get("is_pasted", torch.zeros(len(masks), dtype=torch.bool)).tolist()
-    areas = masks.flatten(1).sum(1).tolist()
+    areas = count_pixels(masks).tolist()
+    tight = tight_boxes(masks).tolist()  # the target's boxes may be looser (boxes="keep")
     first_pasted = next((i for i, p in enumerate(pasted) if p), len(pasted))
     out = []
     for i in range(len(masks)):
@@ -129,7 +153,7 @@ def describe(image: torch.Tensor, target: dict, names: Sequence[str], phrases: S
         inst = Instance(i, names[i], eligible, noun, area=int(areas[i]), box=tuple(boxes[i]),
                         order=(i - first_pasted + 1) if pasted[i] else 0)
         if eligible:
-            inst.colours = colour_shares(image, masks[i])
+            inst.colours = colour_shares(image, masks[i], box=tight[i])
             inst.colour = max(inst.colours, key=inst.colours.get)
         out.append(inst)
     return out
@@ -191,16 +215,13 @@ def resolve(spec: Spec, instances: Sequence[Instance], height: int, width: int) 
     return {x.index for x in known} | unknown
 
 
-def _unique_anchor(anchor: Instance, instances: Sequence[Instance]) -> bool:
-    return anchor.eligible and sum(x.category == anchor.category for x in instances) == 1
-
-
 @dataclass
 class Referring:
     """Write verified referring expressions for one image (see the module docstring).
 
     Args:
         per_kind: how many expressions of each kind to keep at most per image (kinds in :data:`KINDS`).
+        limit: how many expressions per image at most, all kinds together (None: no limit).
         vocabulary: category names a no-target expression may mention (default: those in the image).
         min_pixels: instances with fewer visible pixels are never targets.
         rewrite: ``text -> text`` (a local LLM, say); the target set travels unchanged and the
@@ -208,6 +229,7 @@ class Referring:
     """
 
     per_kind: dict[str, int] = field(default_factory=lambda: {k: 2 for k in KINDS})
+    limit: int | None = None
     vocabulary: Sequence[str] = ()
     min_pixels: int = 64
     rewrite: Callable[[str], str] | None = None
@@ -220,6 +242,8 @@ class Referring:
         candidates = self.candidates(instances, h, w, generator)
         records, seen = [], set()
         for kind, text, spec, targets in candidates:
+            if self.limit is not None and len(records) >= self.limit:
+                break
             if text in seen or self.per_kind.get(kind, 0) <= sum(r["kind"] == kind for r in records):
                 continue
             if resolve(spec, instances, h, w) != set(targets):  # the verification: exactly its targets
@@ -241,9 +265,11 @@ class Referring:
         by_cat: dict[str, list[Instance]] = {}
         for x in instances:
             by_cat.setdefault(x.category, []).append(x)
+        anchors = [a for a in instances if a.eligible and len(by_cat[a.category]) == 1]  # told by category alone
+        rng = random.Random(int(torch.randint(2**62, (1,), generator=g)))  # one draw from the caller's generator
 
         def say(options: list[str]) -> str:
-            return options[int(torch.randint(len(options), (1,), generator=g))]
+            return options[rng.randrange(len(options))]
 
         for x in eligible:
             c, n = x.category, x.noun
@@ -267,8 +293,8 @@ class Referring:
                         Spec(c, hpos=hp), [x.index]))
             out.append(("position", say([f"the {n} at the {vp}", f"the {n} near the {vp}"]),
                         Spec(c, vpos=vp), [x.index]))
-            for anchor in instances:
-                if anchor.index == x.index or not _unique_anchor(anchor, instances):
+            for anchor in anchors:
+                if anchor.index == x.index:
                     continue
                 for rel in ("left of", "right of", "above", "below", "in front of"):
                     if _related(x, anchor, rel):
@@ -296,5 +322,5 @@ class Referring:
             if free and all(y.eligible for y in by_cat[x.category]):
                 col = say(free)
                 out.append(("no_target", f"the {col} {x.noun}", Spec(x.category, colour=col), []))
-        order = torch.randperm(len(out), generator=g).tolist()
-        return [out[i] for i in order]
+        rng.shuffle(out)
+        return out

@@ -51,6 +51,36 @@ def draw_instances(image: torch.Tensor, target: Mapping, names: Mapping[int, str
     return image
 
 
+REFER_COLORS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0)]
+
+
+def draw_referring(image: torch.Tensor, target: Mapping, n: int = 3) -> torch.Tensor:
+    """The image with ``n`` of its referring expressions: each one's target boxes in its own colour,
+    and the texts in a band above (a no-target one, if any, last, marked so)."""
+    from PIL import ImageDraw
+
+    image = image.as_subclass(torch.Tensor).cpu()
+    if image.is_floating_point():
+        image = (image.clamp(0, 1) * 255).to(torch.uint8)
+    records = target.get("referring", [])
+    shown = [r for r in records if r["targets"]][:n] + [r for r in records if not r["targets"]][:1]
+    boxes = target["boxes"].as_subclass(torch.Tensor).cpu().float()
+    for k, r in enumerate(shown):
+        if r["targets"]:
+            color = REFER_COLORS[k % len(REFER_COLORS)]
+            image = draw_bounding_boxes(image, boxes[r["targets"]], colors=[color] * len(r["targets"]),
+                                        labels=[str(k + 1)] * len(r["targets"]), width=3)
+    line = 14
+    band = Image.new("RGB", (image.shape[-1], line * len(shown) + 6), "white")
+    draw = ImageDraw.Draw(band)
+    for k, r in enumerate(shown):
+        color = REFER_COLORS[k % len(REFER_COLORS)] if r["targets"] else (0, 0, 0)
+        prefix = f"{k + 1}. " if r["targets"] else "no target: "
+        draw.text((4, 3 + k * line), f"{prefix}{r['text']}  [{r['kind']}]", fill=color)
+    band_t = F.pil_to_tensor(band)
+    return torch.cat([band_t, image], 1)
+
+
 def save_grid(tiles: Sequence[torch.Tensor], out: str | Path, cols: int | None = None, tile: int = 384) -> Path:
     """Letterbox every (3, H, W) uint8 tile to ``tile`` px and save them as one PNG grid."""
     boxed = [_letterbox(t, tile) for t in tiles]

@@ -1,0 +1,86 @@
+"""What verified referring expressions cost beside compositing: for real coco-mini images holding
+about 20 instances after pasting, the time to write 20 verified expressions against the time to
+composite that image on the CPU (one thread, interleaved rounds, medians; ratios to read).
+
+    OMP_NUM_THREADS=1 python benchmarks/referring.py [--images 8] [--rounds 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import coco_mini, machine, train_bank  # noqa: E402
+
+from sos_aug import CocoInstances, CopyPaste, label_map_from_coco  # noqa: E402
+from sos_aug.grounding import KINDS, Referring  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=8, help="images measured (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians kept")
+    p.add_argument("--expressions", type=int, default=20, help="expressions per image (default %(default)s)")
+    p.add_argument("--work", default="bench_out/referring", help="where the bank is built")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    root = coco_mini()
+    ann = root / "annotations" / "instances_val2017.json"
+    bank = train_bank(root, Path(args.work))
+    ds = CocoInstances(ann, root / "val2017")
+    names = {c["id"]: c["name"] for c in ds.categories}
+    # images with 8-15 real instances; pasting brings them to about 20
+    picks = [i for i in range(len(ds)) if 8 <= len(ds.anns[ds.infos[i]["id"]]) <= 15][: args.images]
+    cp = CopyPaste(bank, num_pastes=(6, 10), label_map=label_map_from_coco(ann))
+    per_kind = {k: -(-args.expressions // len(KINDS)) + 1 for k in KINDS}  # a mix of kinds
+    referring = Referring(per_kind=per_kind, limit=args.expressions, vocabulary=sorted(names.values()))
+    g = torch.Generator().manual_seed(0)
+    prepared = []
+    for i in picks:
+        image, target = ds[i]
+        segments = cp.fetch(1, g)
+        params = cp.make_params([tuple(image.shape[-2:])], [target], segments, g)
+        prepared.append((image, target, segments, params))
+
+    def composite():
+        return [cp.apply([im], [t], s, pr) for im, t, s, pr in prepared]
+
+    outputs = [(ims[0], ts[0]) for ims, ts in composite()]
+
+    def refer():
+        counts = []
+        for image, target in outputs:
+            labels = target["labels"].tolist()
+            g = torch.Generator().manual_seed(1)
+            counts.append(len(referring(image, target, [names[int(lab)] for lab in labels], None, g)))
+        return counts
+
+    times = {"composite": [], "refer": []}
+    counts = refer()
+    for _ in range(args.rounds):
+        for name, fn in (("composite", composite), ("refer", refer)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) / len(prepared) * 1000)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {"machine": machine(), "images": len(prepared),
+              "instances_per_image": statistics.mean(len(t["labels"]) for _, t in outputs),
+              "expressions_per_image": statistics.mean(counts),
+              "ms_per_image": {k: round(v, 2) for k, v in med.items()},
+              "refer_over_composite": round(med["refer"] / med["composite"], 2)}
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
