@@ -86,7 +86,7 @@ class Spec:
     extreme: str | None = None  # "largest" / "smallest" of its category
     hpos: str | None = None  # "left" / "middle" / "right" third of the image
     vpos: str | None = None  # "top" / "bottom" half
-    relation: str | None = None  # "left of", "right of", "above", "below", "in front of"
+    relation: str | None = None  # "left of", "right of", "above", "below", "next to", "in front of"
     anchor: int | None = None  # the instance the relation is to (itself uniquely described by category)
     ordinal: int | None = None  # k-th of its category from the left (0-based)
     every: bool = False  # all the instances it matches (multi-target)
@@ -180,6 +180,9 @@ def _related(a: Instance, b: Instance, relation: str) -> bool:
     if relation == "below":
         return ay1 >= by2
     overlap = min(ax2, bx2) > max(ax1, bx1) and min(ay2, by2) > max(ay1, by1)
+    if relation == "next to":  # side by side: rows overlap, a gap under a quarter of their mean width
+        gap = max(bx1 - ax2, ax1 - bx2)
+        return min(ay2, by2) > max(ay1, by1) and 0 <= gap < 0.25 * ((ax2 - ax1) + (bx2 - bx1)) / 2
     return relation == "in front of" and overlap and a.order > b.order
 
 
@@ -296,7 +299,7 @@ class Referring:
             for anchor in anchors:
                 if anchor.index == x.index:
                     continue
-                for rel in ("left of", "right of", "above", "below", "in front of"):
+                for rel in ("left of", "right of", "above", "below", "next to", "in front of"):
                     if _related(x, anchor, rel):
                         words = {"left of": "to the left of", "right of": "to the right of"}.get(rel, rel)
                         out.append(("relation", say([f"the {n} {words} the {anchor.noun}",
