@@ -3,14 +3,7 @@
 _base_ = './mask-rcnn_r50_fpn_lsj_coco-1pct_sos.py'
 
 image_size = (1024, 1024)
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='RandomResize', scale=image_size, ratio_range=(0.1, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_type='absolute_range', crop_size=image_size, recompute_bbox=True,
-         allow_negative_crop=True),
-    dict(type='FilterAnnotations', min_gt_bbox_wh=(1e-2, 1e-2)),
-    dict(type='RandomFlip', prob=0.5),
+train_pipeline = _base_.lsj_head + [
     dict(type='SOSCopyPaste', bank='banks/coco_1pct', classes='CocoDataset', layout='sos', defer=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor',
                                           'flip', 'flip_direction', 'sos_segments')),

@@ -7,7 +7,6 @@ _base_ = './mask-rcnn_r50_fpn_lsj_coco-1pct.py'
 
 custom_imports = dict(imports=['sos_aug.integrations.mmdet'], allow_failed_imports=False)
 
-image_size = (1024, 1024)
 sos_paste = dict(
     type='SOSCopyPaste',
     bank='banks/coco_1pct',
@@ -16,15 +15,5 @@ sos_paste = dict(
     num_pastes=(1, 10),
     relight=['net', 'lab'],      # the shipped relighting net, then SOS's Lab blending
 )
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='RandomResize', scale=image_size, ratio_range=(0.1, 2.0), keep_ratio=True),
-    dict(type='RandomCrop', crop_type='absolute_range', crop_size=image_size, recompute_bbox=True,
-         allow_negative_crop=True),
-    dict(type='FilterAnnotations', min_gt_bbox_wh=(1e-2, 1e-2)),
-    dict(type='RandomFlip', prob=0.5),
-    sos_paste,
-    dict(type='PackDetInputs'),
-]
+train_pipeline = _base_.lsj_head + [sos_paste, dict(type='PackDetInputs')]
 train_dataloader = dict(dataset=dict(dataset=dict(pipeline=train_pipeline)))
