@@ -56,3 +56,24 @@ def test_gpu_matches_cpu(train_bank, val_set):
     # the same seed draws the same layout from GPU targets as from CPU ones
     gpu_params = cp.make_params(sizes, gpu_targets_in, segments, torch.Generator().manual_seed(1))
     assert all(torch.equal(p.boxes, q.boxes) for p, q in zip(params, gpu_params))
+
+
+def test_every_option_of_every_command_says_what_it_is():
+    import argparse
+
+    from sos_aug.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not action.help and action.dest != "help":
+                missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+
+    walk(build_parser(), ["sos-aug"])
+    assert not missing, missing
+    proc = cli("preview", "--help")
+    assert "(default: 8)" in proc.stdout  # defaults are shown

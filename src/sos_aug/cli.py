@@ -284,22 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--xpaste", help="X-Paste/DiverGen pool JSON {category_id: [paths]}")
     b.add_argument("--categories-from", help="COCO/LVIS JSON naming the pool's ids (--xpaste)")
     b.add_argument("--merge", nargs="+", help="banks to add to --out")
-    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--workers", type=int, default=1, help="processes that read images and cut segments")
     b.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
-    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bank_build)
 
     i = bank.add_parser("info", help="segments and categories of a bank")
-    i.add_argument("bank")
+    i.add_argument("bank", help="bank directory")
     i.add_argument("--json", action="store_true", help="everything, as JSON")
-    i.add_argument("--top", type=int, default=20, help="categories to list, most segments first (default 20)")
+    i.add_argument("--top", type=int, default=20, help="categories to list, most segments first")
     i.set_defaults(func=_bank_info)
 
     s = bank.add_parser("show", help="a contact sheet of random segments")
-    s.add_argument("bank")
-    s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, default=48)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("bank", help="bank directory")
+    s.add_argument("--out", required=True, help="contact sheet PNG to write")
+    s.add_argument("--n", type=int, default=48, help="segments on the sheet")
+    s.add_argument("--seed", type=int, default=0, help="which segments (a seeded draw)")
     s.set_defaults(func=_bank_show)
 
     sp = sub.add_parser("split", help="low-data training splits, the same images as mmdetection's split_coco.py draws",
@@ -320,29 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--paste", action="store_true", help="paste segments first; the images go to OUT/images")
     rf.add_argument("--per-kind", type=int, default=2, help="expressions of each kind per image, at most")
     rf.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
-    rf.add_argument("--seed", type=int, default=0)
-    rf.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos")
+    rf.add_argument("--seed", type=int, default=0, help="seeds the pastes and the expressions")
+    rf.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos",
+                    help="where pasted segments go (stats: sized like the COCO file's instances)")
     rf.add_argument("--num", type=int, nargs=2, default=[2, 8], metavar=("LOW", "HIGH"), help="segments per image")
     rf.add_argument("--quiet", action="store_true", help="no progress bar")
     rf.set_defaults(func=_refer)
 
     v = sub.add_parser("preview", help="a grid of augmented images with outlines, boxes and labels")
-    v.add_argument("--bank", required=True)
-    v.add_argument("--coco", required=True)
-    v.add_argument("--images", required=True)
-    v.add_argument("--out", required=True)
-    v.add_argument("--n", type=int, default=8)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos")
+    v.add_argument("--bank", required=True, help="bank to paste from")
+    v.add_argument("--coco", required=True, help="COCO instances JSON of the images to augment")
+    v.add_argument("--images", required=True, help="their image folder")
+    v.add_argument("--out", required=True, help="grid PNG to write")
+    v.add_argument("--n", type=int, default=8, help="images in the grid")
+    v.add_argument("--seed", type=int, default=0, help="which images and which pastes (a seeded draw)")
+    v.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos",
+                    help="where pasted segments go (stats: sized like the COCO file's instances)")
     v.add_argument("--feather", type=float, default=0.0, help="alpha feathering sigma in pixels (0: hard)")
     v.add_argument("--relight", choices=["none", "net", "lab", "reinhard", "net+lab"], default="none",
                    help="show the batch without and with this relighting")
     v.add_argument("--weights", help="relighting net weights (default: the shipped ones)")
     v.add_argument("--sampling", choices=["uniform", "category_balanced", "repeat_factor"], default="uniform",
-                   help="how segments are drawn from the bank (default %(default)s)")
+                   help="how segments are drawn from the bank")
     v.add_argument("--reference", help="repeat_factor: the training set's instances JSON that f_c is measured on "
                    "(default: --coco)")
-    v.add_argument("--t", type=float, default=0.001, help="repeat_factor threshold (LVIS: 0.001, the default)")
+    v.add_argument("--t", type=float, default=0.001, help="repeat_factor threshold (LVIS uses 0.001)")
     v.add_argument("--referring", action="store_true",
                    help="draw a few verified referring expressions per image with their targets' boxes")
     v.set_defaults(func=_preview)
@@ -350,18 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("relight", help="train and evaluate the relighting net").add_subparsers(
         dest="relight_cmd", required=True)
     t = rl.add_parser("train", help="perturb-and-recover training (or teacher distillation) on COCO instances")
-    t.add_argument("--coco", required=True)
-    t.add_argument("--images", required=True)
+    t.add_argument("--coco", required=True, help="COCO instances JSON with the real objects to learn from")
+    t.add_argument("--images", required=True, help="their image folder")
     t.add_argument("--out", required=True, help="weights file (.pt); the loss curve goes beside it as .png")
-    t.add_argument("--minutes", type=float, default=10.0)
+    t.add_argument("--minutes", type=float, default=10.0, help="training time budget, data loading included")
     t.add_argument("--device", default="cpu", help="where the net trains, e.g. cuda")
     t.add_argument("--workers", type=int, default=0, help="DataLoader processes building training batches")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seeds the data draw, the split and the init")
     t.add_argument("--teacher", help="local IC-Light directory (diffusers layout) to distil from")
     t.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT's .resume.pt (same data, seed and settings)")
-    t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--threads", type=int, default=2, help="torch threads in this process")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_relight_train)
     ic = rl.add_parser("iclight", help="make the local IC-Light teacher directory from SD 1.5 and IC-Light's offsets")
     ic.add_argument("--sd15", required=True, help="Stable Diffusion 1.5 in diffusers layout (unet/, vae/, ...)")
@@ -369,34 +371,56 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--out", required=True, help="new directory, then --teacher for relight train")
     ic.set_defaults(func=_relight_iclight)
     e = rl.add_parser("eval", help="parametric and transfer suites at 256², five methods")
-    e.add_argument("--coco", required=True)
-    e.add_argument("--images", required=True)
+    e.add_argument("--coco", required=True, help="COCO instances JSON of the evaluation images")
+    e.add_argument("--images", required=True, help="their image folder")
     e.add_argument("--weights", help="weights to evaluate (default: the shipped ones)")
-    e.add_argument("--json")
-    e.add_argument("--min-area", type=int, default=400)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="write the results here as JSON")
+    e.add_argument("--min-area", type=int, default=400, help="smallest instance area evaluated, in pixels")
+    e.add_argument("--seed", type=int, default=0, help="seeds the perturbations")
     e.add_argument("--limit", type=int, help="evaluate only the first N instances")
     e.add_argument("--no-oracle", action="store_true", help="skip the (slow) fitted ceiling")
-    e.add_argument("--threads", type=int, default=2)
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--threads", type=int, default=2, help="torch threads")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_relight_eval)
 
     d = sub.add_parser("demo", help="build a bank and write a preview, on embedded data or yours")
-    d.add_argument("--out", default="demo_out")
+    d.add_argument("--out", default="demo_out", help="output folder (bank/ and preview.png)")
     d.add_argument("--coco", help="use this COCO JSON instead of the embedded synthetic set")
     d.add_argument("--images", help="image folder for --coco")
     d.add_argument("--images-n", type=int, default=24, help="synthetic images to draw")
-    d.add_argument("--n", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos")
-    d.add_argument("--workers", type=int, default=1)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--n", type=int, default=8, help="images in the preview")
+    d.add_argument("--seed", type=int, default=0, help="which images and which pastes (a seeded draw)")
+    d.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos",
+                   help="where pasted segments go")
+    d.add_argument("--workers", type=int, default=1, help="processes building the bank")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
     return p
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that ends with the option's default, where it has one its help does not already name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help shows each option's default."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.formatter_class = _DefaultsShown
+                _show_defaults(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _show_defaults(parser)
+    args = parser.parse_args(argv)
     keep_freed_memory()  # the command is the whole process (and its DataLoader workers, forked from it)
     try:
         return args.func(args)
