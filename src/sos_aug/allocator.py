@@ -4,9 +4,8 @@ Every batch allocates tens of MB of new tensors (composites, (N, H, W) masks, re
 and frees the last batch's. glibc's malloc gives allocations that large back to the kernel when they
 are freed (mmap'd chunks, a trimmed heap top), so each batch's tensors are fresh pages again: the
 kernel faults in and zeroes every page on first touch. Keeping freed memory in the heap lets the
-next batch reuse it. In a real DataLoader worker on the development machine (decoding COCO images,
-resizing them to 1024², pasting 10 segments each; ``benchmarks/workers.py``): 46.6 -> 38.3 ms per
-image, and steadier. Results are unchanged; the process keeps up to its peak heap size instead of
+next batch reuse it (``benchmarks/workers.py`` measures it in a real DataLoader worker;
+docs/performance.md). Results are unchanged; the process keeps up to its peak heap size instead of
 returning it between batches.
 """
 

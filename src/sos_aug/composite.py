@@ -104,7 +104,7 @@ def composite(image: torch.Tensor, pieces: list[PastedPiece], feather_sigma: flo
 
 def write_under(window: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> None:
     """``window[:, mask] = new[:, mask]`` in place, for a (C, h, w) window (a view into an image)
-    and a (h, w) bool mask; uint8 windows by bit selection, ~20x faster than ``torch.where`` on CPU."""
+    and a (h, w) bool mask; uint8 windows by bit selection, far cheaper than ``torch.where`` on CPU."""
     if window.dtype == torch.uint8:
         keep = mask.view(torch.uint8) - 1  # 0 under the mask, 255 elsewhere
         window.bitwise_and_(keep).bitwise_or_(new & ~keep)

@@ -1,8 +1,8 @@
 """Paste every hard-alpha piece of a batch in two Triton kernels: the CUDA path of compositing.
 
 The grouped path (:mod:`.batched_warp`) still dispatches ~150 operations per size group, and their
-host time, plus the (B, K, H, W) mask stack it writes and reduces, kept a B=16 paste at 1024² near
-20 ms on an H100. Here every output pixel of every piece is computed straight from its segment with
+host time, plus the (B, K, H, W) mask stack it writes and reduces, dominated a B=16 paste at 1024²
+on a GPU (docs/performance.md). Here every output pixel of every piece is computed straight from its segment with
 torch's antialiased bilinear resize (``F.interpolate(..., antialias=True)``: the same triangle
 filter, support, tap window and per-axis normalisation; summed in another order, so values agree to
 float rounding), in two launches for the whole batch, whatever the pieces' sizes:

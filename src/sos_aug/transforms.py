@@ -541,8 +541,8 @@ class CopyPasteCollate:
     composites, batched, on the device.
 
     In a worker process it also calls :func:`sos_aug.allocator.keep_freed_memory` once (glibc keeps
-    freed memory for the next batch instead of handing each batch fresh pages: ~18% less time per
-    image in a worker here); ``keep_freed_memory=False`` leaves the workers' allocator alone.
+    freed memory for the next batch instead of handing each batch fresh pages);
+    ``keep_freed_memory=False`` leaves the workers' allocator alone.
 
     Relighters that compile their CPU code (``compile_cpu=True``) are compiled here, when the
     collate is made (:func:`sos_aug.relight.batch.warm_up`, seconds): workers forked from this

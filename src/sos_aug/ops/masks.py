@@ -8,8 +8,8 @@ import torch
 
 ALPHA_THRESHOLD = 128  # uint8 alpha >= this is inside the object's mask
 # The same cut on float alpha: round(alpha) >= 128. Binary segment alpha resized lands on exactly 127.5 often
-# (a pixel centred on an edge); float kernels put it a hair either side (torch's CUDA kernel up to
-# 3e-3 from its CPU one, measured on an H100), so the cut sits 1e-2 lower and every float path, on
+# (a pixel centred on an edge); float kernels put it a hair either side (torch's CUDA kernel differs
+# from its CPU one there; docs/performance.md), so the cut sits 1e-2 lower and every float path, on
 # any device, agrees on those pixels (and with the uint8 kernel, which rounds them up).
 ALPHA_CUT = ALPHA_THRESHOLD - 0.5 - 1e-2
 
@@ -67,7 +67,7 @@ def row_owners(counts: list[int], device: torch.device | str | None = None) -> t
 
 def count_pixels(masks: torch.Tensor) -> torch.Tensor:
     """Pixels set in each (..., H, W) bool mask, as int64; NumPy's popcount path on CPU."""
-    if masks.device.type == "cpu":  # per-mask count_nonzero is ~8x faster than an axis reduction
+    if masks.device.type == "cpu":  # per-mask count_nonzero beats an axis reduction
         flat = masks.numpy().reshape(-1, *masks.shape[-2:])
         counts = np.fromiter((np.count_nonzero(m) for m in flat), np.int64, len(flat))
         return torch.from_numpy(counts.reshape(masks.shape[:-2]))
@@ -79,8 +79,8 @@ def count_pixels(masks: torch.Tensor) -> torch.Tensor:
 
 def mask_stats(mask: torch.Tensor) -> tuple[int, list[int]]:
     """Pixel count and tight pixel-edge XYXY box (zeros when empty) of one (h, w) bool mask, as
-    Python numbers; through NumPy on the CPU (~4x less time than torch's reductions for a piece's
-    window, where per-call overhead dominates)."""
+    Python numbers; through NumPy on the CPU (cheaper than torch's reductions for a piece's window,
+    where per-call overhead dominates)."""
     if mask.device.type != "cpu":
         count, box = counts_and_boxes(mask[None])
         return int(count[0]), [int(v) for v in box[0].tolist()]

@@ -111,7 +111,7 @@ class ReinhardTransfer:
 
 def _stats(px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (unbiased, as ``torch.std``) of (3, n) pixels, as (3, 1); the std by
-    two passes, ~10x faster on the CPU than ``torch.std``'s single-pass algorithm."""
+    two passes, much faster on the CPU than ``torch.std``'s single-pass algorithm."""
     mean = px.mean(1, keepdim=True)
     centred = px - mean
     var = (centred * centred).sum(1, keepdim=True) / (px.shape[1] - 1)  # one pixel: 0 / 0
@@ -156,7 +156,7 @@ def _get_pixels(image: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     gathered straight from its memory (no copy of a window first)."""
     if _interleaved(image):
         return image.permute(1, 2, 0).reshape(-1, 3).index_select(0, idx).T
-    # planar: one gather over the three channel rows (~4x faster than index_select along dim 1)
+    # planar: one gather over the three channel rows (cheaper than index_select along dim 1)
     return image.reshape(3, -1).gather(1, idx.expand(3, -1))
 
 
@@ -168,7 +168,7 @@ def _put_pixels(image: torch.Tensor, idx: torch.Tensor, lab: torch.Tensor) -> No
     rgb = rgb.to(image.dtype)
     if _interleaved(image):
         image.permute(1, 2, 0).view(-1, 3).index_copy_(0, idx, rgb.T)
-    else:  # one scatter over the three channel rows (~2.5x faster than index_copy_ along dim 1)
+    else:  # one scatter over the three channel rows (cheaper than index_copy_ along dim 1)
         image.view(3, -1).scatter_(1, idx.expand(3, -1), rgb)
 
 
@@ -201,7 +201,7 @@ class LabBlend:
         # CPU path: each segment's box blended in one loop fused by torch.compile, compiled once per
         # process (CopyPasteCollate compiles it in the training process; forked workers inherit it).
         # No faster than the eager path since that gathers pixels and converts by matrix products
-        # (8.6 ms per image each in benchmarks/relight.py's batch); kept for callers that set it
+        # (benchmarks/relight.py); kept for callers that set it
         self.compile_cpu = compile_cpu
 
     @staticmethod
@@ -293,8 +293,8 @@ def _fused_blend(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, 
 
 def blend_pixels(relit: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor, relit_ab: bool) -> torch.Tensor:
     """LabBlend on (N, 3) pixels (uint8 or [0, 1]) with a weight each: the accelerator path, with the
-    elementwise Lab conversions (:func:`rgb_to_lab_fused`; about half of kornia's time there, on an
-    H100). Not compiled: that took ~55 s once for ~1.4 ms less per batch of 16 at 1024².
+    elementwise Lab conversions (:func:`rgb_to_lab_fused`, cheaper than kornia's there). Not compiled:
+    compiling cost far more than it saved per batch (docs/performance.md).
     Returns the new pixels in ``relit``'s dtype."""
     scale = 255.0 if relit.dtype == torch.uint8 else 1.0
     lab_r = rgb_to_lab_fused(relit.T.float() / scale)

@@ -71,8 +71,8 @@ class RelightNet(nn.Module):
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """(S, 4, INPUT, INPUT) windows (RGB in [0, 1] + alpha) -> (S, N_PARAMS) parameters."""
         compiles = self.compile_cpu or context.device.type != "cpu"
-        # CPU inference convolves in bfloat16 where the CPU has it natively: ~1.3x faster forwards
-        # here, predicted parameters within ~0.5% of float32's (training stays float32)
+        # CPU inference convolves in bfloat16 where the CPU has it natively (faster forwards, parameters
+        # close to float32's; docs/performance.md); training stays float32
         bf16 = not torch.is_grad_enabled() and cpu_has_bf16(context.device)
         if compiles and not torch.is_grad_enabled() and len(context) > 1:
             return _compiled_forward(self)(context, bf16)
@@ -350,7 +350,7 @@ def _alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     s = torch.arange(len(segs), device=segs.device)[:, None, None]
     if not segs.is_contiguous():
         return segs[s, ys[:, :, None], xs[:, None, :]][:, None].float()
-    flat = (s * (h * w) + ys[:, :, None] * w + xs[:, None, :]).view(-1)  # one gather: ~2x faster than indexing
+    flat = (s * (h * w) + ys[:, :, None] * w + xs[:, None, :]).view(-1)  # one gather, cheaper than indexing
     return segs.view(-1).view(torch.uint8).index_select(0, flat).view(len(segs), 1, INPUT, INPUT).float()
 
 
@@ -405,11 +405,11 @@ def _relight_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tup
     box = view.contiguous()
     relit = apply_tables(tables, row, box, within, weights)
     if box.dtype == torch.uint8:
-        # rounded values through int32 (torch's float -> uint8 conversion is ~3x slower), blended in
+        # rounded values through int32 (torch's float -> uint8 conversion is slower), blended in
         # uint8: box + (new - box) * mask is exact even though the difference wraps modulo 256
         new = relit.clamp_(0, 255).round_().int().to(torch.uint8)
         box.add_(new.sub_(box).mul_(mask))
-    else:  # blended by arithmetic (finite after the clamp): ~3x cheaper than torch.where here
+    else:  # blended by arithmetic (finite after the clamp): cheaper than torch.where here
         box = relit.clamp_(0, 1).sub_(box).mul_(mask).add_(box)
     if box.data_ptr() != view.data_ptr():
         view.copy_(box)
