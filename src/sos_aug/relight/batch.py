@@ -1,7 +1,8 @@
 """The relighting protocol: a relighter takes a :class:`RelightBatch` (composites, the composites
 before relighting, each image's visible pasted masks) and returns relit images, changing only pixels
-under those masks. :func:`relight` runs a chain of them; :func:`warm_up` compiles their CPU code once,
-before DataLoader workers fork."""
+under those masks. It is a callable on the batch, or, for an ``nn.Module`` (whose call is its
+forward), an object with a ``relight_batch`` method. :func:`relight` runs a chain of them;
+:func:`warm_up` compiles their CPU code once, before DataLoader workers fork."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ class RelightBatch:
     relit: bool = False  # whether an earlier step of the chain relit ``images`` (LabBlend blends toward it)
 
 
+def relight_one(relighter: Relighter, batch: RelightBatch) -> list[torch.Tensor]:
+    """One relighter on a batch, whichever form of the protocol it takes."""
+    method = getattr(relighter, "relight_batch", None)
+    return method(batch) if method is not None else relighter(batch)
+
+
 def as_chain(relighters: Relighter | Sequence[Relighter]) -> list[Relighter]:
     """One relighter or a list of them, as a list."""
     return list(relighters) if isinstance(relighters, (list, tuple)) else [relighters]
@@ -34,7 +41,7 @@ def relight(relighters: Relighter | Sequence[Relighter], batch: RelightBatch) ->
     """Run relighters in order (``[RelightNet.pretrained(), LabBlend()]`` composes). Each one works in
     the windows of the pasted segments and writes only pixels under their masks."""
     for step in as_chain(relighters):
-        batch = replace(batch, images=step(batch), relit=True)
+        batch = replace(batch, images=relight_one(step, batch), relit=True)
     return batch.images
 
 

@@ -12,7 +12,7 @@ import torch
 from ..ops import backends
 from ..ops.backends import compiled, once_with_fallback
 from ..ops.masks import count_pixels, mask_01, row_owners, stacked_boxes, tight_boxes
-from .batch import RelightBatch, Relighter, by_device, to_unit
+from .batch import RelightBatch, Relighter, by_device, relight_one, to_unit
 from .color import lab_to_rgb_eager, lab_to_rgb_fused, lightness_eager, rgb_to_lab_eager, rgb_to_lab_fused
 
 
@@ -212,7 +212,7 @@ class LabBlend:
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
         relit_images = batch.images
         if not batch.relit:  # LabBlend first (or alone): blend toward its fallback's relighting
-            relit_images = self.fallback(batch)
+            relit_images = relight_one(self.fallback, batch)
         return by_device(relit_images, batch.plain, batch.masks, self._blend_windows, self._blend_pixels, batch.boxes)
 
     def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,

@@ -121,12 +121,11 @@ class RelightNet(nn.Module):
                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
         return net.eval()
 
-    def __call__(self, batch_or_context, *args, **kwargs):
-        """On a tensor, the module's forward (with autograd); on a RelightBatch, relight it."""
-        if isinstance(batch_or_context, torch.Tensor):
-            return super().__call__(batch_or_context, *args, **kwargs)
-        with torch.no_grad():
-            return relight_with_net(self, batch_or_context)
+    @torch.no_grad()
+    def relight_batch(self, batch) -> list[torch.Tensor]:
+        """Relight a :class:`~sos_aug.relight.RelightBatch` (the relighting protocol); calling the
+        module stays its forward, as for any ``nn.Module``."""
+        return relight_with_net(self, batch)
 
 
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
