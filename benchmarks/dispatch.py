@@ -119,10 +119,10 @@ def main(argv=None) -> int:
         table, _ = batched_warp.piece_table(segments.rgba, params, args.size, args.size, args.pastes)
         groups = batched_warp.group_rows(table, batched_warp.GROUP_COST_FLOPS["accelerator"])
         for warp in ("loop", "groups"):
-            cp = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes), batched=True, warp=warp)
+            cp = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes), batched=True, backend=warp)
             with CountOps() as counter:
                 cp.apply(images, targets, segments, params)
-            rows[f"{name}, warp={warp}"] = {**counter.split(), "pieces": pieces,
+            rows[f"{name}, backend={warp}"] = {**counter.split(), "pieces": pieces,
                                              "groups": len(groups) if warp == "groups" else pieces}
         if name == "random":
             rows.update(relight_rows(cp, images, targets, segments, params))

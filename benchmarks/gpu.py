@@ -6,8 +6,8 @@ batch in one copy. Timed with the device synchronised before and after, median o
 
 * ``layout``: drawing the placements (CPU, the generator's side);
 * ``paste``: compositing and every target update on the GPU, batched (the default there: the
-  Triton kernels, ``warp="kernel"``) and, for comparison, batched with pieces warped in size groups
-  by matmuls (``warp="groups"``), batched piece by piece (``warp="loop"``) and image by image;
+  Triton kernels, ``backend="kernel"``) and, for comparison, batched with pieces warped in size groups
+  by matmuls (``backend="groups"``), batched piece by piece (``backend="loop"``) and image by image;
 * ``relight net``: ``RelightNet`` on the pasted segments of the same batch (its windows and forward
   one compiled graph and its pixel pass the Triton kernel, the default on CUDA; the torch pixel
   pass; the windows eager with the forward compiled, the default before; all eager), LabBlend
@@ -91,8 +91,8 @@ def bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, d
     rows[f"{name}: paste + targets, batched"] = cuda_ms(lambda: cp.apply(images, targets, seg_gpu, params),
                                                         args.repeats)
     for warp in ("groups", "loop"):
-        other = CopyPaste(bank, layout=layout, num_pastes=n, warp=warp)
-        rows[f"{name}: paste + targets, batched, warp={warp}"] = cuda_ms(
+        other = CopyPaste(bank, layout=layout, num_pastes=n, backend=warp)
+        rows[f"{name}: paste + targets, batched, backend={warp}"] = cuda_ms(
             lambda other=other: other.apply(images, targets, seg_gpu, params), args.repeats)
     rows[f"{name}: paste + targets, image by image"] = cuda_ms(
         lambda: per_image.apply(list(images), targets, seg_gpu, params), max(3, args.repeats // 4))

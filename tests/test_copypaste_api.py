@@ -54,7 +54,7 @@ def test_half_precision_images_on_every_path(train_bank, val_set, dtype):
     batch = torch.stack([im.as_subclass(torch.Tensor) for im in images]).to(dtype) / 255
     outs = []
     for batched, warp in ((False, "auto"), (True, "loop"), (True, "groups")):
-        cp = CopyPaste(train_bank, num_pastes=(2, 5), batched=batched, warp=warp)
+        cp = CopyPaste(train_bank, num_pastes=(2, 5), batched=batched, backend=warp)
         out, out_targets = cp(batch, list(targets), generator=torch.Generator().manual_seed(3))
         assert out.dtype == dtype and out.min() >= 0 and out.max() <= 1
         outs.append(out_targets)
@@ -163,3 +163,11 @@ def test_every_box_is_tight_by_default_and_input_boxes_stay_only_when_asked(trai
         CopyPaste(train_bank, boxes="loose")
 
 
+
+
+def test_the_old_warp_keyword_still_works_with_a_warning(train_bank):
+    with pytest.warns(DeprecationWarning, match="backend"):
+        cp = CopyPaste(train_bank, warp="groups")
+    assert cp.backend == "groups"
+    with pytest.raises(ValueError, match="unknown compositing backend"):
+        CopyPaste(train_bank, backend="fast")

@@ -101,7 +101,7 @@ def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, 
     label_map = label_map_from_coco(val_ann)
     device = "cuda" if path.startswith("cuda_") else "cpu"
     cp = CopyPaste(train_bank, layout=LAYOUTS[layout](), num_pastes=num, drop=rule, label_map=label_map,
-                   batched=path != "per_image", warp=WARPS.get(path.rsplit("_", 1)[-1], "loop"))
+                   batched=path != "per_image", backend=WARPS.get(path.rsplit("_", 1)[-1], "loop"))
     grouped = device != "cpu" or (path == "batched_groups" and layout != "random_rotated")
     images, targets = zip(*[val_set[i % len(val_set)] for i in picks])
     g = torch.Generator().manual_seed(seed)

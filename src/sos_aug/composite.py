@@ -272,7 +272,7 @@ def paste_batch(
     labels: list[torch.Tensor] | None = None,
     areas: list[torch.Tensor] | None = None,
     piece_labels: list[torch.Tensor] | None = None,
-    warp: str = "auto",
+    backend: str = "auto",
 ) -> list[PasteResult]:
     """:func:`paste_into` for a (B, 3, H, W) batch at once, built for accelerators.
 
@@ -284,13 +284,13 @@ def paste_batch(
     gathers labels, crowd flags, final areas (``areas`` where given, else pixel counts, for
     untouched instances) and ``is_pasted`` for the whole batch in the same single gather.
 
-    ``warp`` picks how pieces are warped and written, for batches with hard alpha and no rotation
+    ``backend`` picks how pieces are warped and written, for batches with hard alpha and no rotation
     (others loop): ``"kernel"`` all at once in two Triton kernels (:mod:`sos_aug.paste_kernel`;
     CUDA); ``"groups"`` all at once, grouped by size (:mod:`sos_aug.batched_warp`); ``"loop"`` piece
     by piece (on the CPU through the uint8 kernel, bit-identical to :func:`paste_into`); ``"auto"``
     the kernels on CUDA where Triton runs, else groups on accelerators, and loops on the CPU.
     """
-    out_images, full, top, stats = _composite_batch(images, segments, placements, feather_sigma, warp)
+    out_images, full, top, stats = _composite_batch(images, segments, placements, feather_sigma, backend)
     b, kmax = len(placements), max((len(p) for p in placements), default=0)
     occ = _occlusion((b, kmax, *images.shape[-2:]), masks, boxes, crowd, drop, full, top, stats)
     # one sync: which rows survive, gathered image by image in a single index_select
@@ -323,14 +323,14 @@ def paste_batch(
 
 
 def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement],
-                     feather_sigma: float, warp: str = "auto"):
+                     feather_sigma: float, backend: str = "auto"):
     """Warp and paste every piece in order: the composited batch, each piece's full hard mask in a
     (B, K, H, W) stack (K = the most pieces of any image; None from the kernels, which never build
     it), the topmost piece per pixel when the path computed it, and the kernels' per-piece counts
     and boxes (else None). Python numbers only on the host, no wait for the device."""
     b, _, height, width = images.shape
     kmax = max((len(p) for p in placements), default=0)
-    path = warp_path(warp, images, placements, feather_sigma)
+    path = backend_for(backend, images, placements, feather_sigma)
     def groups():
         return (*paste_groups(images, segments, flat_base(segments), placements, kmax), None)
 
@@ -371,24 +371,29 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
     return (canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas), full, None, None
 
 
-def warp_path(warp: str, images: torch.Tensor, placements: list[Placement], feather_sigma: float) -> str:
-    """How :func:`_composite_batch` warps and writes pieces (see :func:`paste_batch`'s ``warp``):
-    ``"kernel"``, ``"groups"`` or ``"loop"``. Feathered or rotated pieces always loop."""
-    check_warp(warp)
-    if feather_sigma > 0 or any(bool(p.angle.any()) for p in placements) or warp == "loop":
+def backend_for(backend: str, images: torch.Tensor, placements: list[Placement], feather_sigma: float) -> str:
+    """The backend :func:`_composite_batch` uses (see :func:`paste_batch`'s ``backend``), in one place
+    with its fallback policy: ``"kernel"``, ``"groups"`` or ``"loop"``. Feathered or rotated pieces
+    always loop; ``"auto"`` takes the kernels where Triton runs on CUDA, else groups, and loops on
+    the CPU."""
+    check_backend(backend)
+    if feather_sigma > 0 or any(bool(p.angle.any()) for p in placements) or backend == "loop":
         return "loop"
-    if warp == "auto":
+    if backend == "auto":
         device = images.device
         return "loop" if device.type == "cpu" else ("kernel" if backends.available(device, "paste") else "groups")
-    if warp == "kernel" and not backends.available(images.device, "paste"):
-        raise RuntimeError(f"warp='kernel' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), "
+    if backend == "kernel" and not backends.available(images.device, "paste"):
+        raise RuntimeError(f"backend='kernel' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), "
                            f"with compiling on; the batch is on {images.device}")
-    return warp
+    return backend
 
 
-def check_warp(warp: str) -> None:
-    if warp not in ("auto", "kernel", "groups", "loop"):
-        raise ValueError(f"unknown warp {warp!r}; use 'auto', 'kernel', 'groups' or 'loop'")
+BACKENDS = ("auto", "kernel", "groups", "loop")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown compositing backend {backend!r}; use 'auto', 'kernel', 'groups' or 'loop'")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from . import allocator
 from .bank.format import BankFormatError
 from .bank.sources import load_coco
 from .bank.store import SegmentBank, normalize_name
-from .composite import DropRule, PasteResult, check_warp, paste_batch, paste_into
+from .composite import DropRule, PasteResult, check_backend, paste_batch, paste_into
 from .grounding import Referring
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
 from .ops.buffers import consecutive_base, flat_base, same_size_groups
@@ -157,7 +157,7 @@ class CopyPaste:
             call (few device launches per segment, one sync per batch) instead of image by image.
             None (default) batches on accelerators and goes image by image on the CPU, where the
             ROI-local per-image path is faster.
-        warp: how the batched path warps and writes the pieces (hard alpha without rotation;
+        backend: how the batched path warps and writes the pieces (hard alpha without rotation;
             batches with rotation or feathering loop): ``"kernel"`` all at once in two Triton
             kernels (CUDA), ``"groups"`` all at once in a few batched matmuls by size (launches do
             not grow with the number of pieces), ``"loop"`` piece by piece, ``"auto"`` (default)
@@ -183,21 +183,25 @@ class CopyPaste:
         open_vocabulary: bool = False,
         relight=None,
         batched: bool | None = None,
-        warp: str = "auto",
+        backend: str = "auto",
         boxes: str = "tight",
         referring: Referring | None = None,
+        warp: str | None = None,
     ):
         if boxes not in ("tight", "keep"):
             raise ValueError(f"boxes must be 'tight' or 'keep', got {boxes!r}")
         if num_pastes[0] < 0 or num_pastes[1] < num_pastes[0]:
             raise ValueError(f"num_pastes must be (low, high) with 0 <= low <= high, got {num_pastes}")
-        check_warp(warp)
+        if warp is not None:  # its name until this version
+            warnings.warn("CopyPaste(warp=...) is now CopyPaste(backend=...)", DeprecationWarning, stacklevel=2)
+            backend = warp
+        check_backend(backend)
         self.layout = layout or RandomLayout()
         self.num_pastes, self.p, self.feather_sigma = num_pastes, p, feather_sigma
         self.drop = drop if isinstance(drop, DropRule) else DropRule(drop)
         self.open_vocabulary = open_vocabulary
         self.relight = relight
-        self.batched, self.warp = batched, warp
+        self.batched, self.backend = batched, backend
         self.boxes = boxes
         self.referring = referring
         self.skipped = 0  # segments that could not be read (counted, warned about)
@@ -379,7 +383,7 @@ class CopyPaste:
         piece_labels = [segments.labels[p.segment] for p in params]
         return paste_batch(batch.as_subclass(torch.Tensor), list(masks), list(boxes), list(crowd), rgba, params,
                            self.drop, self.feather_sigma, labels=labels, areas=areas, piece_labels=piece_labels,
-                           warp=self.warp)
+                           backend=self.backend)
 
     def _new_target(self, image: torch.Tensor, target: Target, segments: PasteSegments, kept_src: torch.Tensor,
                     new_labels: torch.Tensor, res: PasteResult):
