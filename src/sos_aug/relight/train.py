@@ -86,6 +86,8 @@ def train_relight_net(
 ) -> TrainReport:
     """Train and save the best (by held-out fMSE) weights to ``out``; writes ``out``.png (loss curve).
 
+    ``minutes`` is the wall time of the whole run: reading the data and the closing gain calibration
+    (timed on one held-out evaluation first) come out of it, and the rest trains.
     ``device`` runs the net there (e.g. "cuda"); ``workers`` > 0 builds training batches in that
     many DataLoader processes (each with its own generator, seeded from ``seed``), which a GPU
     needs to be kept busy. Every ``resume_every_s`` seconds (and on Ctrl-C) the whole training state
@@ -94,10 +96,13 @@ def train_relight_net(
     resume_file = Path(out).with_suffix(".resume.pt")
     if resume and not resume_file.is_file():  # said before the data is loaded
         raise FileNotFoundError(f"{resume_file}: nothing to resume (no interrupted run saved its state there)")
+    wall_start = time.monotonic()  # the budget is wall time: loading and calibrating count too
     torch.manual_seed(seed)
     if teacher is not None and hasattr(teacher, "to"):  # the teacher runs where the student trains
         teacher.to(device)
+    _say(progress, "relight train: reading the images and cutting the training and held-out instances ...")
     train_pool, val_pool, val_ids, skipped = _split_pools(ann_file, images, val_fraction, seed)
+    _say(progress, f"  done in {time.monotonic() - wall_start:.0f} s")
     val_g = torch.Generator().manual_seed(seed + 1)
     val = _make_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
     val = tuple(t.to(device) for t in val)
@@ -111,8 +116,16 @@ def train_relight_net(
         run.report.val_loss.append((0, run.report.best_val_fmse))
     batches = _batches(train_pool, batch, size, seed + run.report.steps, run.g, workers,
                        make_targets=teacher is None)
+    _say(progress, "  timing one held-out evaluation, to keep time for the gain calibration at the end ...")
+    probe = time.monotonic()
+    _held_out_score(run.net.cpu(), ann_file, images, val_ids)
+    run.net.to(device)
+    reserve = (time.monotonic() - probe) * len(GAINS)
+    train_minutes = max(0.0, minutes - (time.monotonic() - wall_start + reserve) / 60)
+    _say(progress, f"  {train_minutes:.1f} of {minutes:g} minutes left for training")
     try:
-        _train(run, batches, val, teacher, out, minutes, max_steps, device, progress, resume_file, resume_every_s)
+        _train(run, batches, val, teacher, out, train_minutes, max_steps, device, progress, resume_file,
+               resume_every_s)
     except KeyboardInterrupt:  # keep what was trained: rerun with resume=True (--resume) to go on
         run.save(resume_file)
         raise
@@ -271,22 +284,36 @@ def _make_targets(images, alphas, refs, g, teacher: Teacher | None):
 GAINS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
+def _held_out_score(net: RelightNet, ann_file, images, val_ids: list[int]) -> float | None:
+    """Mean relative fMSE of both evaluation suites vs doing nothing, on the held-out images (None
+    where there is nothing held out)."""
+    try:
+        result = evaluate(ann_file, images, net=net, image_ids=val_ids, with_oracle=False, baselines=False,
+                          progress=False)
+    except NoInstancesError:
+        return None
+    suites = result["suites"]
+    return sum(s["net"]["fmse"] / s["as_is"]["fmse"] for s in suites.values()) / len(suites)
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, flush=True)
+
+
 def calibrate_gain(net: RelightNet, ann_file, images, val_ids: list[int], progress: bool = True) -> float:
     """Pick the shrink toward the identity that does best on the held-out images under the evaluation
     protocol (mean relative fMSE of both suites vs doing nothing), and store it in the net."""
 
     net.eval()
     scores = {}
-    for gain in GAINS:
+    for gain in tqdm(GAINS, desc="calibrating the gain on held-out images", disable=not progress):
         net.gain.fill_(gain)
-        try:
-            result = evaluate(ann_file, images, net=net, image_ids=val_ids, with_oracle=False, baselines=False,
-                              progress=False)
-        except NoInstancesError:  # nothing held out to calibrate on: no shrink
+        score = _held_out_score(net, ann_file, images, val_ids)
+        if score is None:  # nothing held out to calibrate on: no shrink
             net.gain.fill_(1.0)
             return 1.0
-        suites = result["suites"]
-        scores[gain] = sum(s["net"]["fmse"] / s["as_is"]["fmse"] for s in suites.values()) / len(suites)
+        scores[gain] = score
     best = min(scores, key=scores.get)
     net.gain.fill_(best)
     if progress:
