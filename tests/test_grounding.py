@@ -189,6 +189,7 @@ def test_exports_read_back(tmp_path, cp, val_set, coco_mini):
     assert len(det.data_list) == len(samples) and all(info["instances"] for info in det.data_list)
 
 
+@pytest.mark.slow
 def test_refer_command_on_real_and_pasted_images(tmp_path, train_bank, val_ann, coco_mini):
     for extra in ([], ["--bank", str(train_bank.root), "--paste"]):
         out = tmp_path / ("pasted" if extra else "real")
@@ -247,6 +248,7 @@ def test_over_the_set_every_kind_appears_and_intra_class_wherever_it_can(cp, val
     assert kinds == set(KINDS)
 
 
+@pytest.mark.slow
 def test_preview_draws_expressions(tmp_path, train_bank, val_ann, coco_mini):
     from PIL import Image
 

@@ -229,6 +229,7 @@ def interpreted(train_bank, data: Path) -> dict:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device runs the compiled kernels instead (and "
                     "older Triton interpreters fail under NumPy 2)")
+@pytest.mark.slow
 def test_kernels_equal_the_torch_paths_under_the_interpreter(train_bank, coco_mini):
     """On the CPU, through Triton's interpreter (slow: small canvases)."""
     covered = interpreted(train_bank, coco_mini.parent)

@@ -535,6 +535,7 @@ def _tiny_iclight(path, in_channels: int = 8):
     return path
 
 
+@pytest.mark.slow
 def test_distillation_plumbing_with_a_tiny_random_teacher(tmp_path, train_ann, coco_mini):
     from sos_aug.relight.teacher import ICLightTeacher
     from sos_aug.relight.train import _make_targets, train_relight_net

@@ -33,6 +33,7 @@ def few_images(tmp_path, train_ann):
     return path
 
 
+@pytest.mark.slow
 def test_a_killed_training_run_resumes_from_its_saved_state(tmp_path, few_images, coco_mini):
     train_ann, images, out = few_images, coco_mini / "train2017", tmp_path / "w.pt"
     script = (f"from sos_aug.relight.train import train_relight_net\n"
@@ -71,6 +72,7 @@ def test_a_killed_training_run_resumes_from_its_saved_state(tmp_path, few_images
         train_relight_net(train_ann, images, out, resume=True, **SMALL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_state_to_resume_from(tmp_path, few_images, coco_mini):
     """A user's teacher callable; the user presses Ctrl-C while it relights the 40th batch (its first
     call made the validation targets), so 38 steps are done and saved, with no periodic save."""
@@ -90,6 +92,7 @@ def test_ctrl_c_saves_the_state_to_resume_from(tmp_path, few_images, coco_mini):
     assert state["setup"]["teacher"] is True
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_command_says_how_to_go_on(tmp_path, few_images, coco_mini):
     out = tmp_path / "w.pt"
     cmd = [sys.executable, "-m", "sos_aug.cli", "relight", "train", "--coco", str(few_images), "--images",

@@ -79,6 +79,7 @@ def test_the_mmdet_rule_updates_covered_instances_exactly(coco_mini, val_ann):
     assert pasted_any
 
 
+@pytest.mark.slow
 def test_every_arm_trains_and_a_rerun_skips_finished_runs(tmp_path, coco_mini, train_ann, val_ann):
     args = te.parse_args(["--train", str(train_ann), "--train-images", str(coco_mini / "train2017"),
                           "--val", str(val_ann), "--val-images", str(coco_mini / "val2017"), "--classes", "",
@@ -108,6 +109,7 @@ def test_every_arm_trains_and_a_rerun_skips_finished_runs(tmp_path, coco_mini, t
     assert before.keys() == {p for p in results_dir.glob("*.json")}
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, coco_mini, train_ann, val_ann):
     args = te.parse_args(["--train", str(train_ann), "--train-images", str(coco_mini / "train2017"),
                           "--val", str(val_ann), "--val-images", str(coco_mini / "val2017"), "--classes", "",
