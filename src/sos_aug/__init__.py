@@ -16,6 +16,7 @@ _HOMES = {
     "rgba_tree_source": "bank", "xpaste_source": "bank",
     "CocoInstances": "coco",
     "DropRule": "composite",
+    "Referring": "grounding",
     "DatasetStatsLayout": "layout", "ExistingBoxesLayout": "layout", "Layout": "layout", "Placement": "layout",
     "RandomLayout": "layout", "SOSLayout": "layout", "Scene": "layout",
     "CopyPaste": "transforms", "CopyPasteCollate": "transforms", "PasteSegments": "transforms",
@@ -23,7 +24,8 @@ _HOMES = {
 }
 __all__ = [
     "CocoInstances", "CopyPaste", "CopyPasteCollate", "DatasetStatsLayout", "DropRule", "ExistingBoxesLayout",
-    "Layout", "PasteSegments", "Placement", "RandomLayout", "SOSLayout", "Scene", "SegmentBank", "build_bank",
+    "Layout", "PasteSegments", "Placement", "RandomLayout", "Referring", "SOSLayout", "Scene", "SegmentBank",
+    "build_bank",
     "coco_source", "label_map_from_coco", "merge_banks", "rgba_tree_source", "xpaste_source",
 ]
 
@@ -44,5 +46,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .bank import SegmentBank, build_bank, coco_source, merge_banks, rgba_tree_source, xpaste_source
     from .coco import CocoInstances
     from .composite import DropRule
+    from .grounding import Referring
     from .layout import DatasetStatsLayout, ExistingBoxesLayout, Layout, Placement, RandomLayout, Scene, SOSLayout
     from .transforms import CopyPaste, CopyPasteCollate, PasteSegments, label_map_from_coco
