@@ -267,6 +267,25 @@ def _refer(args) -> int:
     return 0
 
 
+def _synthesize(args) -> int:
+    from .synthesis import SynthesisConfig, synthesize
+
+    if args.backgrounds and args.plain:
+        raise ValueError("choose --backgrounds DIR or --plain, not both")
+    config = SynthesisConfig(
+        num_images=args.num_images, size=args.size, layout=args.layout, pastes=tuple(args.pastes),
+        relight=None if args.relight == "none" else args.relight, referring=args.referring,
+        backgrounds=args.backgrounds, seed=args.seed, shard_size=args.shard_size,
+        categories=args.categories.split(",") if args.categories else None, sampling=args.sampling,
+        single_category=args.single_category, min_visible=args.min_visible, image_format=args.format)
+    report = synthesize(args.bank, args.out, config, reference=args.reference, progress=not args.quiet,
+                        workers=args.workers)
+    print(f"{report['images']} images, {report['annotations']} instances"
+          + (f", {report['expressions']} referring expressions" if "expressions" in report else "")
+          + f" in {args.out} (instances.json, panoptic.json" + (", grounding/" if args.referring else "") + ")")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sos-aug", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -326,6 +345,35 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--num", type=int, nargs=2, default=[2, 8], metavar=("LOW", "HIGH"), help="segments per image")
     rf.add_argument("--quiet", action="store_true", help="no progress bar")
     rf.set_defaults(func=_refer)
+
+    sy = sub.add_parser("synthesize", help="an SOS-style synthetic dataset (COCO instances + panoptic), "
+                        "made with the in-loop CopyPaste, resumable")
+    sy.add_argument("--bank", required=True, help="segment bank to paste from")
+    sy.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    sy.add_argument("--num-images", type=int, required=True, help="images to make")
+    sy.add_argument("--size", type=int, default=1024, help="square image side in pixels")
+    sy.add_argument("--layout", choices=["random", "sos", "existing"], default="sos", help="where segments go")
+    sy.add_argument("--pastes", type=int, nargs=2, default=[5, 19], metavar=("LOW", "HIGH"),
+                    help="segments per image (equal values: a fixed number)")
+    sy.add_argument("--relight", choices=["none", "net", "lab", "reinhard", "net+lab"], default="none",
+                    help="relight the pasted segments")
+    sy.add_argument("--referring", action="store_true", help="verified referring expressions and grounding exports")
+    sy.add_argument("--backgrounds", help="folder of background photos (any size; scaled and cropped)")
+    sy.add_argument("--plain", action="store_true", help="plain and gradient canvases (the default without "
+                    "--backgrounds)")
+    sy.add_argument("--seed", type=int, default=0, help="the whole dataset follows from it")
+    sy.add_argument("--workers", type=int, default=1, help="processes making shards")
+    sy.add_argument("--shard-size", type=int, default=100, help="images per shard (the unit of resuming)")
+    sy.add_argument("--categories", help="comma-separated bank categories to use (default: all)")
+    sy.add_argument("--sampling", choices=["uniform", "category_balanced", "repeat_factor"],
+                    default="category_balanced", help="how segments are drawn (repeat_factor: rare first)")
+    sy.add_argument("--reference", help="repeat_factor: the instances JSON whose frequencies count")
+    sy.add_argument("--single-category", action="store_true", help="one category per image (intra-class "
+                    "referring)")
+    sy.add_argument("--min-visible", type=float, default=0.5, help="instances less visible are dropped")
+    sy.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image files")
+    sy.add_argument("--quiet", action="store_true", help="no progress bar")
+    sy.set_defaults(func=_synthesize)
 
     v = sub.add_parser("preview", help="a grid of augmented images with outlines, boxes and labels")
     v.add_argument("--bank", required=True, help="bank to paste from")

@@ -99,6 +99,10 @@ class SegmentBank(Dataset):
         i = i % n
         return i if self._rows is None else int(self._rows[i])
 
+    def root_row(self, i: int) -> int:
+        """Segment ``i`` of this view as a row of the whole bank (for provenance)."""
+        return self._row(i)
+
     def read_rgba(self, i: int) -> tuple[np.ndarray, str]:
         """Decode segment ``i`` of this view: ((4, h, w) uint8 array, source string)."""
         files = self._open()
