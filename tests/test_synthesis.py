@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +125,47 @@ def test_the_synthesize_command(tmp_path, train_bank):
     assert "2 images" in proc.stdout and (tmp_path / "cli" / "grounding" / "grefs.json").is_file()
     rle = json.loads((tmp_path / "cli" / "instances.json").read_text())["annotations"][0]["segmentation"]
     assert mask_utils.decode(rle).sum() > 0
+
+
+def _ray_task_pids() -> list[int]:
+    """Processes running a synthesis shard as a Ray task (their title is ray::_ray_shard)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"_ray_shard" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+def test_ray_runs_the_shards_and_a_task_killed_midway_is_retried(tmp_path, made, train_bank):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    out, _ = made
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = tmp_path / "ray"
+        synthesize(train_bank, on_ray, SynthesisConfig(**SMALL, referring=True), progress=False, ray_address="local")
+        assert digest(on_ray) == digest(out)
+
+        slow = SynthesisConfig(num_images=3, size=512, shard_size=3, pastes=(12, 19), seed=5)
+        alone = tmp_path / "alone"
+        synthesize(train_bank, alone, slow, progress=False)
+        killed = tmp_path / "killed"
+        worker = threading.Thread(target=synthesize, args=(train_bank, killed, slow),
+                                  kwargs=dict(progress=False, ray_address="local"))
+        worker.start()
+        victims = []
+        while worker.is_alive() and not victims:  # wait for the task's first image, then kill its process
+            if (killed / "images" / "00000000.jpg").exists() and not (killed / "shards" / "000000.json").exists():
+                victims = _ray_task_pids()
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        worker.join()
+        assert victims, "the task finished before it could be killed"
+        assert digest(killed) == digest(alone)  # retried: no image lost, none twice
+    finally:
+        ray.shutdown()

@@ -279,7 +279,7 @@ def _synthesize(args) -> int:
         categories=args.categories.split(",") if args.categories else None, sampling=args.sampling,
         single_category=args.single_category, min_visible=args.min_visible, image_format=args.format)
     report = synthesize(args.bank, args.out, config, reference=args.reference, progress=not args.quiet,
-                        workers=args.workers)
+                        workers=args.workers, ray_address=args.ray)
     print(f"{report['images']} images, {report['annotations']} instances"
           + (f", {report['expressions']} referring expressions" if "expressions" in report else "")
           + f" in {args.out} (instances.json, panoptic.json" + (", grounding/" if args.referring else "") + ")")
@@ -363,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--backgrounds)")
     sy.add_argument("--seed", type=int, default=0, help="the whole dataset follows from it")
     sy.add_argument("--workers", type=int, default=1, help="processes making shards")
+    sy.add_argument("--ray", nargs="?", const="local", help="run the shards as Ray tasks: on a running cluster "
+                    "at ADDRESS, or a local Ray without one (pip install sos-aug[ray])")
     sy.add_argument("--shard-size", type=int, default=100, help="images per shard (the unit of resuming)")
     sy.add_argument("--categories", help="comma-separated bank categories to use (default: all)")
     sy.add_argument("--sampling", choices=["uniform", "category_balanced", "repeat_factor"],

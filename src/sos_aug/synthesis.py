@@ -230,10 +230,38 @@ def _run_shard(args: tuple[int, str]) -> int:
     return len(write_shard(_WORKER["syn"], k, Path(out))["images"])
 
 
+def _ray_shard(bank_path: str, config: SynthesisConfig, reference, k: int, out: str) -> int:
+    """Shard ``k`` as a Ray task: the worker process keeps one Synthesizer per settings. A task
+    killed midway left no annotation part, so its retry makes the whole shard again."""
+    key = (bank_path, json.dumps(asdict(config), sort_keys=True), str(reference))
+    if _WORKER.get("key") != key:
+        _init_worker(bank_path, config, reference)
+        _WORKER["key"] = key
+    return _run_shard((k, out))
+
+
+def _run_on_ray(address: str, syn: Synthesizer, todo: list[int], out: Path, config: SynthesisConfig,
+                reference, bar) -> None:
+    """The shards as Ray tasks on a local (``address="local"``) or running cluster; each retried
+    up to three times if its worker dies."""
+    import ray  # an optional extra: pip install sos-aug[ray]
+
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
+    task = ray.remote(max_retries=3, retry_exceptions=False)(_ray_shard)
+    pending = [task.remote(str(syn.bank.root), config, reference, k, str(out)) for k in todo]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        bar.update(ray.get(done[0]))
+
+
 def synthesize(bank: SegmentBank | str | Path, out: str | Path, config: SynthesisConfig,
-               reference: str | Path | None = None, progress: bool = True, workers: int = 1) -> dict:
+               reference: str | Path | None = None, progress: bool = True, workers: int = 1,
+               ray_address: str | None = None) -> dict:
     """Make (or finish) the dataset ``config`` describes under ``out``; returns a report. With
-    ``workers`` > 1 the shards run in that many processes; the output is the same."""
+    ``workers`` > 1 the shards run in that many processes, with ``ray_address`` as Ray tasks
+    (``"local"`` starts Ray here); the output is the same either way."""
     out = Path(out)
     for sub in ("images", "panoptic", "shards"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -248,7 +276,9 @@ def synthesize(bank: SegmentBank | str | Path, out: str | Path, config: Synthesi
     bar = tqdm(total=config.num_images, desc="synthesize", unit="img", disable=not progress,
                initial=config.num_images - sum(min(config.shard_size, config.num_images - k * config.shard_size)
                                                for k in todo))
-    if workers > 1 and len(todo) > 1:
+    if ray_address is not None:
+        _run_on_ray(ray_address, syn, todo, out, config, reference, bar)
+    elif workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers, initializer=_init_worker,
                                  initargs=(str(syn.bank.root), config, reference)) as pool:
             for n in pool.map(_run_shard, [(k, str(out)) for k in todo]):
