@@ -1,11 +1,14 @@
-"""Segment bank: random-access reads vs one PNG per segment (the X-Paste layout), index size, and
-how fast a synthetic 1M-segment index opens. One run, the same real COCO segments for both stores.
+"""Segment bank: random-access reads vs one PNG per segment (the X-Paste layout), index size, how
+fast synthetic 1M- and 10M-segment indexes open, and segments/s of ``bank build --rgba-tree`` on the
+same real COCO segments laid out as SOS releases its FC/GC trees (with the time 10M would take on 2
+and on 64 cores, scaled by cores). One run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import coco_mini, machine  # noqa: E402
 
-from sos_aug.bank import SegmentBank, build_bank, coco_source  # noqa: E402
+from sos_aug.bank import SegmentBank, build_bank, coco_source, rgba_tree_source  # noqa: E402
 from sos_aug.bank.format import FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, atomic_write_json  # noqa: E402
 
 
@@ -49,6 +52,25 @@ def read_png(paths):
     return read
 
 
+def rgba_tree(bank: SegmentBank, folder: Path) -> Path:
+    """The bank's segments laid out as SOS releases its FC/GC sets: category/sub_category/ID.png."""
+    for i in range(len(bank)):
+        seg = bank[i]
+        path = folder / seg.category.replace(" ", "_") / "real" / f"{i:07d}.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(seg.rgba.permute(1, 2, 0).numpy()).save(path)
+    return folder
+
+
+def build_rate(tree: Path, out: Path, workers: int) -> float:
+    """Segments per second of ``bank build --rgba-tree`` with ``workers`` processes (a fresh build)."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    report = build_bank(out, rgba_tree_source(tree), workers=workers, progress=False)
+    return report["added"] / (time.perf_counter() - start)
+
+
 def synthetic_million(folder: Path, n: int = 1_000_000) -> Path:
     """An index of ``n`` records over one shard (enough to time open/len/sampling, not reads)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="bench_out")
     p.add_argument("--reads", type=int, default=3000)
     p.add_argument("--json")
+    p.add_argument("--workers", type=int, default=2, help="processes for the RGBA-tree build")
     args = p.parse_args(argv)
     root, work = coco_mini(), Path(args.work)
     bank_dir = work / "bank-all"
@@ -92,6 +115,19 @@ def main(argv=None) -> int:
     png_bytes = sum(p.stat().st_size for p in paths)
     shard_bytes = sum(s["bytes"] for s in bank.meta["shards"])
 
+    tree = rgba_tree(bank, work / "rgba-tree")
+    build = build_rate(tree, work / "bank-from-tree", workers=args.workers)
+    ten_million = 10_000_000
+    hours = {cores: ten_million / (build * cores / args.workers) / 3600 for cores in (2, 64)}
+
+    big10 = synthetic_million(work / "bank-10m", n=ten_million)
+    start = time.perf_counter()
+    b10 = SegmentBank(big10)
+    _ = len(b10), b10.index["category"][-1]
+    open10_s = time.perf_counter() - start
+    index10_bytes = (big10 / "index-0001.bin").stat().st_size
+    shutil.rmtree(big10)
+
     million = synthetic_million(work / "bank-1m")
     start = time.perf_counter()
     big = SegmentBank(million)
@@ -106,6 +142,8 @@ def main(argv=None) -> int:
         "read_speedup": bank_rate / png_rate, "index_bytes_per_segment": INDEX_DTYPE.itemsize,
         "shard_bytes": shard_bytes, "png_pool_bytes": png_bytes, "million_open_s": open_s, "million_len": n,
         "million_first_repeat_factor_sample_s": sample_s,
+        "rgba_tree_build_segments_per_s": build, "build_workers": args.workers,
+        "hours_for_10m_at": hours, "ten_million_index_bytes": index10_bytes, "ten_million_open_s": open10_s,
     }
     print(f"machine: {machine()}")
     print(f"{len(bank)} real COCO segments (coco-mini train+val), {args.reads} random reads each, decode included")
@@ -115,6 +153,9 @@ def main(argv=None) -> int:
     print(f"  index: {INDEX_DTYPE.itemsize} bytes per segment")
     print(f"  synthetic 1M-segment bank: opened in {open_s * 1e3:.1f} ms; first repeat-factor sample "
           f"(weights + CDF over 1M) {sample_s * 1e3:.0f} ms")
+    print(f"  bank build --rgba-tree --workers {args.workers}: {build:.0f} segments/s -> 10M segments in "
+          f"{hours[2]:.1f} h on 2 cores, {hours[64]:.2f} h on 64 (scaled by cores)")
+    print(f"  synthetic 10M-segment index: {index10_bytes / 1e9:.2f} GB, opened in {open10_s * 1e3:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), **rows}, indent=1))
     return 0
