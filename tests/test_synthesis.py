@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from sos_aug.bank import SegmentBank, build_bank, coco_source
 from sos_aug.ops.masks import tight_boxes
 from sos_aug.synthesis import SynthesisConfig, synthesize
 
@@ -141,11 +142,25 @@ def _ray_task_pids() -> list[int]:
 
 
 @pytest.mark.slow
-def test_ray_runs_the_shards_and_a_task_killed_midway_is_retried(tmp_path, made, train_bank):
+def test_ray_runs_the_shards_and_a_task_killed_midway_is_retried(tmp_path, made, train_bank, coco_mini, val_ann):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
     out, _ = made
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
+        # bank build on Ray: the same bank as a local build
+        data = json.loads(val_ann.read_text())
+        keep = {im["id"] for im in data["images"][:8]}
+        small = tmp_path / "small.json"
+        small.write_text(json.dumps({**data, "images": [im for im in data["images"] if im["id"] in keep],
+                                     "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}))
+        local = build_bank(tmp_path / "bank-local", coco_source(small, coco_mini / "val2017"), progress=False)
+        remote = build_bank(tmp_path / "bank-ray", coco_source(small, coco_mini / "val2017"), progress=False,
+                            ray_address="local")
+        assert local["added"] == remote["added"] > 0
+        a, b = SegmentBank(tmp_path / "bank-local"), SegmentBank(tmp_path / "bank-ray")
+        assert np.array_equal(a.index, b.index)
+        assert all(torch.equal(a[i].rgba, b[i].rgba) for i in range(len(a)))
+
         on_ray = tmp_path / "ray"
         synthesize(train_bank, on_ray, SynthesisConfig(**SMALL, referring=True), progress=False, ray_address="local")
         assert digest(on_ray) == digest(out)

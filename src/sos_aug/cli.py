@@ -29,7 +29,8 @@ def _bank_build(args) -> int:
         source = rgba_tree_source(args.rgba_tree, metadata=args.metadata, flags=args.flags)
     else:
         source = xpaste_source(args.xpaste, categories_from=args.categories_from)
-    report = build_bank(args.out, source, workers=args.workers, strict=args.strict, progress=not args.quiet)
+    report = build_bank(args.out, source, workers=args.workers, strict=args.strict, progress=not args.quiet,
+                        ray_address=args.ray)
     print(f"added {report['added']} segments to {args.out}")
     if report["skipped"]:
         print("skipped (images for image faults, annotations otherwise; all examples in meta.json):")
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--categories-from", help="COCO/LVIS JSON naming the pool's ids (--xpaste)")
     b.add_argument("--merge", nargs="+", help="banks to add to --out")
     b.add_argument("--workers", type=int, default=1, help="processes that read images and cut segments")
+    b.add_argument("--ray", nargs="?", const="local", help="read and cut as Ray tasks: on a running cluster at "
+                   "ADDRESS, or a local Ray without one (pip install sos-aug[ray])")
     b.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bank_build)

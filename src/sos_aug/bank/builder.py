@@ -51,11 +51,14 @@ def build_bank(
     checkpoint_every: int = 32,
     progress: bool = True,
     on_unit: Callable[[int], None] | None = None,
+    ray_address: str | None = None,
 ) -> dict:
     """Add every segment of ``source`` to the bank at ``out`` (created if absent); returns a report.
 
     Rerunning after an interruption resumes; ``on_unit(n)`` is called after unit ``n`` is written
-    (a hook for progress reporting, and for tests that kill a build at a known point).
+    (a hook for progress reporting, and for tests that kill a build at a known point). With
+    ``ray_address`` (``"local"``, or a running cluster's address) the units are read and cut as Ray
+    tasks; this process still writes them, in order, so the bank is the same as a local build's.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,8 @@ def build_bank(
     digest = _digest(source, existing)
     partial = _Partial(out / PARTIAL, digest, _generation(existing) + 1)
     todo = source.units[partial.state["units_done"] :]
-    results = _run_units(source.process, todo, workers)
+    results = _run_on_ray(source.process, todo, ray_address, max(workers, 2)) if ray_address else \
+        _run_units(source.process, todo, workers)
     bar = tqdm(total=len(source.units), initial=partial.state["units_done"], desc=f"bank {source.kind}",
                unit="unit", disable=not progress)
     last = time.monotonic()
@@ -90,6 +94,30 @@ def _run_units(process, units: list, workers: int) -> Iterable[UnitResult]:
         return map(process, units)
     pool = multiprocessing.get_context("fork").Pool(workers)
     return _closing(pool, pool.imap(process, units, chunksize=1))
+
+
+def _run_on_ray(process, units: list, address: str, window: int) -> Iterable[UnitResult]:
+    """The units as Ray tasks (each retried if its worker dies), results in unit order, at most
+    ``window`` x 4 in flight so a 10M-segment source never sits in memory at once."""
+    import ray  # an optional extra: pip install sos-aug[ray]
+
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
+    task = ray.remote(max_retries=3)(_process_unit)
+    shared = ray.put(process)  # the source's reader, shipped once
+    pending: list = []
+    for unit in units:
+        pending.append(task.remote(shared, unit))
+        if len(pending) >= 4 * window:
+            yield ray.get(pending.pop(0))
+    for ref in pending:
+        yield ray.get(ref)
+
+
+def _process_unit(process, unit) -> UnitResult:
+    """One unit through the source's reader (a plain function, as Ray tasks must be)."""
+    return process(unit)
 
 
 def _closing(pool, it):
