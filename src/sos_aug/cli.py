@@ -287,6 +287,26 @@ def _synthesize(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from .bank import build_bank, rgba_tree_source
+    from .generate import CutoutRules, generate_segments, load_pipeline
+
+    cats_text = Path(args.categories).read_text()
+    categories = json.loads(cats_text) if args.categories.endswith(".json") else \
+        [line.strip() for line in cats_text.splitlines() if line.strip()]
+    prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else None
+    tree = Path(args.work or f"{args.out}-segments")
+    pipe = load_pipeline(args.model, args.device)
+    report = generate_segments(pipe, categories, args.per_category, tree, prompts, args.per_prompt, args.size,
+                               args.steps, args.seed, CutoutRules(threshold=args.threshold), progress=not args.quiet)
+    print(f"kept {report['kept']} segments; rejected: "
+          + (", ".join(f"{k}={v}" for k, v in sorted(report["rejected"].items())) or "none"))
+    if report["kept"]:
+        built = build_bank(args.out, rgba_tree_source(tree, metadata=tree / "metadata.json"), progress=not args.quiet)
+        print(f"added {built['added']} segments to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sos-aug", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -379,6 +399,24 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image files")
     sy.add_argument("--quiet", action="store_true", help="no progress bar")
     sy.set_defaults(func=_synthesize)
+
+    gn = sub.add_parser("generate", help="segments from a local text-to-image model (diffusers), cut out, "
+                        "filtered and added to a bank")
+    gn.add_argument("--model", required=True, help="local diffusers pipeline directory (never downloaded)")
+    gn.add_argument("--categories", required=True, help="category names: a text file, one per line, or a JSON list")
+    gn.add_argument("--per-category", type=int, required=True, help="segments to keep per category")
+    gn.add_argument("--out", required=True, help="bank to add the segments to")
+    gn.add_argument("--prompts", help="JSON {category: [prompts]} instead of the built-in templates")
+    gn.add_argument("--work", help="where the RGBA tree goes (default: OUT-segments); rerun to resume")
+    gn.add_argument("--device", default="cpu", help="where the model runs (cuda: float16)")
+    gn.add_argument("--size", type=int, default=512, help="generated image side in pixels")
+    gn.add_argument("--steps", type=int, default=30, help="denoising steps")
+    gn.add_argument("--per-prompt", type=int, default=3, help="images per prompt in turn (SOS: 3)")
+    gn.add_argument("--threshold", type=float, default=40.0, help="RGB distance from the background that counts "
+                    "as object")
+    gn.add_argument("--seed", type=int, default=0, help="every image's seed follows from it")
+    gn.add_argument("--quiet", action="store_true", help="no progress bar")
+    gn.set_defaults(func=_generate)
 
     v = sub.add_parser("preview", help="a grid of augmented images with outlines, boxes and labels")
     v.add_argument("--bank", required=True, help="bank to paste from")
