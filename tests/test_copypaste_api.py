@@ -171,3 +171,18 @@ def test_the_old_warp_keyword_still_works_with_a_warning(train_bank):
     assert cp.backend == "groups"
     with pytest.raises(ValueError, match="unknown compositing backend"):
         CopyPaste(train_bank, backend="fast")
+
+
+def test_usable_per_sample_inside_a_torchvision_v2_compose(train_bank, val_set):
+    """A v2 pipeline that flips, pastes and resizes one sample: types and targets stay consistent."""
+    from sos_aug.ops.masks import tight_boxes
+
+    pipeline = v2.Compose([v2.RandomHorizontalFlip(p=1.0), CopyPaste(train_bank, num_pastes=(2, 4)),
+                           v2.Resize((256, 320), antialias=True)])
+    torch.manual_seed(0)
+    image, target = pipeline(*val_set[2])
+    assert isinstance(image, tv_tensors.Image) and image.shape[-2:] == (256, 320)
+    assert isinstance(target["boxes"], tv_tensors.BoundingBoxes) and target["boxes"].canvas_size == (256, 320)
+    assert target["is_pasted"].any() and len(target["masks"]) == len(target["labels"]) == len(target["boxes"])
+    masks = target["masks"].as_subclass(torch.Tensor).bool()
+    assert (target["boxes"].as_subclass(torch.Tensor) - tight_boxes(masks)).abs().max() <= 2  # after the resize
