@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -84,3 +85,12 @@ def mmcv_ext_shim() -> None:
 
     shim.__getattr__ = missing  # type: ignore[attr-defined]
     sys.modules["mmcv._ext"] = shim
+
+
+def print_and_save(report: dict, json_path: str | None) -> dict:
+    """Print a benchmark's report as JSON, and write it to ``json_path`` where given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text)
+    return report

@@ -8,7 +8,6 @@ composite that image on the CPU (one thread, interleaved rounds, medians; ratios
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import coco_mini, machine, train_bank  # noqa: E402
+from _common import coco_mini, machine, print_and_save, train_bank  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, label_map_from_coco  # noqa: E402
 from sos_aug.grounding import KINDS, Referring  # noqa: E402
@@ -76,10 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
               "expressions_per_image": statistics.mean(counts),
               "ms_per_image": {k: round(v, 2) for k, v in med.items()},
               "refer_over_composite": round(med["refer"] / med["composite"], 2)}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    return report
+    return print_and_save(report, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ cores: shards are independent) and on a Ray cluster (scaled by its cores).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import coco_mini, machine, train_bank  # noqa: E402
+from _common import coco_mini, machine, print_and_save, train_bank  # noqa: E402
 
 from sos_aug.synthesis import SynthesisConfig, synthesize  # noqa: E402
 
@@ -48,10 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"machine": machine(), "size": args.size, "pastes": [5, 19], "images": args.images,
               "images_per_s_one_process": {k: round(v, 2) for k, v in rates.items()},
               "hours_for_100k": hours}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    return report
+    return print_and_save(report, args.json)
 
 
 if __name__ == "__main__":
