@@ -499,8 +499,9 @@ def markdown_table(summary: dict, baseline: str = "none") -> str:
     def pm(v: dict | None) -> str:
         if not v:
             return "-"
-        return f"{v['mean']:+.2f} ± {v['std']:.2f}" if v.get("seeds") else (
-            f"{v['mean']:.2f} ± {v['std']:.2f}" if v["std"] is not None else f"{v['mean']:.2f}")
+        sign = "+" if v.get("seeds") else ""
+        spread = f" ± {v['std']:.2f}" if v.get("std") is not None else ""
+        return f"{v['mean']:{sign}.2f}{spread}"
 
     lines = ["| arm | seeds | box AP | mask AP | box AP50 | mask AP50 | box AP vs none | mask AP vs none | "
              "window mask AP | bootstrap std (mask AP) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from sos_aug import CopyPaste, label_map_from_coco
 from sos_aug.grounding import COLOUR_SAYS, KINDS, ORDINALS, Referring, colour_shares, plural
 from sos_aug.grounding_export import Sample, write_grounding
+from sos_aug.ops.masks import tight_boxes
 
 VOCAB = ["zebra", "giraffe", "toaster", "hair drier"]
 
@@ -30,6 +31,11 @@ def cp(train_bank, val_ann):
 
 def names_of(cp, target) -> list[str]:
     return [cp.label_names[int(lab)] for lab in target["labels"]]
+
+
+def shares_of(image: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Colour shares measured as the attribute model measures them (on the mask's tight box)."""
+    return colour_shares(image, mask, box=tight_boxes(mask[None])[0].tolist())
 
 
 def check_record(r: dict, image: torch.Tensor, target: dict, names: list[str]) -> None:
@@ -62,7 +68,7 @@ def check_record(r: dict, image: torch.Tensor, target: dict, names: list[str]) -
     words = text.split()
     for colour in ("black", "white", "grey", "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"):
         if colour in words and colour not in " ".join(names).split():  # not a class (COCO has 'orange')
-            shares = {j: colour_shares(image, masks[j]).get(colour, 0.0) for j in same}
+            shares = {j: shares_of(image, masks[j]).get(colour, 0.0) for j in same}
             assert shares[i] >= COLOUR_SAYS
             assert all(shares[j] < COLOUR_SAYS for j in same if j != i)
     for k, word in enumerate(ORDINALS):
@@ -225,7 +231,7 @@ def no_target_matches_nothing(r: dict, image, target, names) -> None:
     masks = target["masks"].as_subclass(torch.Tensor).bool()
     for j, n in enumerate(names):
         if n == cat:
-            assert colour_shares(image, masks[j]).get(colour, 0.0) < COLOUR_SAYS
+            assert shares_of(image, masks[j]).get(colour, 0.0) < COLOUR_SAYS
 
 
 def test_over_the_set_every_kind_appears_and_intra_class_wherever_it_can(cp, val_set):
