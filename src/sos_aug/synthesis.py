@@ -203,7 +203,7 @@ def write_shard(syn: Synthesizer, k: int, out: Path) -> dict:
             part["annotations"].append({
                 "image_id": image_id, "category_id": int(lab), "iscrowd": 0, "area": area,
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": _rle(m),
-                "bank_row": syn.bank.root_row(view_row), "source": syn.bank.read_rgba(view_row)[1],
+                "bank_row": syn.bank.root_row(view_row), "source": syn.bank.source(view_row),
                 "text": text.get("short_phrase", ""), "segment_id": segment_ids[j]})
             infos.append({"id": segment_ids[j], "category_id": int(lab), "iscrowd": 0, "area": area,
                           "bbox": [x0, y0, x1 - x0, y1 - y0]})

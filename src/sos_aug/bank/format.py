@@ -70,14 +70,27 @@ def encode_segment(rgba: np.ndarray, source: str) -> bytes:
     return header + src + _compressor.compress(np.ascontiguousarray(rgba).tobytes())
 
 
+def _header(blob: bytes | memoryview) -> tuple[int, int, int, str]:
+    """Height, width, source length and source string of an encoded segment (no pixels decoded)."""
+    magic, h, w, n = _HEADER.unpack_from(blob, 0)
+    if magic != _MAGIC:
+        raise ValueError("bad magic")
+    return h, w, n, bytes(blob[_HEADER.size : _HEADER.size + n]).decode("utf-8")
+
+
+def segment_source(blob: bytes | memoryview, where: str = "") -> str:
+    """The source string of an encoded segment, read from its header only."""
+    try:
+        return _header(blob)[3]
+    except (ValueError, struct.error) as err:
+        raise BankFormatError(f"corrupt segment in {where}: {err}") from err
+
+
 def decode_segment(blob: bytes | memoryview, where: str = "") -> tuple[np.ndarray, str]:
     """Decode a blob written by :func:`encode_segment` into ((4, h, w) uint8, source)."""
     try:
-        magic, h, w, n = _HEADER.unpack_from(blob, 0)
-        if magic != _MAGIC:
-            raise ValueError("bad magic")
+        h, w, n, source = _header(blob)
         start = _HEADER.size
-        source = bytes(blob[start : start + n]).decode("utf-8")
         raw = _decompressor.decompress(blob[start + n :], max_output_size=4 * h * w)
         pixels = np.frombuffer(raw, np.uint8).reshape(4, h, w)
     except (ValueError, struct.error, zstandard.ZstdError) as err:

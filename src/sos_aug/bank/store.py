@@ -12,7 +12,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .format import FLAG_NAMES, FLAG_UNKNOWN, INDEX_DTYPE, BankFormatError, check_files, decode_segment, read_meta
+from .format import (
+    FLAG_NAMES,
+    FLAG_UNKNOWN,
+    INDEX_DTYPE,
+    BankFormatError,
+    check_files,
+    decode_segment,
+    read_meta,
+    segment_source,
+)
 from .sources import load_coco
 
 SAMPLING_MODES = ("uniform", "category_balanced", "repeat_factor")
@@ -103,17 +112,24 @@ class SegmentBank(Dataset):
         """Segment ``i`` of this view as a row of the whole bank (for provenance)."""
         return self._row(i)
 
-    def read_rgba(self, i: int) -> tuple[np.ndarray, str]:
-        """Decode segment ``i`` of this view: ((4, h, w) uint8 array, source string)."""
+    def _blob(self, i: int) -> tuple[memoryview, str]:
+        """Segment ``i``'s encoded bytes in its shard, and where they are (for error messages)."""
         files = self._open()
         rec = files.index[self._row(i)]
         shard_no = int(rec["shard"])
         start, length = int(rec["offset"]), int(rec["length"])
         buf = files.shard(shard_no)
-        where = f"{files.shard_paths[shard_no]} at byte {start}"
         if start + length > len(buf):
             raise BankFormatError(f"{files.shard_paths[shard_no]}: truncated, segment at byte {start} is cut off")
-        return decode_segment(memoryview(buf)[start : start + length], where)
+        return memoryview(buf)[start : start + length], f"{files.shard_paths[shard_no]} at byte {start}"
+
+    def read_rgba(self, i: int) -> tuple[np.ndarray, str]:
+        """Decode segment ``i`` of this view: ((4, h, w) uint8 array, source string)."""
+        return decode_segment(*self._blob(i))
+
+    def source(self, i: int) -> str:
+        """Segment ``i``'s source string, from its header alone (no pixels decoded)."""
+        return segment_source(*self._blob(i))
 
     def __getitem__(self, i: int) -> Segment:
         rec = self._open().index[self._row(i)]
