@@ -52,15 +52,30 @@ def read_png(paths):
     return read
 
 
-def rgba_tree(bank: SegmentBank, folder: Path) -> Path:
-    """The bank's segments laid out as SOS releases its FC/GC sets: category/sub_category/ID.png."""
-    for i in range(len(bank)):
+def rgba_tree(bank: SegmentBank, folder: Path, long_side: int | None = None, count: int | None = None) -> Path:
+    """The bank's segments laid out as SOS releases its FC/GC sets: category/sub_category/ID.png;
+    with ``long_side``, each resized so its longer side has that many pixels (SOS's generated
+    segments are cut from 1024-pixel images, far larger than most COCO instances)."""
+    for i in range(count or len(bank)):
         seg = bank[i]
         path = folder / seg.category.replace(" ", "_") / "real" / f"{i:07d}.png"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(seg.rgba.permute(1, 2, 0).numpy()).save(path)
+            im = Image.fromarray(seg.rgba.permute(1, 2, 0).numpy())
+            if long_side:
+                scale = long_side / max(im.size)
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+            im.save(path)
     return folder
+
+
+def mean_pixels(tree: Path) -> float:
+    """Mean pixels per segment of an RGBA tree."""
+    sizes = []
+    for path in tree.rglob("*.png"):
+        with Image.open(path) as im:
+            sizes.append(im.width * im.height)
+    return float(np.mean(sizes))
 
 
 def build_rate(tree: Path, out: Path, workers: int) -> float:
@@ -119,6 +134,9 @@ def main(argv=None) -> int:
     build = build_rate(tree, work / "bank-from-tree", workers=args.workers)
     ten_million = 10_000_000
     hours = {cores: ten_million / (build * cores / args.workers) / 3600 for cores in (2, 64)}
+    big_tree = rgba_tree(bank, work / "rgba-tree-512", long_side=512, count=300)
+    build512 = build_rate(big_tree, work / "bank-from-tree-512", workers=args.workers)
+    hours512 = {cores: ten_million / (build512 * cores / args.workers) / 3600 for cores in (2, 64)}
 
     big10 = synthetic_million(work / "bank-10m", n=ten_million)
     start = time.perf_counter()
@@ -143,7 +161,9 @@ def main(argv=None) -> int:
         "shard_bytes": shard_bytes, "png_pool_bytes": png_bytes, "million_open_s": open_s, "million_len": n,
         "million_first_repeat_factor_sample_s": sample_s,
         "rgba_tree_build_segments_per_s": build, "build_workers": args.workers,
-        "hours_for_10m_at": hours, "ten_million_index_bytes": index10_bytes, "ten_million_open_s": open10_s,
+        "rgba_tree_mean_pixels": mean_pixels(tree), "hours_for_10m_at": hours,
+        "rgba_tree_512_build_segments_per_s": build512, "rgba_tree_512_mean_pixels": mean_pixels(big_tree),
+        "hours_for_10m_512_at": hours512, "ten_million_index_bytes": index10_bytes, "ten_million_open_s": open10_s,
     }
     print(f"machine: {machine()}")
     print(f"{len(bank)} real COCO segments (coco-mini train+val), {args.reads} random reads each, decode included")
@@ -154,7 +174,11 @@ def main(argv=None) -> int:
     print(f"  synthetic 1M-segment bank: opened in {open_s * 1e3:.1f} ms; first repeat-factor sample "
           f"(weights + CDF over 1M) {sample_s * 1e3:.0f} ms")
     print(f"  bank build --rgba-tree --workers {args.workers}: {build:.0f} segments/s -> 10M segments in "
-          f"{hours[2]:.1f} h on 2 cores, {hours[64]:.2f} h on 64 (scaled by cores)")
+          f"{hours[2]:.1f} h on 2 cores, {hours[64]:.2f} h on 64 (scaled by cores); "
+          f"{rows['rgba_tree_mean_pixels'] / 1e3:.0f}K pixels per segment (COCO sizes)")
+    print(f"  same, 300 segments resized to a 512-pixel long side ({rows['rgba_tree_512_mean_pixels'] / 1e3:.0f}K "
+          f"pixels each): {build512:.0f} segments/s -> 10M in {hours512[2]:.1f} h on 2 cores, "
+          f"{hours512[64]:.2f} h on 64")
     print(f"  synthetic 10M-segment index: {index10_bytes / 1e9:.2f} GB, opened in {open10_s * 1e3:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), **rows}, indent=1))
