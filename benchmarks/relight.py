@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     chains = {"off": None, "reinhard": ReinhardTransfer(), "lab_blend": LabBlend(), "net": RelightNet.pretrained(),
               "net, compile_cpu": RelightNet.pretrained(compile_cpu=True),
               "net+lab_blend": [RelightNet.pretrained(), LabBlend()],
-              "net+lab_blend, compile_cpu": [RelightNet.pretrained(compile_cpu=True), LabBlend(compile_cpu=True)]}
+              "net+lab_blend, compile_cpu": [RelightNet.pretrained(compile_cpu=True), LabBlend()]}
     if args.only:
         wanted = {"off", *args.only}
         unknown = wanted - set(chains)

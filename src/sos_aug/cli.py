@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--offsets", required=True, help="IC-Light's iclight_sd15_fc.safetensors")
     ic.add_argument("--out", required=True, help="new directory, then --teacher for relight train")
     ic.set_defaults(func=_relight_iclight)
-    e = rl.add_parser("eval", help="parametric and transfer suites at 256², five methods")
+    e = rl.add_parser("eval", help="two suites at 256²: baselines, the net, the net with LabBlend")
     e.add_argument("--coco", required=True, help="COCO instances JSON of the evaluation images")
     e.add_argument("--images", required=True, help="their image folder")
     e.add_argument("--weights", help="weights to evaluate (default: the shipped ones)")

@@ -7,11 +7,12 @@ pixels under pasted masks may change; :func:`relight` enforces that after each s
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..ops import backends
-from ..ops.backends import compiled, once_with_fallback
-from ..ops.masks import count_pixels, mask_01, row_owners, stacked_boxes, tight_boxes
+from ..ops.masks import count_pixels, row_owners, stacked_boxes, tight_boxes
 from .batch import RelightBatch, Relighter, by_device, relight_one, to_unit
 from .color import lab_to_rgb_eager, lab_to_rgb_fused, lightness_eager, rgb_to_lab_eager, rgb_to_lab_fused
 
@@ -189,20 +190,19 @@ class LabBlend:
     w = 0.3 + 0.6 * sigmoid(-10 (r - 0.5)). The output L is w * L_relit + (1 - w) * L_plain: w is the
     share of the *relit* lighting, so small segments (w near 0.9) take on the scene's light almost
     fully, while large ones (w near 0.3) keep most of their own shading and texture, which a
-    relighter degrades most visibly on big objects. a/b come from ``ab`` ("relit" or "plain").
+    relighter degrades most visibly on big objects. a/b come from ``ab``: ``"plain"`` (default) keeps
+    the unrelit composite's colour, as SOS's released code does; ``"relit"`` takes the relighter's.
     Used alone (nothing relit yet), the relit image is :class:`ReinhardTransfer`'s.
     """
 
-    def __init__(self, ab: str = "relit", fallback: Relighter | None = None, compile_cpu: bool = False):
+    def __init__(self, ab: str = "plain", fallback: Relighter | None = None, compile_cpu: bool | None = None):
         if ab not in ("relit", "plain"):
             raise ValueError(f"ab must be 'relit' or 'plain', got {ab!r}")
+        if compile_cpu is not None:  # its compiled CPU path was no faster than the eager one (docs/performance.md)
+            warnings.warn("LabBlend(compile_cpu=...) has no effect any more: the eager CPU path is as fast",
+                          DeprecationWarning, stacklevel=2)
         self.ab = ab
         self.fallback = fallback or ReinhardTransfer()
-        # CPU path: each segment's box blended in one loop fused by torch.compile, compiled once per
-        # process (CopyPasteCollate compiles it in the training process; forked workers inherit it).
-        # No faster than the eager path since that gathers pixels and converts by matrix products
-        # (benchmarks/relight.py); kept for callers that set it
-        self.compile_cpu = compile_cpu
 
     @staticmethod
     def weights(areas: torch.Tensor) -> torch.Tensor:
@@ -217,19 +217,11 @@ class LabBlend:
 
     def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,
                        boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """The CPU path: eagerly, the pixels under all of an image's masks (found window by window)
-        through Lab and back at once; with ``compile_cpu``, each segment's whole box in one
-        compiled loop."""
-
+        """The CPU path: the pixels under all of an image's masks (found window by window) through
+        Lab and back at once."""
         result = relit.clone()
         segments = [(k, win) for k, win in enumerate(_windows(masks, boxes=boxes)) if win is not None]
         weights = self.weights(count_pixels(masks))[[k for k, _ in segments]]  # those segments' weights
-        if self.compile_cpu:
-            fused = once_with_fallback("cpu:lab_blend", _fused_blend, _blend_segment)
-            for (k, win), wk in zip(segments, weights.tolist()):
-                tiny = win[0].stop - win[0].start < 2 or win[1].stop - win[1].start < 2  # no kernel for size-1 dims
-                (_blend_segment if tiny else fused)(result, plain, masks[k], win, wk, self.ab == "relit")
-            return result
         idx = [_pixel_index(masks[k][win], win, relit.shape[-1]) for k, win in segments]
         if idx:
             per_pixel = weights.repeat_interleave(torch.tensor([len(i) for i in idx]))
@@ -275,22 +267,6 @@ def area_rank_weights(areas: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     return 0.3 + 0.6 * torch.sigmoid(-10 * (r - 0.5))
 
 
-def _blend_segment(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, win: tuple[slice, slice],
-                   weight: float, relit_ab: bool) -> None:
-    """LabBlend of one segment into ``result`` in place, eagerly: only the pixels under its mask go
-    through Lab and back."""
-    _blend_lab(result, plain, _pixel_index(mask[win], win, result.shape[-1]), weight, relit_ab)
-
-
-def _fused_blend(result: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, win: tuple[slice, slice],
-                 weight: float, relit_ab: bool) -> None:
-    """:func:`_blend_segment` through the compiled :func:`blend_box` (contiguous inputs: the loop
-    vectorises along rows and the compiler does not specialise on strides)."""
-    view = result[(slice(None), *win)]
-    view.copy_(compiled("blend_box", blend_box)(view.contiguous(), plain[(slice(None), *win)].contiguous(),
-                                                mask_01(mask[win]), torch.tensor(weight), relit_ab))
-
-
 def blend_pixels(relit: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor, relit_ab: bool) -> torch.Tensor:
     """LabBlend on (N, 3) pixels (uint8 or [0, 1]) with a weight each: the accelerator path, with the
     elementwise Lab conversions (:func:`rgb_to_lab_fused`, cheaper than kornia's there). Not compiled:
@@ -303,21 +279,3 @@ def blend_pixels(relit: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor,
     ab = lab_r[1:] if relit_ab else lab_p[1:]
     out = lab_to_rgb_fused(torch.cat([L[None], ab])).T * scale
     return (out.round().clamp(0, 255) if relit.dtype == torch.uint8 else out).to(relit.dtype)
-
-
-def blend_box(relit: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
-              relit_ab: bool) -> torch.Tensor:
-    """LabBlend on one (3, h, w) box, written for ``torch.compile`` to fuse into one loop: L mixed
-    by ``weight`` (a 0-dim tensor, so that its value is not baked into the compiled code), a/b from
-    the relit or the plain box, applied under ``mask`` (uint8 0/1) by arithmetic. Returns the box's
-    new pixels in ``relit``'s dtype."""
-    scale = 255.0 if relit.dtype == torch.uint8 else 1.0
-    r = relit.float()
-    lab_r = rgb_to_lab_fused(r / scale)
-    lab_p = rgb_to_lab_fused(plain.float() / scale)
-    L = weight * lab_r[:1] + (1 - weight) * lab_p[:1]
-    ab = lab_r[1:] if relit_ab else lab_p[1:]
-    out = lab_to_rgb_fused(torch.cat([L, ab])) * scale
-    if relit.dtype == torch.uint8:
-        out = out.round().clamp(0, 255)
-    return (r + (out - r) * mask.float()).to(relit.dtype)

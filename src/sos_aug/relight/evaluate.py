@@ -1,11 +1,14 @@
-"""Relighting evaluation on real instances at 256x256 (as iHarmony4), two suites, five methods.
+"""Relighting evaluation on real instances at 256x256 (as iHarmony4), two suites, every method and chain.
 
 For every non-crowd instance above ``min_area`` pixels (at 256²): perturb its foreground (suite
 ``parametric``: a seeded draw of the training family; suite ``transfer``: Lab statistics moved part of
 the way toward another real instance's, same category where possible), then let each method try to
 undo it. Reports MSE, fMSE (foreground) and PSNR on the 0-255 scale and foreground CIEDE2000, for
 ``as_is`` (do nothing), ``reinhard``, ``lab_blend``, ``net`` and ``oracle`` (the net's transform family
-fitted to the truth: the ceiling). Every method must leave background pixels exactly unchanged.
+fitted to the truth: the ceiling), and the chains ``net+lab`` (the net, then :class:`LabBlend` with
+a/b from the unrelit composite, as SOS) and ``net+lab_relit_ab`` (a/b from the net's output), with
+``lab_blend_relit_ab`` beside ``lab_blend``. Every method must leave background pixels exactly
+unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .net import RelightNet, context_boxes
 from .perturb import parametric, transfer
 
 SIZE = 256
-METHODS = ("as_is", "reinhard", "lab_blend", "net", "oracle")
+METHODS = ("as_is", "reinhard", "lab_blend", "lab_blend_relit_ab", "net", "net+lab", "net+lab_relit_ab", "oracle")
 
 
 class NoInstancesError(ValueError):
@@ -89,7 +92,9 @@ def evaluate(ann_file, images, net: RelightNet | None = None, min_area: int = 40
     if not instances:
         raise NoInstancesError(f"{ann_file}: no readable non-crowd instance of at least {min_area} px at {SIZE}²"
                          + (f"; skipped {skips}" if skips.counts else ""))
-    methods = {"as_is": None, "reinhard": ReinhardTransfer(), "lab_blend": LabBlend(), "net": net}
+    methods = {"as_is": None, "reinhard": ReinhardTransfer(), "lab_blend": LabBlend(ab="plain"),
+               "lab_blend_relit_ab": LabBlend(ab="relit"), "net": net, "net+lab": [net, LabBlend(ab="plain")],
+               "net+lab_relit_ab": [net, LabBlend(ab="relit")]}
     if not baselines:
         methods = {"as_is": None, "net": net}
     results = {}
@@ -138,12 +143,12 @@ def format_table(result: dict) -> str:
     lines = [f"{result['instances']} instances at {result['size']}², min area {result['min_area']} px, "
              f"seed {result['seed']}"]
     for suite, rows in result["suites"].items():
-        lines.append(f"\n{suite}:  {'method':10s} {'MSE':>8s} {'fMSE':>8s} {'PSNR':>7s} {'dE2000':>7s}  fMSE vs as_is")
+        lines.append(f"\n{suite}:  {'method':18s} {'MSE':>8s} {'fMSE':>8s} {'PSNR':>7s} {'dE2000':>7s}  fMSE vs as_is")
         base = rows["as_is"]["fmse"]
         for name in METHODS:
             if name in rows:
                 r = rows[name]
-                lines.append(f"{'':12s}{name:10s} {r['mse']:8.1f} {r['fmse']:8.1f} {r['psnr']:7.2f} "
+                lines.append(f"{'':12s}{name:18s} {r['mse']:8.1f} {r['fmse']:8.1f} {r['psnr']:7.2f} "
                              f"{r['de2000']:7.2f}  {100 * (r['fmse'] / base - 1):+.0f}%")
     if result.get("skipped"):
         lines.append(f"skipped: {describe_skips(result['skipped'], result['skipped_examples'])}")
