@@ -78,7 +78,7 @@ def relight_rows(cp: CopyPaste, images: torch.Tensor, targets: list, segments, p
     """Operations dispatched by the net's windows and forward on the batch ``cp`` pastes, three ways."""
     from sos_aug.ops.masks import row_owners
 
-    out_images, out_targets = cp.apply(images, targets, segments, params)
+    out_images, out_targets = cp.paste(images, targets, segments, params)
     masks = [t["masks"][t["is_pasted"]] for t in out_targets]
     segs, owner = torch.cat(masks), row_owners([len(m) for m in masks])
     tight = torch.cat([t["boxes"][t["is_pasted"]] for t in out_targets]).float()
@@ -114,14 +114,14 @@ def main(argv=None) -> int:
         probe = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes))
         g = torch.Generator().manual_seed(0)
         segments = probe.fetch(args.batch, g)
-        params = probe.make_params([(args.size, args.size)] * args.batch, targets, segments, g)
+        params = probe.draw_placements([(args.size, args.size)] * args.batch, targets, segments, g)
         pieces = sum(len(pl) for pl in params)
         table, _ = batched_warp.piece_table(segments.rgba, params, args.size, args.size, args.pastes)
         groups = batched_warp.group_rows(table, batched_warp.GROUP_COST_FLOPS["accelerator"])
         for warp in ("loop", "groups"):
             cp = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes), batched=True, backend=warp)
             with CountOps() as counter:
-                cp.apply(images, targets, segments, params)
+                cp.paste(images, targets, segments, params)
             rows[f"{name}, backend={warp}"] = {**counter.split(), "pieces": pieces,
                                              "groups": len(groups) if warp == "groups" else pieces}
         if name == "random":

@@ -78,27 +78,27 @@ def bench_layout(name, layout, bank, images, targets, images_cpu, targets_cpu, d
     g = torch.Generator().manual_seed(0)
     segments = cp.fetch(args.batch, g)
     segments = segments.pin_memory() if dev.type == "cuda" else segments
-    params = cp.make_params(sizes, targets_cpu, segments, g)
+    params = cp.draw_placements(sizes, targets_cpu, segments, g)
     seg_gpu = segments.to(dev, non_blocking=True)
     rows[f"{name}: segments to GPU (one copy, pinned)"] = cuda_ms(lambda: segments.to(dev, non_blocking=True),
                                                                   args.repeats)
     redraw = torch.Generator().manual_seed(1)
-    rows[f"{name}: layout (CPU)"] = cuda_ms(lambda: cp.make_params(sizes, targets_cpu, segments, redraw),
+    rows[f"{name}: layout (CPU)"] = cuda_ms(lambda: cp.draw_placements(sizes, targets_cpu, segments, redraw),
                                             max(3, args.repeats // 4))
     if name == "random":  # Triton compiles the paste kernels on their first call in a process
         rows["paste, first call (compiles the kernels)"] = first_call_ms(
-            lambda: cp.apply(images, targets, seg_gpu, params), dev)
-    rows[f"{name}: paste + targets, batched"] = cuda_ms(lambda: cp.apply(images, targets, seg_gpu, params),
+            lambda: cp.paste(images, targets, seg_gpu, params), dev)
+    rows[f"{name}: paste + targets, batched"] = cuda_ms(lambda: cp.paste(images, targets, seg_gpu, params),
                                                         args.repeats)
     for warp in ("groups", "loop"):
         other = CopyPaste(bank, layout=layout, num_pastes=n, backend=warp)
         rows[f"{name}: paste + targets, batched, backend={warp}"] = cuda_ms(
-            lambda other=other: other.apply(images, targets, seg_gpu, params), args.repeats)
+            lambda other=other: other.paste(images, targets, seg_gpu, params), args.repeats)
     rows[f"{name}: paste + targets, image by image"] = cuda_ms(
-        lambda: per_image.apply(list(images), targets, seg_gpu, params), max(3, args.repeats // 4))
-    out_images, out_targets = cp.apply(images, targets, seg_gpu, params)
+        lambda: per_image.paste(list(images), targets, seg_gpu, params), max(3, args.repeats // 4))
+    out_images, out_targets = cp.paste(images, targets, seg_gpu, params)
     rows[f"{name}: pasted per image"] = {"mean": sum(int(t["is_pasted"].sum()) for t in out_targets) / args.batch}
-    cpu_images, cpu_targets = cp.apply(images_cpu, targets_cpu, segments, params)  # the same draws on the CPU
+    cpu_images, cpu_targets = cp.paste(images_cpu, targets_cpu, segments, params)  # the same draws on the CPU
     same_labels = sum(a["labels"].tolist() == b["labels"].cpu().tolist() for a, b in zip(cpu_targets, out_targets))
     mask_diff = sum(int((a["masks"] ^ b["masks"].cpu()).sum()) if a["masks"].shape == b["masks"].shape else -1
                     for a, b in zip(cpu_targets, out_targets))
@@ -165,13 +165,13 @@ def profile(bank, layout, images, targets, targets_cpu, out_images, out_targets,
 
     cp = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes))
     segments = cp.fetch(args.batch, torch.Generator().manual_seed(3))
-    params = cp.make_params([(args.size, args.size)] * args.batch, targets_cpu, segments)
+    params = cp.draw_placements([(args.size, args.size)] * args.batch, targets_cpu, segments)
     seg = segments.to(dev)
     net = RelightNet.pretrained().to(dev)
     batch = pasted_batch(out_images, out_targets)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    runs = (("paste", lambda: cp.apply(images, targets, seg, params)), ("relight", lambda: relight(net, batch)))
+    runs = (("paste", lambda: cp.paste(images, targets, seg, params)), ("relight", lambda: relight(net, batch)))
     for what, fn in runs:
         fn()
         with torch_profile(activities=activities) as prof:

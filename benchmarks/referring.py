@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
     for i in picks:
         image, target = ds[i]
         segments = cp.fetch(1, g)
-        params = cp.make_params([tuple(image.shape[-2:])], [target], segments, g)
+        params = cp.draw_placements([tuple(image.shape[-2:])], [target], segments, g)
         prepared.append((image, target, segments, params))
 
     def composite():
-        return [cp.apply([im], [t], s, pr) for im, t, s, pr in prepared]
+        return [cp.paste([im], [t], s, pr) for im, t, s, pr in prepared]
 
     outputs = [(ims[0], ts[0]) for ims, ts in composite()]
 

@@ -46,15 +46,15 @@ def test_gpu_matches_cpu(train_bank, val_set):
     images, targets = zip(*[val_set[i] for i in range(4)])
     segments = cp.fetch(4, torch.Generator().manual_seed(0))
     sizes = [tuple(im.shape[-2:]) for im in images]
-    params = cp.make_params(sizes, targets, segments, torch.Generator().manual_seed(1))
-    cpu_images, cpu_targets = cp.apply(images, targets, segments, params)
+    params = cp.draw_placements(sizes, targets, segments, torch.Generator().manual_seed(1))
+    cpu_images, cpu_targets = cp.paste(images, targets, segments, params)
     gpu_targets_in = [{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    gpu_images, gpu_targets = cp.apply([im.cuda() for im in images], gpu_targets_in, segments.to("cuda"), params)
+    gpu_images, gpu_targets = cp.paste([im.cuda() for im in images], gpu_targets_in, segments.to("cuda"), params)
     for a, b, ta, tb in zip(cpu_images, gpu_images, cpu_targets, gpu_targets):
         assert (a.int() - b.cpu().int()).abs().float().mean() < 1.0
         assert ta["labels"].tolist() == tb["labels"].cpu().tolist()
     # the same seed draws the same layout from GPU targets as from CPU ones
-    gpu_params = cp.make_params(sizes, gpu_targets_in, segments, torch.Generator().manual_seed(1))
+    gpu_params = cp.draw_placements(sizes, gpu_targets_in, segments, torch.Generator().manual_seed(1))
     assert all(torch.equal(p.boxes, q.boxes) for p, q in zip(params, gpu_params))
 
 

@@ -163,6 +163,23 @@ def test_every_box_is_tight_by_default_and_input_boxes_stay_only_when_asked(trai
         CopyPaste(train_bank, boxes="loose")
 
 
+def test_the_old_method_names_still_work_with_a_warning_and_paste_draws_nothing(train_bank, val_set):
+    """``make_params``/``apply`` (earlier names) give what ``draw_placements``/``paste`` give, and
+    ``paste`` is deterministic: pasting the same draws twice gives the same outputs."""
+    cp = CopyPaste(train_bank, num_pastes=(2, 4))
+    images, targets = zip(*[val_set[i] for i in (0, 1)])
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    segments = cp.fetch(2, torch.Generator().manual_seed(3))
+    params = cp.draw_placements(sizes, targets, segments, torch.Generator().manual_seed(4))
+    with pytest.warns(DeprecationWarning, match="draw_placements"):
+        old_params = cp.make_params(sizes, targets, segments, torch.Generator().manual_seed(4))
+    assert all(torch.equal(a.boxes, b.boxes) and torch.equal(a.segment, b.segment) for a, b in zip(params, old_params))
+    first = cp.paste(images, targets, segments, params)
+    with pytest.warns(DeprecationWarning, match="paste"):
+        second = cp.apply(images, targets, segments, params)
+    for (im1, t1), (im2, t2) in zip(zip(*first), zip(*second)):
+        assert torch.equal(im1, im2)
+        assert all(torch.equal(torch.as_tensor(t1[k]), torch.as_tensor(t2[k])) for k in ("boxes", "masks", "labels"))
 
 
 def test_the_old_warp_keyword_still_works_with_a_warning(train_bank):

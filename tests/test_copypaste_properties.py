@@ -107,8 +107,8 @@ def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, 
     g = torch.Generator().manual_seed(seed)
     segments = cp.fetch(len(images), g)
     sizes = [tuple(im.shape[-2:]) for im in images]
-    params = cp.make_params(sizes, targets, segments, g)
-    out_images, out_targets = cp.apply(*on(device, images, targets, segments), params)
+    params = cp.draw_placements(sizes, targets, segments, g)
+    out_images, out_targets = cp.paste(*on(device, images, targets, segments), params)
     out_images = [im.cpu() for im in out_images]
     out_targets = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in t.items()} for t in out_targets]
     bank_cat = train_bank.index["category"]

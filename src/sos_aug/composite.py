@@ -1,4 +1,10 @@
-"""Compositing one image and updating its targets exactly, touching only the pasted regions.
+"""Compositing images and updating their instances exactly, touching only the pasted regions.
+
+One front door, :func:`paste`: images (a batch or a list), each image's :class:`Instances`, the
+segments, one :class:`~sos_aug.layout.Placement` per image and a backend name in, one complete
+:class:`PasteResult` per image out (image, masks, boxes, areas, labels, crowd flags, which
+instances are pasted, which survived), whichever backend did the work. :func:`choose_backend`
+holds the fallback policy.
 
 Paste order matters: later segments cover earlier ones, and all cover the existing instances. The
 rules this module guarantees (and the property tests check):
@@ -13,6 +19,7 @@ rules this module guarantees (and the property tests check):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +28,7 @@ import torch
 from .batched_warp import paste_groups, topmost
 from .layout import Placement, clip_window
 from .ops import backends
-from .ops.buffers import consecutive_base, flat_base
+from .ops.buffers import consecutive_base, flat_base, same_size_groups
 from .ops.masks import ALPHA_CUT, ALPHA_THRESHOLD, count_pixels, counts_and_boxes, mask_stats, row_owners
 from .ops.resize import warp_segment
 
@@ -139,46 +146,126 @@ def _compact(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class Instances:
+    """One image's instances as compositing reads them, on the image's device."""
+
+    masks: torch.Tensor  # (N, H, W) bool
+    boxes: torch.Tensor  # (N, 4) XYXY
+    labels: torch.Tensor  # (N,)
+    crowd: torch.Tensor  # (N,) read as bool
+    area: torch.Tensor | None = None  # (N,) areas they came with, kept for instances pasting leaves alone
+
+
+@dataclass
 class PasteResult:
+    """One composited image and its complete new instances: the existing survivors in their order,
+    then the pasted survivors in paste order. Every backend fills every field."""
+
     image: torch.Tensor
-    masks: torch.Tensor  # (N + K', H, W) bool, existing first
-    boxes: torch.Tensor  # (N + K', 4) XYXY
-    area: torch.Tensor
+    masks: torch.Tensor  # (M, H, W) bool
+    boxes: torch.Tensor  # (M, 4) float XYXY; the tight box of every mask pasting changed
+    area: torch.Tensor  # (M,) float; pixel count where pasting changed the mask, else the given area
+    labels: torch.Tensor  # (M,)
+    iscrowd: torch.Tensor  # (M,) int64
+    is_pasted: torch.Tensor  # (M,) bool
     keep_existing: torch.Tensor  # (N,) bool: which existing instances survive
-    pasted_kept: torch.Tensor  # (K,) bool over pieces: which pasted survive
-    piece_segment: torch.Tensor  # (K,) which fetched segment each piece came from
-    # filled by paste_batch when given labels: the rest of the target, already gathered on the device
-    labels: torch.Tensor | None = None
-    iscrowd: torch.Tensor | None = None
-    is_pasted: torch.Tensor | None = None
+    pasted_kept: torch.Tensor  # (K,) bool, on the CPU: which of the placement's K draws survive
+
+
+BACKENDS = ("auto", "window", "kernel", "groups", "loop")
+
+
+def paste(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    instances: Sequence[Instances],
+    segments: Sequence[torch.Tensor],
+    placements: Sequence[Placement],
+    piece_labels: Sequence[torch.Tensor],
+    drop: DropRule,
+    feather_sigma: float = 0.0,
+    backend: str = "auto",
+) -> list[PasteResult]:
+    """Paste ``segments`` into every image as its placement says and update its instances exactly.
+
+    ``images``: a (B, 3, H, W) batch or a list of (3, H, W) images (uint8, or float in [0, 1]);
+    ``segments``: (4, h, w) RGBA tensors on the images' device, indexed by ``placements[b].segment``;
+    ``piece_labels[b]``: the label of each of placement ``b``'s draws. ``backend``
+    (:func:`choose_backend`): ``"window"`` image by image inside each piece's window,
+    ``"kernel"``/``"groups"``/``"loop"`` same-size images batched (:func:`paste_batch`), ``"auto"``
+    the best for the device. All follow the rules in this module's docstring."""
+    if not (len(images) == len(instances) == len(placements) == len(piece_labels)):
+        raise ValueError(f"{len(images)} images, {len(instances)} instance sets, {len(placements)} placements "
+                         f"and {len(piece_labels)} label lists")
+    if len(images) == 0:
+        return []
+    segments = list(segments)
+    chosen = choose_backend(backend, images[0].device, placements, feather_sigma)
+    if chosen == "window":
+        return [paste_into(image, inst, segments, placement, labels, drop, feather_sigma)
+                for image, inst, placement, labels in zip(images, instances, placements, piece_labels)]
+    results: list[PasteResult] = [None] * len(images)  # type: ignore[list-item]
+    stacked = isinstance(images, torch.Tensor)
+    for group in ([list(range(len(images)))] if stacked else same_size_groups(images)):
+        batch = images if stacked else torch.stack([images[i] for i in group])
+        done = paste_batch(batch, [instances[i] for i in group], segments, [placements[i] for i in group],
+                           [piece_labels[i] for i in group], drop, feather_sigma, chosen)
+        for i, res in zip(group, done):
+            results[i] = res
+    return results
+
+
+def choose_backend(backend: str, device: torch.device, placements: Sequence[Placement],
+                   feather_sigma: float = 0.0) -> str:
+    """The backend :func:`paste` uses, with its fallback policy in one place. ``"auto"``: image by
+    image (``"window"``) on the CPU, where touching only each piece's window is fastest; on an
+    accelerator the Triton kernels where they run, else size groups. The batched backends loop
+    piece by piece over feathered or rotated pieces, which the others do not handle."""
+    check_backend(backend)
+    if backend == "window" or (backend == "auto" and device.type == "cpu"):
+        return "window"
+    if feather_sigma > 0 or any(bool(p.angle.any()) for p in placements) or backend == "loop":
+        return "loop"
+    if backend == "auto":
+        return "kernel" if backends.available(device, "paste") else "groups"
+    if backend == "kernel" and not backends.available(device, "paste"):
+        raise RuntimeError(f"backend='kernel' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), "
+                           f"with compiling on; the images are on {device}")
+    return backend
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown compositing backend {backend!r}; use one of {', '.join(map(repr, BACKENDS))}")
 
 
 def paste_into(
     image: torch.Tensor,
-    masks: torch.Tensor,
-    boxes: torch.Tensor,
-    crowd: torch.Tensor,
-    segments: list[torch.Tensor],
+    instances: Instances,
+    segments: Sequence[torch.Tensor],
     placement: Placement,
+    piece_labels: torch.Tensor,
     drop: DropRule,
     feather_sigma: float = 0.0,
 ) -> PasteResult:
-    """Warp, place and composite one image's segments, and update its instances exactly.
+    """The ``"window"`` backend: warp, place and composite one image's segments, and update its
+    instances exactly.
 
     Tensor work stays in the pasted windows (plus one pass over each instance a piece covers); the
     per-piece bookkeeping (counts, boxes) is Python numbers from :func:`mask_stats`, so each piece
     costs a few dispatched operations rather than dozens."""
+    image = image.as_subclass(torch.Tensor)
+    masks, boxes, crowd = instances.masks.bool(), instances.boxes, instances.crowd.bool()
     _, height, width = image.shape
-    pieces, piece_segment = [], []
+    pieces, slots = [], []
     draws = zip(placement.boxes.tolist(), placement.segment.tolist(), placement.flip.tolist(),
                 placement.angle.tolist())
-    for box, seg, flip, angle in draws:
+    for slot, (box, seg, flip, angle) in enumerate(draws):
         bx0, by0, bx1, by1 = (int(v) for v in box)
         patch = warp_segment(segments[seg], by1 - by0, bx1 - bx0, bool(flip), float(angle))
         piece = place_piece(patch, box, height, width)
         if piece is not None:
             pieces.append(piece)
-            piece_segment.append(seg)
+            slots.append(slot)
     out_image = composite(image, pieces, feather_sigma)
     device = image.device
     n, k = len(masks), len(pieces)
@@ -213,27 +300,40 @@ def paste_into(
     touched_rows = touched.nonzero().flatten().tolist()
     new_boxes = boxes.clone().float()
     keep_existing = torch.ones(n, dtype=torch.bool, device=device)
-    after = torch.zeros(n, dtype=torch.long, device=device)
+    area = _given_area(instances, masks)
     if touched_rows:  # full-canvas work, only for the instances a piece covered
         before = torch.tensor([int(count_pixels(masks[i])) for i in touched_rows], device=device)
         now, now_boxes = _as_tensors([mask_stats(all_masks[i]) for i in touched_rows], device)
         rows = torch.tensor(touched_rows, device=device)
-        after[rows], new_boxes[rows] = now, now_boxes
+        area[rows], new_boxes[rows] = now.to(area.dtype), now_boxes
         keep_existing[rows] = drop.keep(now, before, boxes[rows].float(), now_boxes, crowd[rows])
     no_crowd = torch.zeros(k, dtype=torch.bool, device=device)
-    pasted_kept = drop.keep(pasted_visible, pasted_full, full_boxes, pasted_boxes, no_crowd)
-    keep = torch.cat([keep_existing, pasted_kept])
-    out_masks = _compact(all_masks, keep)
-    area_existing = torch.where(touched.bool(), after, -torch.ones_like(after))  # -1: unchanged
+    piece_kept = drop.keep(pasted_visible, pasted_full, full_boxes, pasted_boxes, no_crowd)
+    keep = torch.cat([keep_existing, piece_kept])
+    pasted_kept = torch.zeros(len(placement), dtype=torch.bool)
+    pasted_kept[slots] = piece_kept.cpu()
+    new_labels = piece_labels.to(device)[torch.tensor(slots, dtype=torch.long, device=device)]
+    labels = torch.cat([instances.labels.to(device)[keep_existing], new_labels[piece_kept].to(instances.labels.dtype)])
+    n_kept = int(keep_existing.sum())
     return PasteResult(
         image=out_image,
-        masks=out_masks,
+        masks=_compact(all_masks, keep),
         boxes=torch.cat([new_boxes, pasted_boxes])[keep],
-        area=torch.cat([area_existing, pasted_visible])[keep],
+        area=torch.cat([area, pasted_visible.to(area.dtype)])[keep],
+        labels=labels,
+        iscrowd=torch.cat([crowd[keep_existing].long(), torch.zeros(len(labels) - n_kept, dtype=torch.long,
+                                                                    device=device)]),
+        is_pasted=torch.arange(len(labels), device=device) >= n_kept,
         keep_existing=keep_existing,
         pasted_kept=pasted_kept,
-        piece_segment=torch.tensor(piece_segment, dtype=torch.long),
     )
+
+
+def _given_area(instances: Instances, masks: torch.Tensor) -> torch.Tensor:
+    """Float areas of one image's instances as they came: the given ones, else pixel counts."""
+    if instances.area is not None:
+        return instances.area.to(masks.device).float().clone()
+    return count_pixels(masks).float().to(masks.device) if len(masks) else torch.zeros(0, device=masks.device)
 
 
 def _on_canvas(stats: tuple[int, list[int]], piece: PastedPiece) -> tuple[int, list[int]]:
@@ -262,34 +362,30 @@ def _warp_float(rgba: torch.Tensor, height: int, width: int, flip: bool, angle: 
 
 def paste_batch(
     images: torch.Tensor,
-    masks: list[torch.Tensor],
-    boxes: list[torch.Tensor],
-    crowd: list[torch.Tensor],
+    instances: Sequence[Instances],
     segments: list[torch.Tensor],
-    placements: list[Placement],
+    placements: Sequence[Placement],
+    piece_labels: Sequence[torch.Tensor],
     drop: DropRule,
     feather_sigma: float = 0.0,
-    labels: list[torch.Tensor] | None = None,
-    areas: list[torch.Tensor] | None = None,
-    piece_labels: list[torch.Tensor] | None = None,
-    backend: str = "auto",
+    backend: str = "loop",
 ) -> list[PasteResult]:
-    """:func:`paste_into` for a (B, 3, H, W) batch at once, built for accelerators.
+    """The batched backends: :func:`paste_into` for a (B, 3, H, W) batch at once, built for
+    accelerators.
 
     Per piece it launches only a warp and two writes (its hard mask into a (B, K, H, W) stack, its
-    pixels into the canvas) and never waits for the device; occlusion, boxes, areas and the drop
-    rule are whole-batch ops, and one device sync at the end learns which instances survive.
-    ``placements[b].segment`` indexes ``segments``. Results match :func:`paste_into`'s rules.
-    With ``labels`` (per image) and ``piece_labels`` (per image, one per placement, CPU) it also
-    gathers labels, crowd flags, final areas (``areas`` where given, else pixel counts, for
-    untouched instances) and ``is_pasted`` for the whole batch in the same single gather.
-
-    ``backend`` picks how pieces are warped and written, for batches with hard alpha and no rotation
-    (others loop): ``"kernel"`` all at once in two Triton kernels (:mod:`sos_aug.paste_kernel`;
-    CUDA); ``"groups"`` all at once, grouped by size (:mod:`sos_aug.batched_warp`); ``"loop"`` piece
-    by piece (on the CPU through the uint8 kernel, bit-identical to :func:`paste_into`); ``"auto"``
-    the kernels on CUDA where Triton runs, else groups on accelerators, and loops on the CPU.
+    pixels into the canvas) and never waits for the device; occlusion, boxes, areas, the drop rule
+    and the gather of labels, crowd flags and ``is_pasted`` are whole-batch ops, and one device sync
+    at the end learns which instances survive. ``backend`` (as :func:`choose_backend` resolves it)
+    picks how pieces are warped and written: ``"kernel"`` all at once in two Triton kernels
+    (:mod:`sos_aug.paste_kernel`; CUDA), ``"groups"`` all at once, grouped by size
+    (:mod:`sos_aug.batched_warp`), ``"loop"`` piece by piece (on the CPU through the uint8 kernel,
+    bit-identical to :func:`paste_into`).
     """
+    images = images.as_subclass(torch.Tensor)
+    masks = [inst.masks for inst in instances]
+    boxes = [inst.boxes for inst in instances]
+    crowd = [inst.crowd for inst in instances]
     out_images, full, top, stats = _composite_batch(images, segments, placements, feather_sigma, backend)
     b, kmax = len(placements), max((len(p) for p in placements), default=0)
     occ = _occlusion((b, kmax, *images.shape[-2:]), masks, boxes, crowd, drop, full, top, stats)
@@ -300,23 +396,20 @@ def paste_batch(
     n_old = len(occ.old_visible)
     all_masks = occ.rows.index_select(0, order_t)
     all_boxes = torch.cat([occ.new_boxes, occ.visible_boxes]).index_select(0, order_t)
-    # untouched instances keep the area they came with (COCO's polygon area) when labels are gathered
-    untouched = _untouched_area(occ, areas) if labels is not None else torch.full_like(occ.after, -1)
+    # untouched instances keep the area they came with (COCO's polygon area)
+    untouched = _untouched_area(occ, [inst.area for inst in instances])
     existing_area = torch.where(occ.touched, occ.after.to(untouched.dtype), untouched)
     all_area = torch.cat([existing_area, occ.pasted_visible.to(untouched.dtype)]).index_select(0, order_t).float()
-    extra = [(None, None, None)] * b
-    if labels is not None:
-        extra = _gather_labels(labels, occ.old_crowd, piece_labels, placements, kmax, order_t, counts, n_old,
-                               images.device)
+    extra = _gather_labels([inst.labels for inst in instances], occ.old_crowd, piece_labels, placements, kmax,
+                           order_t, counts, n_old, images.device)
     results, start = [], 0
     for i, (m, bx, ar) in enumerate(zip(all_masks.split(counts), all_boxes.split(counts), all_area.split(counts))):
         k = len(placements[i])
         results.append(PasteResult(
             image=out_images[i], masks=m, boxes=bx, area=ar,
+            labels=extra[i][0], iscrowd=extra[i][1], is_pasted=extra[i][2],
             keep_existing=occ.keep_old[start : start + occ.n_per[i]],
             pasted_kept=keep_cpu[n_old + i * kmax : n_old + i * kmax + k],  # on the CPU: no further sync
-            piece_segment=torch.arange(k),
-            labels=extra[i][0], iscrowd=extra[i][1], is_pasted=extra[i][2],
         ))
         start += occ.n_per[i]
     return results
@@ -324,13 +417,15 @@ def paste_batch(
 
 def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement],
                      feather_sigma: float, backend: str = "auto"):
-    """Warp and paste every piece in order: the composited batch, each piece's full hard mask in a
+    """Warp and paste every piece in order with ``backend`` (``"kernel"``, ``"groups"`` or
+    ``"loop"``, as :func:`choose_backend` resolved it): the composited batch, each piece's full hard mask in a
     (B, K, H, W) stack (K = the most pieces of any image; None from the kernels, which never build
     it), the topmost piece per pixel when the path computed it, and the kernels' per-piece counts
     and boxes (else None). Python numbers only on the host, no wait for the device."""
     b, _, height, width = images.shape
     kmax = max((len(p) for p in placements), default=0)
-    path = backend_for(backend, images, placements, feather_sigma)
+    path = backend
+
     def groups():
         return (*paste_groups(images, segments, flat_base(segments), placements, kmax), None)
 
@@ -369,31 +464,6 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
             else:
                 torch.where(mask, rgb, view, out=view)
     return (canvas.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else canvas), full, None, None
-
-
-def backend_for(backend: str, images: torch.Tensor, placements: list[Placement], feather_sigma: float) -> str:
-    """The backend :func:`_composite_batch` uses (see :func:`paste_batch`'s ``backend``), in one place
-    with its fallback policy: ``"kernel"``, ``"groups"`` or ``"loop"``. Feathered or rotated pieces
-    always loop; ``"auto"`` takes the kernels where Triton runs on CUDA, else groups, and loops on
-    the CPU."""
-    check_backend(backend)
-    if feather_sigma > 0 or any(bool(p.angle.any()) for p in placements) or backend == "loop":
-        return "loop"
-    if backend == "auto":
-        device = images.device
-        return "loop" if device.type == "cpu" else ("kernel" if backends.available(device, "paste") else "groups")
-    if backend == "kernel" and not backends.available(images.device, "paste"):
-        raise RuntimeError(f"backend='kernel' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), "
-                           f"with compiling on; the batch is on {images.device}")
-    return backend
-
-
-BACKENDS = ("auto", "kernel", "groups", "loop")
-
-
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown compositing backend {backend!r}; use 'auto', 'kernel', 'groups' or 'loop'")
 
 
 @dataclass
@@ -469,13 +539,12 @@ def _survivor_order(keep: torch.Tensor, n_per: list[int], k_per: list[int], kmax
     return order, counts
 
 
-def _untouched_area(occ: _Occlusion, areas: list[torch.Tensor | None] | None) -> torch.Tensor:
+def _untouched_area(occ: _Occlusion, areas: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """Each existing instance's area if pasting leaves it alone: the one its target gave, else its
     pixel count (image by image: a batch may mix targets with and without ``area``)."""
     device = occ.before.device
     if len(occ.before) == 0:
         return occ.before.double()
-    areas = areas or [None] * len(occ.n_per)
     given = torch.cat([occ.before.new_zeros(n) if a is None else a.to(device)
                        for a, n in zip(areas, occ.n_per)]).double()  # one cast for the batch
     has = torch.tensor([a is not None for a in areas]).repeat_interleave(torch.tensor(occ.n_per)).to(device)

@@ -2,8 +2,11 @@
 
 Like torchvision's v2 transforms, random parameters are drawn first and then applied:
 :meth:`CopyPaste.fetch` draws how many and which segments each image gets and decodes them (a
-DataLoader worker's job), :meth:`CopyPaste.make_params` draws the layout, and
-:meth:`CopyPaste.apply` composites on whatever device the images live on.
+DataLoader worker's job), :meth:`CopyPaste.draw_placements` draws the layout, and
+:meth:`CopyPaste.paste` composites on whatever device the images live on, without a random draw.
+(The names differ from v2's ``make_params``/``transform`` because the contract does: the draw
+needs a whole batch's sizes and targets, and pasting rewrites the image and its target together.
+Called on one ``(image, target)`` pair, ``CopyPaste`` works as a step of ``v2.Compose``.)
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from . import allocator
 from .bank.format import BankFormatError
 from .bank.sources import load_coco
 from .bank.store import SegmentBank, normalize_name
-from .composite import DropRule, PasteResult, check_backend, paste_batch, paste_into
+from .composite import DropRule, Instances, PasteResult, check_backend, paste
 from .grounding import Referring
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
-from .ops.buffers import consecutive_base, flat_base, same_size_groups
-from .ops.masks import count_pixels, tight_boxes
+from .ops.buffers import consecutive_base, flat_base
+from .ops.masks import tight_boxes
 from .relight.batch import RelightBatch, relight
 from .relight.batch import warm_up as compile_relighters
 
@@ -153,16 +156,15 @@ class CopyPaste:
         relight: a relighter or a list of them (:mod:`sos_aug.relight`), run on the pasted segments
             after compositing, e.g. ``[RelightNet.pretrained(), LabBlend()]``; background pixels and
             targets are unchanged by it.
-        batched: paste each group of same-size images in one :func:`~sos_aug.composite.paste_batch`
-            call (few device launches per segment, one sync per batch) instead of image by image.
-            None (default) batches on accelerators and goes image by image on the CPU, where the
-            ROI-local per-image path is faster.
-        backend: how the batched path warps and writes the pieces (hard alpha without rotation;
-            batches with rotation or feathering loop): ``"kernel"`` all at once in two Triton
-            kernels (CUDA), ``"groups"`` all at once in a few batched matmuls by size (launches do
-            not grow with the number of pieces), ``"loop"`` piece by piece, ``"auto"`` (default)
-            the kernels on CUDA where Triton runs, else groups, on accelerators. Results agree up
-            to float rounding (see :mod:`sos_aug.paste_kernel`, :mod:`sos_aug.batched_warp`).
+        backend: how images are composited (:func:`sos_aug.composite.paste`): ``"window"`` image by
+            image, touching only each piece's window (the fastest on the CPU); ``"kernel"`` same-size
+            images at once in two Triton kernels (CUDA); ``"groups"`` same-size images at once, pieces
+            warped in a few batched matmuls by size; ``"loop"`` same-size images at once, piece by
+            piece; ``"auto"`` (default) ``"window"`` on the CPU, the kernels on CUDA where Triton
+            runs, else groups. Batched backends loop over rotated or feathered pieces. Results agree
+            up to float rounding (see :mod:`sos_aug.paste_kernel`, :mod:`sos_aug.batched_warp`).
+        batched: a shorthand: ``False`` is ``backend="window"``; ``True`` batches same-size images
+            (with ``backend="auto"``, piece by piece on the CPU).
         referring: a :class:`~sos_aug.grounding.Referring` that adds ``target["referring"]``, verified
             referring expressions over existing and pasted instances, drawn from the same generator.
         boxes: ``"tight"`` (default): every output box is the tight pixel-edge box of its output
@@ -244,11 +246,12 @@ class CopyPaste:
         names = [self.bank.categories[int(c)]["name"] for c in cats]
         return PasteSegments(rgba, image, self._label_table[cats], names, rows)
 
-    def make_params(
+    def draw_placements(
         self, sizes: Sequence[tuple[int, int]], targets: Sequence[Target], segments: PasteSegments,
         generator: torch.Generator | None = None,
     ) -> list[Placement]:
-        """Draw one placement per image (on the CPU, so CPU and GPU runs replay the same layout)."""
+        """Draw one placement per image (on the CPU, so CPU and GPU runs replay the same layout):
+        the random parameters that :meth:`paste` applies."""
         placements = []
         norm_boxes = [_normalised_boxes(t, h, w) for t, (h, w) in zip(targets, sizes)]
         for b, ((h, w), target) in enumerate(zip(sizes, targets)):
@@ -281,13 +284,13 @@ class CopyPaste:
         sizes = [tuple(im.shape[-2:]) for im in batch]
         params = segments.placements  # drawn in a worker (CopyPasteCollate(defer=True)), else now
         if params is None:
-            params = self.make_params(sizes, targets, segments, generator)
+            params = self.draw_placements(sizes, targets, segments, generator)
         elif segments.sizes is not None and [tuple(x) for x in segments.sizes] != sizes:
             raise ValueError(f"the segments' layouts were drawn for images of sizes {segments.sizes}, but these "
                              f"images are {sizes}: resize before CopyPasteCollate, or draw layouts here "
                              "(segments.placements = None)")
         stacked = isinstance(images, torch.Tensor) and not single
-        out_images, out_targets = self.apply(images if stacked else batch, targets, segments, params)
+        out_images, out_targets = self.paste(images if stacked else batch, targets, segments, params)
         if self.referring is not None:
             for image, target in zip(out_images, out_targets):
                 target["referring"] = self.refer(image, target, generator)
@@ -297,37 +300,40 @@ class CopyPaste:
             return _restack(out_images), out_targets
         return out_images, out_targets
 
-    def apply(self, images: Sequence[torch.Tensor], targets: Sequence[Target], segments: PasteSegments,
+    def paste(self, images: Sequence[torch.Tensor], targets: Sequence[Target], segments: PasteSegments,
               params: Sequence[Placement]) -> tuple[list[torch.Tensor], list[Target]]:
-        """Composite every image with its placement and rewrite its target."""
+        """Composite every image with its placement and rewrite its target (no random draw: the
+        same inputs give the same outputs, on any device)."""
         if len(images) != len(targets) or len(images) != len(params):
             raise ValueError(f"{len(images)} images, {len(targets)} targets and {len(params)} placements")
         for image, target in zip(images, targets):
             _check_target(image, target)
-        results: list[PasteResult | None] = [None] * len(images)
-        for group in self._groups(images):
-            if len(group) == 1 and not self._batch_on(images[group[0]]):
-                i = group[0]
-                results[i] = self._paste_one(images[i], targets[i], segments, params[i])
-            else:
-                whole = isinstance(images, torch.Tensor) and len(group) == len(images)  # a stacked batch as is
-                batch = images if whole else torch.stack([torch.as_tensor(images[i]) for i in group])
-                for i, res in zip(group, self._paste_group(batch, [targets[i] for i in group], segments,
-                                                           [params[i] for i in group])):
-                    results[i] = res
-        kept_src = [p.segment[r.piece_segment][r.pasted_kept.cpu()] for p, r in zip(params, results)]
         device = images[0].device if len(images) else torch.device("cpu")
-        new_labels = [None] * len(kept_src)  # paste_batch gathered its images' labels itself
-        if any(r.labels is None for r in results):
-            new_labels = segments.labels[torch.cat(kept_src)].to(device).split([len(k) for k in kept_src])  # 1 copy
+        rgba = segments.to(device).rgba  # one transfer for all segments
+        instances = [_instances(t, device) for t in targets]
+        piece_labels = [segments.labels[p.segment] for p in params]
+        results = paste(images if isinstance(images, torch.Tensor) else [torch.as_tensor(im) for im in images],
+                        instances, rgba, params, piece_labels, self.drop, self.feather_sigma,
+                        self._backend(device))
+        kept_src = [p.segment[r.pasted_kept] for p, r in zip(params, results)]
         out_images, out_targets = [], []
-        for image, target, kept, labels, res in zip(images, targets, kept_src, new_labels, results):
-            img, tgt = self._new_target(image, target, segments, kept, labels, res)
+        for image, target, kept, res in zip(images, targets, kept_src, results):
+            img, tgt = self._new_target(image, target, segments, kept, res)
             out_images.append(img)
             out_targets.append(tgt)
         if self.relight is not None:
             out_images = self._relight(out_images, out_targets, [len(k) for k in kept_src])
         return out_images, out_targets
+
+    def make_params(self, *args, **kwargs) -> list[Placement]:
+        """Deprecated name of :meth:`draw_placements` (it did not follow torchvision v2's contract)."""
+        warnings.warn("CopyPaste.make_params is now CopyPaste.draw_placements", DeprecationWarning, stacklevel=2)
+        return self.draw_placements(*args, **kwargs)
+
+    def apply(self, *args, **kwargs) -> tuple[list[torch.Tensor], list[Target]]:
+        """Deprecated name of :meth:`paste`."""
+        warnings.warn("CopyPaste.apply is now CopyPaste.paste", DeprecationWarning, stacklevel=2)
+        return self.paste(*args, **kwargs)
 
     def refer(self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None) -> list[dict]:
         """Verified referring expressions for one output (``referring``), pasted segments named by
@@ -341,15 +347,13 @@ class CopyPaste:
             phrases[row] = self.bank.text(int(pointer)).get("short_phrase")
         return self.referring(image, target, names, phrases, generator)
 
-    def _batch_on(self, image: torch.Tensor) -> bool:
-        """Whether images like this one go through :func:`paste_batch` (see ``batched``)."""
-        return self.batched if self.batched is not None else image.device.type != "cpu"
-
-    def _groups(self, images: Sequence[torch.Tensor]) -> list[list[int]]:
-        """Indices of images pasted together: same size and device when batching, else one by one."""
-        if len(images) == 0 or not self._batch_on(images[0]):
-            return [[i] for i in range(len(images))]
-        return same_size_groups(images)
+    def _backend(self, device: torch.device) -> str:
+        """The compositing backend for images on ``device`` (``backend``, with ``batched`` as a shorthand)."""
+        if self.batched is False:
+            return "window"
+        if self.batched and self.backend == "auto" and device.type == "cpu":
+            return "loop"  # batched on the CPU: the batched path piece by piece
+        return self.backend
 
     def _relight(self, images: list[torch.Tensor], targets: list[Target], n_pasted: list[int]) -> list[torch.Tensor]:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
@@ -362,59 +366,15 @@ class CopyPaste:
         return [tv_tensors.wrap(new, like=im) if isinstance(im, tv_tensors.Image) else new
                 for im, new in zip(images, relit)]
 
-    def _paste_one(self, image: torch.Tensor, target: Target, segments: PasteSegments,
-                   placement: Placement) -> PasteResult:
-        """One image through :func:`paste_into` (the CPU path)."""
-        device = image.device
-        masks, boxes, crowd = _instances(target, device)
-        rgba = [segments.rgba[int(i)].to(device) for i in placement.segment] if len(placement) else []
-        local = Placement(placement.boxes, torch.arange(len(placement)), placement.flip, placement.angle)
-        return paste_into(torch.as_tensor(image), masks, boxes, crowd.bool(), rgba, local, self.drop,
-                          self.feather_sigma)
-
-    def _paste_group(self, batch: torch.Tensor, targets: list[Target], segments: PasteSegments,
-                     params: list[Placement]) -> list[PasteResult]:
-        """Same-size images through :func:`paste_batch`, targets gathered there too."""
-        device = batch.device
-        masks, boxes, crowd = zip(*[_instances(t, device) for t in targets])
-        rgba = segments.to(device).rgba  # one transfer for all segments
-        labels = [t["labels"] for t in targets]
-        areas = [t.get("area") for t in targets]
-        piece_labels = [segments.labels[p.segment] for p in params]
-        return paste_batch(batch.as_subclass(torch.Tensor), list(masks), list(boxes), list(crowd), rgba, params,
-                           self.drop, self.feather_sigma, labels=labels, areas=areas, piece_labels=piece_labels,
-                           backend=self.backend)
-
     def _new_target(self, image: torch.Tensor, target: Target, segments: PasteSegments, kept_src: torch.Tensor,
-                    new_labels: torch.Tensor, res: PasteResult):
-        """The pasted image and its new target (existing instances first, then the pasted ones);
-        ``kept_src`` are the segments whose pieces survived, ``new_labels`` their labels on the device."""
-        device = image.device
-        keep = res.keep_existing
+                    res: PasteResult):
+        """The pasted image and its new target (existing instances first, then the pasted ones) in
+        the input's types; ``kept_src`` are the segments whose pieces survived."""
         out = {k: v for k, v in target.items() if k not in _INSTANCE_KEYS}
-        if res.labels is not None:  # paste_batch gathered the whole target already
-            out.update(labels=res.labels, boxes=_wrap_boxes(target["boxes"], res.boxes, image.shape[-2:]),
-                       masks=_wrap_like(target["masks"], res.masks.to(target["masks"].dtype)),
-                       iscrowd=res.iscrowd, area=res.area.float(), is_pasted=res.is_pasted)
-            return self._finish(image, target, segments, kept_src, keep, res, out)
-        labels = target["labels"].to(device)
-        crowd = target.get("iscrowd", torch.zeros(len(labels), dtype=torch.long)).to(device).bool()
-        n_new = len(kept_src)
-        n_old = len(res.boxes) - n_new  # no device sync
-        out["labels"] = torch.cat([labels[keep], new_labels.to(labels.dtype)])
-        out["boxes"] = _wrap_boxes(target["boxes"], res.boxes, image.shape[-2:])
-        out["masks"] = _wrap_like(target["masks"], res.masks.to(target["masks"].dtype))
-        out["iscrowd"] = torch.cat([crowd[keep].long(), torch.zeros(n_new, dtype=torch.long, device=device)])
-        old_area = target.get("area")
-        area = res.area.float()
-        if old_area is not None:
-            area[:n_old] = torch.where(area[:n_old] < 0, old_area.to(device)[keep].float(), area[:n_old])
-        else:
-            old_masks = target["masks"].to(device)[keep].bool()
-            area[:n_old] = torch.where(area[:n_old] < 0, count_pixels(old_masks).float().to(device), area[:n_old])
-        out["area"] = area
-        out["is_pasted"] = torch.arange(n_old + n_new, device=device) >= n_old
-        return self._finish(image, target, segments, kept_src, keep, res, out)
+        out.update(labels=res.labels, boxes=_wrap_boxes(target["boxes"], res.boxes, image.shape[-2:]),
+                   masks=_wrap_like(target["masks"], res.masks.to(target["masks"].dtype)),
+                   iscrowd=res.iscrowd, area=res.area, is_pasted=res.is_pasted)
+        return self._finish(image, target, segments, kept_src, res.keep_existing, res, out)
 
     def _finish(self, image, target: Target, segments: PasteSegments, kept_src: torch.Tensor, keep: torch.Tensor,
                 res: PasteResult, out: Target):
@@ -438,11 +398,14 @@ class CopyPaste:
 _INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows", "referring"}
 
 
-def _instances(target: Target, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A target's masks (bool), XYXY boxes and crowd flags (any dtype: one conversion for the
-    batch is cheaper than one per image) on ``device``."""
+def _instances(target: Target, device: torch.device) -> Instances:
+    """A target's instances as compositing reads them, on ``device`` (crowd flags in any dtype: one
+    conversion for the batch is cheaper than one per image)."""
     crowd = target["iscrowd"] if "iscrowd" in target else torch.zeros(len(target["labels"]), dtype=torch.bool)
-    return target["masks"].to(device).bool(), _xyxy(target).to(device), crowd.to(device)
+    area = target.get("area")
+    return Instances(target["masks"].to(device).as_subclass(torch.Tensor).bool(), _xyxy(target).to(device),
+                     target["labels"].as_subclass(torch.Tensor).to(device), crowd.to(device),
+                     None if area is None else torch.as_tensor(area).to(device))
 
 
 def _check_target(image: torch.Tensor, target: Target) -> None:
@@ -577,7 +540,7 @@ class CopyPasteCollate:
         if self.defer:  # draw everything here; the training step only composites
             segments = self.cp.fetch(len(images), self.generator())
             sizes = [tuple(im.shape[-2:]) for im in images]
-            segments.placements = self.cp.make_params(sizes, targets, segments, self.generator())
+            segments.placements = self.cp.draw_placements(sizes, targets, segments, self.generator())
             segments.sizes = sizes
             return self._collate(images, targets) + (segments,)
         images, targets = self.cp(images, targets, generator=self.generator())

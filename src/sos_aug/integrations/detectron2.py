@@ -96,7 +96,7 @@ def draw_segments(cp: CopyPaste, image: torch.Tensor, inst: Instances) -> PasteS
     if inst.masks is not None:
         target["masks"] = inst.masks
     size = tuple(image.shape[-2:])
-    segments.placements = cp.make_params([size], [target], segments)
+    segments.placements = cp.draw_placements([size], [target], segments)
     segments.sizes = [size]
     return segments
 

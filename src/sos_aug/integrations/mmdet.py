@@ -84,7 +84,7 @@ class SOSCopyPaste(BaseTransform):
             target = {"boxes": inst.boxes, "labels": inst.labels, "iscrowd": inst.ignore.long(),
                       **({"masks": inst.masks} if inst.masks is not None else {})}
             size = tuple(image.shape[-2:])
-            segments.placements = self.cp.make_params([size], [target], segments)
+            segments.placements = self.cp.draw_placements([size], [target], segments)
             segments.sizes = [size]
             results[SEGMENTS_KEY] = segments
             return results
