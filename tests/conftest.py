@@ -1,5 +1,5 @@
-"""Shared fixtures: the real COCO subset (``SOS_AUG_TEST_DATA``, default ``../shared/data``) and
-banks built from it once per session."""
+"""Shared fixtures: the real COCO subset (``SOS_AUG_TEST_DATA``, default ``../shared/data``), banks
+built from it once per session, a pasted batch for the relighting tests, and a broken compiler."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
+from sos_aug import CopyPaste
 from sos_aug.bank import SegmentBank, build_bank, coco_source
+from sos_aug.ops import backends
+from sos_aug.relight import RelightBatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,3 +62,26 @@ def val_set(coco_mini, val_ann):
     from sos_aug import CocoInstances
 
     return CocoInstances(val_ann, coco_mini / "val2017")
+
+
+@pytest.fixture(scope="module")
+def pasted(train_bank, val_set):
+    """Two real val images with real bank segments pasted (hard alpha), as float batches."""
+    cp = CopyPaste(train_bank, num_pastes=(5, 5))
+    images, targets = zip(*[val_set[i] for i in range(2)])
+    out, out_targets = cp(list(images), list(targets), generator=torch.Generator().manual_seed(0))
+    plain = [im.as_subclass(torch.Tensor).float() / 255 for im in out]
+    masks = [t["masks"].as_subclass(torch.Tensor)[t["is_pasted"]] for t in out_targets]
+    return RelightBatch(plain, plain, masks), images, targets
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """``torch.compile`` whose compiled functions fail when called, as a missing C++ compiler does."""
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(backends, "COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)

@@ -127,7 +127,7 @@ def check_relight(images: torch.Tensor, masks: list[torch.Tensor], device: str) 
     """The net's relight of a batch through the kernel against the torch pixel pass (same
     parameters: a net that sees only the alpha windows, different for every segment). Returns how
     many pixels changed."""
-    from test_relight import alpha_only_net
+    from test_relight_net import alpha_only_net
 
     from sos_aug.ops import backends
     from sos_aug.relight.net import _relight_group

@@ -1,0 +1,132 @@
+"""The classical relighters (relight/classical.py): LabBlend and ReinhardTransfer, their CPU and
+accelerator paths against each other, channels-last images, the area-rank weights, and LabBlend's
+place in a chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch
+
+
+@pytest.mark.parametrize("as_uint8", [False, True])
+def test_lab_blend_pixel_path_equals_its_window_path(pasted, as_uint8):
+    """LabBlend's accelerator path (all pasted pixels of a batch at once, elementwise Lab) against
+    its CPU path (Lab by matrix products): float within 1e-4, uint8 within one level."""
+    batch = pasted[0]
+    blend = LabBlend()
+    g = torch.Generator().manual_seed(0)
+    for image, masks in zip(batch.images, batch.masks):
+        relit = (image * 0.8 + 0.1 * torch.rand(image.shape, generator=g)).clamp(0, 1)  # something to blend toward
+        if as_uint8:
+            image, relit = ((x * 255).round().to(torch.uint8) for x in (image, relit))
+        windows = blend._blend_windows(relit, image, masks)
+        pixels = blend._blend_pixels(relit[None], image[None], [masks])[0]
+        assert (windows.float() - pixels.float()).abs().max() <= (1 if as_uint8 else 1e-4)
+        covered = masks.any(0)
+        assert torch.equal(pixels[:, ~covered], relit[:, ~covered])
+
+
+@pytest.mark.parametrize("as_uint8", [False, True])
+def test_reinhard_pixel_path_equals_its_window_path(pasted, as_uint8):
+    """ReinhardTransfer's accelerator path (every segment's ring and statistics at once, elementwise
+    Lab) against its CPU path (segment by segment, Lab by matrix products), run here on the CPU, on a batch of
+    two images cut to one size; an empty mask and a segment whose ring is too small stay untouched."""
+    batch = pasted[0]
+    h, w = (min(im.shape[i] for im in batch.images) for i in (1, 2))
+    images = [im[:, :h, :w] for im in batch.images]
+    if as_uint8:
+        images = [(im * 255).round().to(torch.uint8) for im in images]
+    plain = [im.clone() for im in images]
+    images[0] = (images[0].float() * 0.7).to(images[0].dtype)  # the composite differs from the plain image
+    walled = torch.zeros(h, w, dtype=torch.bool)  # a segment inside a closed wall: no ring pixels
+    walled[2:4, 2:4] = True
+    wall = torch.zeros(h, w, dtype=torch.bool)
+    wall[:12, :12] = True
+    wall[2:4, 2:4] = False
+    masks = [torch.cat([m[:, :h, :w], torch.zeros(1, h, w, dtype=torch.bool)]) for m in batch.masks]
+    masks[1] = torch.cat([masks[1] & ~(wall | walled), walled[None], wall[None]])
+    transfer = ReinhardTransfer(strength=0.8)
+    pixels = transfer._transfer_pixels(torch.stack(images), torch.stack(plain), masks)
+    for image, plain_image, m, got in zip(images, plain, masks, pixels):
+        want = transfer._transfer_windows(image, plain_image, m)
+        assert (want.float() - got.float()).abs().max() <= (1 if as_uint8 else 1e-4)
+        covered = m.any(0)
+        assert torch.equal(got[:, ~covered], image[:, ~covered])
+        assert (got[:, covered].float() - image[:, covered].float()).abs().mean() > 1e-3
+    assert torch.equal(pixels[1][:, walled], images[1][:, walled])  # its ring is empty: left as it was
+
+
+@pytest.mark.parametrize("relighter", [LabBlend(), ReinhardTransfer(strength=0.8)], ids=["lab_blend", "reinhard"])
+def test_classical_cpu_paths_read_and_write_channels_last_images(pasted, relighter):
+    """The classical CPU paths gather and write pixels straight in the images' memory: channels-last
+    uint8 images (what torchvision's uint8 resize returns) come out exactly as planar ones do, and
+    stay channels-last; given the masks' tight boxes (as CopyPaste passes them), the same again."""
+    batch = pasted[0]
+    plain = [(im * 255).round().to(torch.uint8) for im in batch.images]
+    relit = [(im.float() * 0.8).to(torch.uint8) for im in plain]  # the composite differs from the plain image
+
+    def interleaved(images):
+        return [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in images]
+
+    from sos_aug.ops.masks import tight_boxes
+
+    planar_out = relighter(RelightBatch(relit, plain, batch.masks, relit=True))
+    interleaved_out = relighter(RelightBatch(interleaved(relit), interleaved(plain), batch.masks, relit=True))
+    with_boxes = relighter(RelightBatch(relit, plain, batch.masks, [tight_boxes(m) for m in batch.masks],
+                                        relit=True))
+    for a, b, c, before, masks in zip(planar_out, interleaved_out, with_boxes, relit, batch.masks):
+        assert torch.equal(a, b) and torch.equal(a, c)
+        assert b.stride() == (1, 3 * b.shape[2], 3)
+        covered = masks.any(0)
+        assert torch.equal(b[:, ~covered], before[:, ~covered])
+        assert (b[:, covered] != before[:, covered]).float().mean() > 0.1
+
+
+def test_lab_blend_compile_cpu_is_a_deprecated_no_op():
+    """Its compiled CPU path was no faster than the eager one (docs/performance.md) and is gone."""
+    with pytest.warns(DeprecationWarning, match="no effect"):
+        blend = LabBlend(compile_cpu=True)
+    assert not getattr(blend, "compile_cpu", False)
+
+
+def test_lab_blend_weights_follow_the_area_rank():
+    w = LabBlend.weights(torch.tensor([500, 10, 2000, 90]))
+    order = torch.argsort(torch.tensor([500, 10, 2000, 90]))
+    r = torch.linspace(0, 1, 4)
+    expected = 0.3 + 0.6 * torch.sigmoid(-10 * (r - 0.5))
+    assert torch.allclose(w[order], expected)
+    assert w[1] > w[0] > w[2]  # the smallest segment takes the most relit lighting
+
+
+def test_batch_weights_rank_each_images_segments_like_lab_blend_weights():
+    """The accelerator path's weights (all images at once, no wait on the device) are the per-image
+    ones, ties included (a stable sort's order)."""
+    from sos_aug.relight.classical import area_rank_weights
+
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 1, 0, 7, 5]
+    areas = torch.randint(0, 6, (sum(counts),), generator=g)  # few values: many ties
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+
+    def by_stable_sort(a: torch.Tensor) -> torch.Tensor:  # one image's weights, ranks from a stable sort
+        rank = torch.empty(len(a))
+        rank[torch.argsort(a, stable=True)] = torch.arange(len(a), dtype=torch.float)
+        return 0.3 + 0.6 * torch.sigmoid(-10 * (rank / max(len(a) - 1, 1) - 0.5))
+
+    expected = torch.cat([by_stable_sort(a) for a in areas.split(counts)])
+    assert torch.allclose(area_rank_weights(areas, owner), expected)
+    assert torch.equal(torch.cat([LabBlend.weights(a) for a in areas.split(counts)]), area_rank_weights(areas, owner))
+
+
+def test_lab_blend_knows_from_the_chain_whether_the_images_were_relit(pasted):
+    """LabBlend first in a chain blends toward its fallback; after another relighter it blends toward
+    that one's output, even where that output is the plain composite itself (no identity test)."""
+    batch = pasted[0]
+    plain = [(im * 255).round().to(torch.uint8) for im in batch.images]
+    alone = LabBlend()(RelightBatch(plain, plain, batch.masks))
+    after_a_no_op = LabBlend()(RelightBatch(plain, plain, batch.masks, relit=True))
+    assert any(not torch.equal(a, p) for a, p in zip(alone, plain))  # the fallback relit something
+    for out, p in zip(after_a_no_op, plain):  # blending an image with itself leaves it (within a level)
+        assert (out.int() - p.int()).abs().max() <= 1

@@ -1,0 +1,294 @@
+"""The relighting net (relight/net.py, relight/family.py): identity start, its CPU window path and its
+accelerator pixel path agree, compiled and bfloat16 paths against eager, fallbacks, shipped weights,
+and the caller's module never moved."""
+
+from __future__ import annotations
+
+import socket
+import warnings
+
+import pytest
+import torch
+
+from sos_aug.ops import backends
+from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch, RelightNet, relight
+from sos_aug.relight.family import N_PARAMS, apply_family, identity
+
+
+def test_family_identity_and_net_starts_as_identity(pasted):
+    x = torch.rand(3, 3, 20, 30)
+    assert torch.allclose(apply_family(identity(3), x), x, atol=1e-6)
+    batch = pasted[0]
+    out = relight(RelightNet(), batch)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out, batch.images))
+    assert sum(p.numel() for p in RelightNet().parameters()) < 1_000_000
+
+
+def test_inference_and_pixel_forms_of_the_family_agree_with_it():
+    """The table form (CPU windows) and the per-pixel form (accelerators) compute apply_family."""
+    from sos_aug.relight.family import GRID, apply_family_pixels, apply_tables, family_tables, shading_weights
+
+    g = torch.Generator().manual_seed(3)
+    params, rgb = torch.randn(2, N_PARAMS, generator=g) * 0.3, torch.rand(2, 3, 20, 30, generator=g)
+    within = (41, 57, 6, 9)
+    reference = apply_family(params, rgb, within)
+    tables = family_tables(params)
+    for row in range(2):
+        assert torch.allclose(apply_tables(tables, row, rgb[row].clone(), within), reference[row], atol=1e-5)
+    scaled = apply_tables(family_tables(params, 1 / 255, 255), 1, rgb[1] * 255, within) / 255
+    assert torch.allclose(scaled, reference[1], atol=1e-5)
+    # shading weights made for many boxes at once (degenerate sizes too) are each box's own
+    boxes = [(1, 1, 0, 0, 1, 1), (41, 57, 6, 9, 20, 30), (7, 300, 6, 0, 1, 300), (20, 30, 0, 0, 20, 30)]
+    for box, weights in zip(boxes, shading_weights(boxes, params)):
+        part = torch.rand(3, *box[4:], generator=g)
+        expected = apply_family(params[:1], part[None], box[:4])[0]
+        assert torch.allclose(apply_tables(tables, 0, part, box[:4], weights), expected, atol=1e-5)
+    ys, xs = torch.meshgrid(torch.arange(20), torch.arange(30), indexing="ij")
+    uv = torch.stack([(xs + 9) * (GRID - 1) / 56, (ys + 6) * (GRID - 1) / 40], -1).reshape(-1, 2).repeat(2, 1)
+    sample = torch.arange(2).repeat_interleave(600)
+    pixels = apply_family_pixels(params, rgb.permute(0, 2, 3, 1).reshape(-1, 3), sample, uv.float())
+    assert torch.allclose(pixels, reference.permute(0, 2, 3, 1).reshape(-1, 3), atol=1e-5)
+
+
+def constant_net(seed: int = 0) -> RelightNet:
+    """A net whose prediction ignores its input (random last-layer bias only): both application paths
+    must then produce the same pixels."""
+    net = RelightNet().eval()
+    with torch.no_grad():
+        net.head[-1].bias.copy_(torch.randn(N_PARAMS, generator=torch.Generator().manual_seed(seed)) * 0.2)
+    return net
+
+
+def alpha_only_net(seed: int = 0) -> RelightNet:
+    """A net that sees only the segments' alpha windows (weights on the RGB planes and on the colour
+    statistics zeroed): each segment gets its own parameters, the same on both application paths,
+    which sample the alpha windows identically (they see the RGB through different resamplers)."""
+    g = torch.Generator().manual_seed(seed)
+    net = RelightNet().eval()
+    with torch.no_grad():
+        net.encoder[0][0].weight[:, :4] = 0  # RGB and lightness planes; alpha is plane 4
+        net.head[0].weight[:, -12:] = 0  # the Lab statistics
+        net.head[-1].weight.copy_(torch.randn(net.head[-1].weight.shape, generator=g) * 0.05)
+        net.head[-1].bias.copy_(torch.randn(N_PARAMS, generator=g) * 0.2)
+    return net
+
+
+@pytest.mark.parametrize("as_uint8", [False, True])
+def test_pixel_path_applies_the_same_transform_as_the_window_path(pasted, as_uint8):
+    """The accelerator path (one pass over a batch of several images) against the CPU path (window
+    by window), run here on the CPU: same pixels up to float rounding, background identical."""
+    from sos_aug.relight.net import _relight_group, _relight_windows
+
+    batch = pasted[0]
+    h, w = (min(im.shape[i] for im in batch.images) for i in (1, 2))  # one size: a (2, 3, h, w) batch
+    imgs = [im[:, :h, :w] for im in batch.images]
+    if as_uint8:
+        imgs = [(im * 255).round().to(torch.uint8) for im in imgs]
+    batch = RelightBatch(imgs, imgs, [m[:, :h, :w] for m in batch.masks])
+    net = alpha_only_net()
+    windows = _relight_windows(net, batch)
+    pixels = _relight_group(net, torch.stack(imgs), batch.masks)
+    for a, b, plain, masks in zip(windows, pixels, batch.images, batch.masks):
+        covered = masks.any(0)
+        assert torch.equal(b[:, ~covered], plain[:, ~covered])
+        tol = 1 if as_uint8 else 1e-5
+        assert (a.float() - b.float()).abs().max() <= tol
+        assert (b[:, covered].float() - plain[:, covered].float()).abs().mean() > 1e-3
+
+
+def test_a_failing_compile_falls_back_to_eager(pasted, no_compiler):
+    """On accelerators the pixel pass is compiled; if the compiler fails, the result is the eager one
+    with a warning, and the compiler is not tried again."""
+    from sos_aug.relight import net as net_module
+
+    batch = pasted[0]
+    args = _pixel_args(net_module, batch.images[0][None], [batch.masks[0]])
+    pass_for_gpu = net_module._pixel_pass(torch.device("cuda"))  # a key only: nothing runs on a GPU here
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        first = pass_for_gpu(*args)
+    assert backends.COMPILED["cuda"] is net_module._relight_pixels
+    assert torch.equal(first, net_module._relight_pixels(*args))
+
+
+@pytest.mark.parametrize("layout", ["uint8", "uint8 channels-last", "float"])
+def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout, monkeypatch):
+    """``RelightNet(compile_cpu=True)`` (each box in one compiled loop, the net's input features
+    compiled) gives the eager CPU path's pixels (its convolutions kept in float32 here): uint8 within
+    one level, float within 1e-5, and every pixel outside the pasted masks bit-identical."""
+    monkeypatch.setenv("SOS_AUG_CPU_BF16", "0")
+    batch = pasted[0]
+    images = batch.images
+    if layout != "float":
+        images = [(im * 255).round().to(torch.uint8) for im in images]
+    if layout == "uint8 channels-last":  # what torchvision's uint8 resize returns
+        images = [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in images]
+    from sos_aug.relight import net as net_module
+
+    batch = RelightBatch(images, images, batch.masks)
+    net = RelightNet.pretrained(compile_cpu=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = relight(net, batch)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert backends.COMPILED["cpu:box"] is not net_module._relight_box  # the compiled paths ran
+    assert net_module._FORWARDS[net] != net._forward
+    for a, b, plain, masks in zip(relight(RelightNet.pretrained(), batch), compiled, images, batch.masks):
+        covered = masks.any(0)
+        assert torch.equal(b[:, ~covered], plain[:, ~covered])
+        assert torch.equal(a[:, ~covered], plain[:, ~covered])
+        assert (a.float() - b.float()).abs().max() <= (1 if a.dtype == torch.uint8 else 1e-5)
+        assert (b[:, covered].float() - plain[:, covered].float()).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("as_uint8", [True, False])
+def test_bfloat16_convolutions_relight_like_float32_ones(pasted, as_uint8, monkeypatch):
+    """Eager CPU inference convolves in bfloat16 where the CPU has it natively (float32 elsewhere,
+    or with ``SOS_AUG_CPU_BF16=0``): the relit pixels stay within a few uint8 levels of float32's,
+    the background untouched."""
+    from sos_aug.relight.net import cpu_has_bf16
+
+    batch = pasted[0]
+    if as_uint8:
+        images = [(im * 255).round().to(torch.uint8) for im in batch.images]
+        batch = RelightBatch(images, images, batch.masks)
+    net = RelightNet.pretrained()
+    native = cpu_has_bf16(torch.device("cpu"))
+    fast = relight(net, batch)
+    monkeypatch.setenv("SOS_AUG_CPU_BF16", "0")
+    assert not cpu_has_bf16(torch.device("cpu")) and not cpu_has_bf16(torch.device("cuda"))
+    exact = relight(net, batch)
+    scale = 255 if as_uint8 else 1
+    for a, b, plain, masks in zip(fast, exact, batch.images, batch.masks):
+        covered = masks.any(0)
+        assert torch.equal(a[:, ~covered], plain[:, ~covered])
+        diff = (a.float() - b.float()).abs() / scale
+        assert diff.max() <= 3 / 255 and diff[:, covered].mean() <= 0.2 / 255
+        assert native or torch.equal(a, b)  # without native bfloat16, float32 all along
+
+
+def test_alpha_windows_sample_each_mask_at_its_cells_centres(pasted):
+    """The alpha windows (one gather over contiguous masks, indexing otherwise) are each mask sampled
+    at the centres of INPUT x INPUT cells over its context window."""
+    from sos_aug.relight.net import INPUT, _alpha_windows, context_boxes
+
+    masks = pasted[0].masks[0]
+    ctx = context_boxes(masks)
+    windows = _alpha_windows(masks, ctx)
+    strided = masks.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    assert not strided.is_contiguous() and torch.equal(_alpha_windows(strided, ctx), windows)
+    centres = (torch.arange(INPUT, dtype=ctx.dtype) + 0.5) / INPUT  # in the windows' float32, as sampled
+    for k, (x0, y0, x1, y1) in enumerate(ctx):
+        ys = (y0 + centres * (y1 - y0)).long().clamp(max=masks.shape[1] - 1)
+        xs = (x0 + centres * (x1 - x0)).long().clamp(max=masks.shape[2] - 1)
+        assert torch.equal(windows[k, 0], masks[k][ys][:, xs].float())
+
+
+def test_compiled_windows_and_forward_match_the_eager_ones(pasted, monkeypatch):
+    """The accelerator path's windows and forward as one compiled graph (compiled here for the CPU
+    through ``compile_cpu``): the eager path's pixels (uint8 within one level, float within 1e-5),
+    the background bit-identical, and no new graph for another image size or segment count (a batch
+    of one image would compile one more: the compiler specialises sizes of 1)."""
+    from torch._dynamo.utils import counters
+
+    from sos_aug.relight import net as net_module
+
+    monkeypatch.setenv("SOS_AUG_CPU_BF16", "0")
+    batch = pasted[0]
+    h, w = (min(im.shape[i] for im in batch.images) for i in (1, 2))
+    floats = torch.stack([im[:, :h, :w] for im in batch.images])
+    masks = [m[:, :h, :w] for m in batch.masks]
+    as_uint8 = (floats * 255).round().to(torch.uint8)
+    cropped = [m[:, 5 : h - 32, 9 : w - 12] for m in masks]
+    cropped = [m[m.flatten(1).any(1)][:k] for m, k in zip(cropped, (2, 3))]  # segments with pixels in the crop
+    smaller = (as_uint8[:, :, 5 : h - 32, 9 : w - 12], cropped)
+    compiled_net, eager_net = RelightNet.pretrained(compile_cpu=True), RelightNet.pretrained()
+    graphs = []
+    for images, image_masks in ((as_uint8, masks), smaller, (floats, masks)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():  # as relighting runs
+                relit = net_module._relight_group(compiled_net, images, image_masks)
+        assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+        graphs.append(counters["stats"]["unique_graphs"])
+        eager = net_module._relight_group(eager_net, images, image_masks)
+        covered = torch.stack([m.any(0) for m in image_masks])[:, None].expand_as(images)
+        assert torch.equal(relit[~covered], images[~covered])
+        assert (relit.double() - eager.double()).abs().max() <= (1 if images.dtype == torch.uint8 else 1e-5)
+        assert (relit[covered].double() - images[covered].double()).abs().mean() > 1e-3
+    assert net_module._GROUPS[compiled_net] is not net_module._GROUPS.get(eager_net)
+    assert graphs[1] == graphs[0], "another size, image count or segment count compiled a new graph"
+
+
+def test_a_failing_cpu_compile_falls_back_to_the_eager_path(pasted, no_compiler, monkeypatch):
+    """With ``compile_cpu`` and no working compiler, relighting warns and gives the eager pixels.
+    Float32 convolutions: oneDNN's bfloat16 ones (CPUs with AVX512-BF16/AMX) pick kernels by memory
+    layout, so two eager bfloat16 runs need not agree to the bit."""
+    monkeypatch.setenv("SOS_AUG_CPU_BF16", "0")
+    batch = pasted[0]
+    compiled = [RelightNet.pretrained(compile_cpu=True), LabBlend()]
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        out = relight(compiled, batch)
+    for a, b in zip(out, relight([RelightNet.pretrained(), LabBlend()], batch)):
+        assert torch.equal(a, b)
+
+
+def _pixel_args(net_module, image, masks):
+    from sos_aug.ops.masks import tight_boxes
+
+    segs = torch.cat(masks)
+    ctx = net_module.context_boxes(segs, tight_boxes(segs))
+    params = torch.randn(len(segs), N_PARAMS, generator=torch.Generator().manual_seed(0)) * 0.1
+    seg, y, x = segs.nonzero(as_tuple=True)
+    return image.float(), params, ctx, torch.zeros(len(segs), dtype=torch.long), seg, y, x
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_net_relights_on_gpu_like_on_cpu(pasted):
+    batch = pasted[0]
+    net = RelightNet.pretrained()
+    cpu = relight(net, batch)
+    gpu_batch = RelightBatch([im.cuda() for im in batch.images], [im.cuda() for im in batch.plain],
+                             [m.cuda() for m in batch.masks])
+    with warnings.catch_warnings(record=True) as caught:  # the forward and the pixel pass compile there
+        warnings.simplefilter("always")
+        gpu = relight(net, gpu_batch)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    for a, b, plain, masks in zip(cpu, gpu, batch.plain, batch.masks):
+        covered = masks.any(0)
+        b = b.cpu()
+        assert torch.equal(b[:, ~covered], plain[:, ~covered])
+        # the net sees roi_align windows on the GPU and antialiased crops on the CPU: close, not equal
+        assert (a[:, covered] - b[:, covered]).abs().mean() < 0.02
+    const = constant_net(1)
+    exact_cpu, exact_gpu = relight(const, batch), relight(const, gpu_batch)
+    assert all((a - b.cpu()).abs().max() < 1e-4 for a, b in zip(exact_cpu, exact_gpu))
+    chain_cpu, chain_gpu = relight([const, LabBlend()], batch), relight([const, LabBlend()], gpu_batch)
+    assert all((a - b.cpu()).abs().max() < 1e-3 for a, b in zip(chain_cpu, chain_gpu))
+    transfer_cpu, transfer_gpu = relight(ReinhardTransfer(), batch), relight(ReinhardTransfer(), gpu_batch)
+    assert all((a - b.cpu()).abs().max() < 1e-3 for a, b in zip(transfer_cpu, transfer_gpu))
+
+
+def test_shipped_weights_load_without_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    net = RelightNet.pretrained()
+    assert not all(float(p.detach().abs().sum()) == 0 for p in net.head[-1].parameters())  # trained
+
+
+def test_the_net_is_never_moved_behind_the_callers_back():
+    """Relighting a batch on another device uses a copy of the net there, made once and remade only
+    after the weights change; the caller's module stays where it was."""
+    from sos_aug.relight.net import replica_on
+
+    net = RelightNet.pretrained()
+    meta = torch.device("meta")
+    first = replica_on(net, meta)
+    assert first is not net and next(first.parameters()).device == meta
+    assert next(net.parameters()).device.type == "cpu"
+    assert replica_on(net, meta) is first  # made once
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)  # new weights: a new copy
+    assert replica_on(net, meta) is not first
+    assert replica_on(net, torch.device("cpu")) is net
