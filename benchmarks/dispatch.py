@@ -11,7 +11,7 @@ group cost, and ``loop`` warps each piece with the accelerator's float kernel ca
 otherwise round-trips each piece through the uint8 kernel, three more operations per piece, to stay
 bit-identical to the per-image path). Prints a table and writes ``--json``.
 
-Then the net's relighting of the pasted batch as on an accelerator (``_relight_group``'s windows
+Then the net's relighting of the pasted batch as on an accelerator (``relight_group``'s windows
 and forward: the pixel pass after them is one Triton launch there), three ways: all eager; the
 windows eager and the forward compiled (the GPU default before); both in one compiled graph (the
 GPU default now). Counted with torch.profiler (a dispatch mode would see inside compiled code): the

@@ -149,7 +149,7 @@ def test_workers_forked_after_the_warm_up_relight_without_compiling(train_bank, 
     def relight_counting_graphs(batch):
         before = counters["stats"]["unique_graphs"]
         images, targets = collate(batch)
-        compiled_box = backends.COMPILED.get("cpu:box") not in (None, net_module._relight_box)
+        compiled_box = backends.COMPILED.get("cpu:box") not in (None, net_module.relight_box)
         return targets, counters["stats"]["unique_graphs"] - before, compiled_box
 
     loader = DataLoader(Subset(val_set, [0, 1, 2, 3]), batch_size=2, num_workers=1,

@@ -130,15 +130,15 @@ def check_relight(images: torch.Tensor, masks: list[torch.Tensor], device: str) 
     from test_relight_net import alpha_only_net
 
     from sos_aug.ops import backends
-    from sos_aug.relight.net import _relight_group
+    from sos_aug.relight.net import relight_group
 
     net = alpha_only_net()
     on_device = images.to(device), [m.to(device) for m in masks]
-    by_kernel = _relight_group(net, *on_device).cpu()
+    by_kernel = relight_group(net, *on_device).cpu()
     assert "relight" not in backends.FAILED, "the relight kernel failed and fell back to torch"
     backends.FAILED.add("relight")  # now the torch path
     try:
-        by_torch = _relight_group(net, *on_device).cpu()
+        by_torch = relight_group(net, *on_device).cpu()
     finally:
         backends.FAILED.discard("relight")
     covered = torch.stack([m.any(0) for m in masks])
@@ -162,11 +162,11 @@ def check_lab_blend(images: torch.Tensor, masks: list[torch.Tensor], device: str
     for ab in ("relit", "plain"):
         blend = LabBlend(ab=ab)
         args = relit.to(device), images.to(device), [m.to(device) for m in masks]
-        by_kernel = blend._blend_pixels(*args).cpu()
+        by_kernel = blend.blend_batched(*args).cpu()
         assert "lab_blend" not in backends.FAILED, "the LabBlend kernel failed and fell back to torch"
         backends.FAILED.add("lab_blend")  # now the torch path
         try:
-            by_torch = blend._blend_pixels(*args).cpu()
+            by_torch = blend.blend_batched(*args).cpu()
         finally:
             backends.FAILED.discard("lab_blend")
         outside = ~torch.stack([m.any(0) for m in masks]).unsqueeze(1).expand_as(images)

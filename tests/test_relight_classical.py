@@ -21,8 +21,8 @@ def test_lab_blend_pixel_path_equals_its_window_path(pasted, as_uint8):
         relit = (image * 0.8 + 0.1 * torch.rand(image.shape, generator=g)).clamp(0, 1)  # something to blend toward
         if as_uint8:
             image, relit = ((x * 255).round().to(torch.uint8) for x in (image, relit))
-        windows = blend._blend_windows(relit, image, masks)
-        pixels = blend._blend_pixels(relit[None], image[None], [masks])[0]
+        windows = blend.blend_windows(relit, image, masks)
+        pixels = blend.blend_batched(relit[None], image[None], [masks])[0]
         assert (windows.float() - pixels.float()).abs().max() <= (1 if as_uint8 else 1e-4)
         covered = masks.any(0)
         assert torch.equal(pixels[:, ~covered], relit[:, ~covered])
@@ -48,9 +48,9 @@ def test_reinhard_pixel_path_equals_its_window_path(pasted, as_uint8):
     masks = [torch.cat([m[:, :h, :w], torch.zeros(1, h, w, dtype=torch.bool)]) for m in batch.masks]
     masks[1] = torch.cat([masks[1] & ~(wall | walled), walled[None], wall[None]])
     transfer = ReinhardTransfer(strength=0.8)
-    pixels = transfer._transfer_pixels(torch.stack(images), torch.stack(plain), masks)
+    pixels = transfer.transfer_batched(torch.stack(images), torch.stack(plain), masks)
     for image, plain_image, m, got in zip(images, plain, masks, pixels):
-        want = transfer._transfer_windows(image, plain_image, m)
+        want = transfer.transfer_windows(image, plain_image, m)
         assert (want.float() - got.float()).abs().max() <= (1 if as_uint8 else 1e-4)
         covered = m.any(0)
         assert torch.equal(got[:, ~covered], image[:, ~covered])

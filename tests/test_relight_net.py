@@ -77,7 +77,7 @@ def alpha_only_net(seed: int = 0) -> RelightNet:
 def test_pixel_path_applies_the_same_transform_as_the_window_path(pasted, as_uint8):
     """The accelerator path (one pass over a batch of several images) against the CPU path (window
     by window), run here on the CPU: same pixels up to float rounding, background identical."""
-    from sos_aug.relight.net import _relight_group, _relight_windows
+    from sos_aug.relight.net import relight_group, relight_windows
 
     batch = pasted[0]
     h, w = (min(im.shape[i] for im in batch.images) for i in (1, 2))  # one size: a (2, 3, h, w) batch
@@ -86,8 +86,8 @@ def test_pixel_path_applies_the_same_transform_as_the_window_path(pasted, as_uin
         imgs = [(im * 255).round().to(torch.uint8) for im in imgs]
     batch = RelightBatch(imgs, imgs, [m[:, :h, :w] for m in batch.masks])
     net = alpha_only_net()
-    windows = _relight_windows(net, batch)
-    pixels = _relight_group(net, torch.stack(imgs), batch.masks)
+    windows = relight_windows(net, batch)
+    pixels = relight_group(net, torch.stack(imgs), batch.masks)
     for a, b, plain, masks in zip(windows, pixels, batch.images, batch.masks):
         covered = masks.any(0)
         assert torch.equal(b[:, ~covered], plain[:, ~covered])
@@ -103,11 +103,11 @@ def test_a_failing_compile_falls_back_to_eager(pasted, no_compiler):
 
     batch = pasted[0]
     args = _pixel_args(net_module, batch.images[0][None], [batch.masks[0]])
-    pass_for_gpu = net_module._pixel_pass(torch.device("cuda"))  # a key only: nothing runs on a GPU here
+    pass_for_gpu = net_module.pixel_pass(torch.device("cuda"))  # a key only: nothing runs on a GPU here
     with pytest.warns(UserWarning, match="torch.compile failed"):
         first = pass_for_gpu(*args)
-    assert backends.COMPILED["cuda"] is net_module._relight_pixels
-    assert torch.equal(first, net_module._relight_pixels(*args))
+    assert backends.COMPILED["cuda"] is net_module.relight_pixels_torch
+    assert torch.equal(first, net_module.relight_pixels_torch(*args))
 
 
 @pytest.mark.parametrize("layout", ["uint8", "uint8 channels-last", "float"])
@@ -130,7 +130,7 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout, monkeypat
         warnings.simplefilter("always")
         compiled = relight(net, batch)
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
-    assert backends.COMPILED["cpu:box"] is not net_module._relight_box  # the compiled paths ran
+    assert backends.COMPILED["cpu:box"] is not net_module.relight_box  # the compiled paths ran
     assert net_module._FORWARDS[net] != net._forward
     for a, b, plain, masks in zip(relight(RelightNet.pretrained(), batch), compiled, images, batch.masks):
         covered = masks.any(0)
@@ -169,13 +169,13 @@ def test_bfloat16_convolutions_relight_like_float32_ones(pasted, as_uint8, monke
 def test_alpha_windows_sample_each_mask_at_its_cells_centres(pasted):
     """The alpha windows (one gather over contiguous masks, indexing otherwise) are each mask sampled
     at the centres of INPUT x INPUT cells over its context window."""
-    from sos_aug.relight.net import INPUT, _alpha_windows, context_boxes
+    from sos_aug.relight.net import INPUT, alpha_windows, context_boxes
 
     masks = pasted[0].masks[0]
     ctx = context_boxes(masks)
-    windows = _alpha_windows(masks, ctx)
+    windows = alpha_windows(masks, ctx)
     strided = masks.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
-    assert not strided.is_contiguous() and torch.equal(_alpha_windows(strided, ctx), windows)
+    assert not strided.is_contiguous() and torch.equal(alpha_windows(strided, ctx), windows)
     centres = (torch.arange(INPUT, dtype=ctx.dtype) + 0.5) / INPUT  # in the windows' float32, as sampled
     for k, (x0, y0, x1, y1) in enumerate(ctx):
         ys = (y0 + centres * (y1 - y0)).long().clamp(max=masks.shape[1] - 1)
@@ -207,10 +207,10 @@ def test_compiled_windows_and_forward_match_the_eager_ones(pasted, monkeypatch):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with torch.no_grad():  # as relighting runs
-                relit = net_module._relight_group(compiled_net, images, image_masks)
+                relit = net_module.relight_group(compiled_net, images, image_masks)
         assert not [w for w in caught if "torch.compile failed" in str(w.message)]
         graphs.append(counters["stats"]["unique_graphs"])
-        eager = net_module._relight_group(eager_net, images, image_masks)
+        eager = net_module.relight_group(eager_net, images, image_masks)
         covered = torch.stack([m.any(0) for m in image_masks])[:, None].expand_as(images)
         assert torch.equal(relit[~covered], images[~covered])
         assert (relit.double() - eager.double()).abs().max() <= (1 if images.dtype == torch.uint8 else 1e-5)

@@ -31,14 +31,14 @@ def _tiny_iclight(path, in_channels: int = 8):
 @pytest.mark.slow
 def test_distillation_plumbing_with_a_tiny_random_teacher(tmp_path, train_ann, coco_mini):
     from sos_aug.relight.teacher import ICLightTeacher
-    from sos_aug.relight.train import _make_targets, train_relight_net
+    from sos_aug.relight.train import train_relight_net, training_targets
 
     teacher = ICLightTeacher.from_local(_tiny_iclight(tmp_path / "iclight"), steps=3)
     images = torch.rand(2, 3, 32, 32)
     alpha = torch.zeros(2, 1, 32, 32)
     alpha[:, :, 8:24, 8:24] = 1
     refs = torch.tensor([[50.0, 10, 10, 20, 10, 10]] * 2)
-    composite, a, target = _make_targets(images, alpha, refs, torch.Generator().manual_seed(0), teacher)
+    composite, a, target = training_targets(images, alpha, refs, torch.Generator().manual_seed(0), teacher)
     assert torch.equal(target[:, :, alpha[0, 0] == 0], composite[:, :, alpha[0, 0] == 0])
     assert not torch.allclose(target, composite)  # the teacher's fitted relighting, not the identity
     out = tmp_path / "student.pt"

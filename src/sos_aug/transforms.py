@@ -32,7 +32,7 @@ from .grounding import Referring
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
 from .ops.buffers import consecutive_base, flat_base
 from .ops.masks import tight_boxes
-from .relight.batch import RelightBatch, relight
+from .relight.batch import RelightBatch, Relighter, relight
 from .relight.batch import warm_up as compile_relighters
 
 Target = dict[str, Any]
@@ -183,7 +183,7 @@ class CopyPaste:
         drop: DropRule | str = "visible_fraction",
         label_map: Mapping[str | int, int] | None = None,
         open_vocabulary: bool = False,
-        relight=None,
+        relight: Relighter | Sequence[Relighter] | None = None,
         batched: bool | None = None,
         backend: str = "auto",
         boxes: str = "tight",

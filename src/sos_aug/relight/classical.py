@@ -41,14 +41,14 @@ class ReinhardTransfer:
         self.strength, self.ring = strength, ring
 
     def __call__(self, batch: RelightBatch) -> list[torch.Tensor]:
-        return by_device(batch.images, batch.plain, batch.masks, self._transfer_windows, self._transfer_pixels,
+        return by_device(batch.images, batch.plain, batch.masks, self.transfer_windows, self.transfer_batched,
                          batch.boxes)
 
     def ring_widths(self, areas: torch.Tensor) -> torch.Tensor:
         """How far each segment's box grows into its ring: ``ring`` x sqrt(area), at least 3 pixels."""
         return (self.ring * areas.double().sqrt()).floor().long().clamp(min=3)
 
-    def _transfer_windows(self, image: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,
+    def transfer_windows(self, image: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,
                           boxes: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU path, segment by segment over its grown box: only the segment's and its ring's
         pixels go through Lab, and only the segment's come back."""
@@ -72,12 +72,12 @@ class ReinhardTransfer:
             _put_pixels(result, inside, lab + self.strength * (moved - lab))
         return result
 
-    def _transfer_pixels(self, images: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor],
+    def transfer_batched(self, images: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor],
                          boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The accelerator path for a (B, 3, H, W) batch: every segment's ring as one (S, H, W) mask,
         the segments' and the rings' pixels listed once, their Lab statistics summed per segment, the
         segments' pixels moved and written back at once (two waits on the device, not several per
-        segment). Same rules as :meth:`_transfer_windows`."""
+        segment). Same rules as :meth:`transfer_windows`."""
 
         dev, (height, width) = images.device, images.shape[-2:]
         segs = torch.cat([m.bool() for m in masks])  # (S, H, W), segment s of image owner[s]
@@ -213,9 +213,9 @@ class LabBlend:
         relit_images = batch.images
         if not batch.relit:  # LabBlend first (or alone): blend toward its fallback's relighting
             relit_images = relight_one(self.fallback, batch)
-        return by_device(relit_images, batch.plain, batch.masks, self._blend_windows, self._blend_pixels, batch.boxes)
+        return by_device(relit_images, batch.plain, batch.masks, self.blend_windows, self.blend_batched, batch.boxes)
 
-    def _blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,
+    def blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,
                        boxes: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU path: the pixels under all of an image's masks (found window by window) through
         Lab and back at once."""
@@ -228,7 +228,7 @@ class LabBlend:
             _blend_lab(result, plain, torch.cat(idx), per_pixel, self.ab == "relit")
         return result
 
-    def _blend_pixels(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor],
+    def blend_batched(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor],
                       boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The accelerator path: every pasted pixel of a same-size batch at once. On CUDA one Triton
         kernel walks each segment's box and blends the pixels under its mask (no pixel list, no wait

@@ -207,20 +207,20 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
     pass; images of one size go together and nothing waits on the device per segment. On the CPU,
     where big gathers are slow and small windows stay in cache, window by window."""
     if all(image.device.type == "cpu" for image in batch.images):
-        return _relight_windows(net, batch)
+        return relight_windows(net, batch)
 
     out = list(batch.images)
     pasted = [i for i, masks in enumerate(batch.masks) if len(masks)]
     for group in same_size_groups([batch.images[i] for i in pasted]):
         idx = [pasted[j] for j in group]
         boxes = None if batch.boxes is None else [batch.boxes[i] for i in idx]
-        relit = _relight_group(net, torch.stack([batch.images[i] for i in idx]), [batch.masks[i] for i in idx], boxes)
+        relit = relight_group(net, torch.stack([batch.images[i] for i in idx]), [batch.masks[i] for i in idx], boxes)
         for i, image in zip(idx, relit.unbind()):  # one operation, not one per image
             out[i] = image
     return out
 
 
-def _relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tensor],
+def relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tensor],
                    boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The accelerator path for a (B, 3, H, W) batch: every segment's window in one ``roi_align``
     and one forward (both in one compiled graph), then one pass over just the segments' pixels."""
@@ -249,7 +249,7 @@ def _group_inputs(images: torch.Tensor, segs: torch.Tensor, owner: torch.Tensor,
     rgb_small = roi_align(images.float(), rois, output_size=INPUT, sampling_ratio=4, aligned=True)
     if images.dtype == torch.uint8:  # the windows scaled to [0, 1], not the batch: one pass over it fewer
         rgb_small = rgb_small / 255
-    return torch.cat([rgb_small, _alpha_windows(segs, ctx)], 1), ctx
+    return torch.cat([rgb_small, alpha_windows(segs, ctx)], 1), ctx
 
 
 def _inputs_then_forward(net: RelightNet, images: torch.Tensor, segs: torch.Tensor, owner: torch.Tensor,
@@ -295,7 +295,7 @@ def _scatter_relit(images: torch.Tensor, unit: torch.Tensor, params: torch.Tenso
     """The torch pixel pass: the segments' pixels listed, relit (compiled on accelerators) and
     written into a copy of the batch."""
     seg, y, x = segs.nonzero(as_tuple=True)  # the pixels that change (empty masks have none)
-    relit = _pixel_pass(images.device)(unit, params, ctx, owner, seg, y, x)
+    relit = pixel_pass(images.device)(unit, params, ctx, owner, seg, y, x)
     result = images.clone()
     if images.dtype == torch.uint8:
         relit = (relit * 255).round()
@@ -303,7 +303,7 @@ def _scatter_relit(images: torch.Tensor, unit: torch.Tensor, params: torch.Tenso
     return result
 
 
-def _relight_pixels(unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor, owner: torch.Tensor,
+def relight_pixels_torch(unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor, owner: torch.Tensor,
                     seg: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The relit values (N, 3) in [0, 1] of pixels (y, x) of segments ``seg``: each pixel's place in
     its segment's context window, then the family's transform with its segment's parameters."""
@@ -313,13 +313,13 @@ def _relight_pixels(unit: torch.Tensor, params: torch.Tensor, ctx: torch.Tensor,
     return apply_family_pixels(params, pixels, seg, uv).clamp(0, 1)
 
 
-def _pixel_pass(device: torch.device) -> Callable:
-    """:func:`_relight_pixels`, compiled on accelerators into a few fused kernels instead of ~40
+def pixel_pass(device: torch.device) -> Callable:
+    """:func:`relight_pixels_torch`, compiled on accelerators into a few fused kernels instead of ~40
     (``torch.compile``, once per process, any pixel count). ``SOS_AUG_COMPILE=0`` or a failed
     compile falls back to eager, with a warning."""
     if device.type == "cpu":
-        return _relight_pixels
-    return once_with_fallback(device.type, compiled("relight_pixels", _relight_pixels), _relight_pixels)
+        return relight_pixels_torch
+    return once_with_fallback(device.type, compiled("relight_pixels", relight_pixels_torch), relight_pixels_torch)
 
 
 def _small_rgb(rgb: torch.Tensor) -> torch.Tensor:
@@ -338,7 +338,7 @@ def _unit_windows(windows: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([to_unit(w) for w in windows])
 
 
-def _alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+def alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     """Each segment's mask over its context window at INPUT², sampled at each cell's centre (what a
     bilinear resize thresholded at 0.5, as in training, gives, without resizing the window)."""
     steps = (torch.arange(INPUT, device=segs.device, dtype=ctx.dtype) + 0.5) / INPUT
@@ -353,7 +353,7 @@ def _alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     return segs.view(-1).view(torch.uint8).index_select(0, flat).view(len(segs), 1, INPUT, INPUT).float()
 
 
-def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
+def relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
     """The CPU path, window by window: the net sees each context window at INPUT² (antialiased; one
     forward for the whole batch); the transform runs densely over the segment's box (0-255 scaling
     folded into its tables for uint8 images) and only the mask's pixels are written back."""
@@ -364,7 +364,7 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
             continue
         boxes = tight_boxes(masks) if batch.boxes is None else batch.boxes[b].float()
         ctx = context_boxes(masks, boxes)
-        alpha = _alpha_windows(masks.bool(), ctx)  # all of this image's segments in one gather
+        alpha = alpha_windows(masks.bool(), ctx)  # all of this image's segments in one gather
         for k, (box, window) in enumerate(zip(boxes.int().tolist(), ctx.int().tolist())):
             if box[2] <= box[0]:
                 continue
@@ -383,20 +383,20 @@ def _relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
         out[b] = out[b].clone()
     weights = shading_weights([(cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0, by1 - by0, bx1 - bx0)
                                for _, _, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1) in jobs], params)
-    fused = once_with_fallback("cpu:box", _fused_box, _relight_box) if net.compile_cpu else None
+    fused = once_with_fallback("cpu:box", _fused_box, relight_box) if net.compile_cpu else None
     for row, (b, k, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1)) in enumerate(jobs):
         view = out[b][:, by0:by1, bx0:bx1]  # the segment's box; only its mask's pixels change
         mask = batch.masks[b][k, by0:by1, bx0:bx1]
         within = (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0)
         small_box = by1 - by0 < 2 or bx1 - bx0 < 2  # size-1 dims would each cost the compiler a new kernel
         if fused is None or small_box:
-            _relight_box(tables[view.dtype], row, view, within, mask, weights[row])
+            relight_box(tables[view.dtype], row, view, within, mask, weights[row])
         else:
             fused(tables[view.dtype], row, view, within, mask)
     return out
 
 
-def _relight_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
+def relight_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
                  mask: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """A segment's box relit eagerly (:func:`apply_tables`), in place: only ``mask``'s pixels change.
     The box is worked on planar (apply_tables' layout): a channels-last image's box is copied out
@@ -416,7 +416,7 @@ def _relight_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tup
 
 def _fused_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
                mask: torch.Tensor) -> None:
-    """:func:`_relight_box` through the compiled :func:`~.family.box_pass` (one fused loop per box)."""
+    """:func:`relight_box` through the compiled :func:`~.family.box_pass` (one fused loop per box)."""
     # contiguous inputs (cheap copies of the box): the fused loop vectorises along rows, and one layout
     # keeps the compiler from specialising on strides (channels-last images come from torchvision's
     # uint8 resize; a box that spans the image makes row strides equal widths)

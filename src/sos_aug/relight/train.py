@@ -104,7 +104,7 @@ def train_relight_net(
     train_pool, val_pool, val_ids, skipped = _split_pools(ann_file, images, val_fraction, seed)
     _say(progress, f"  done in {time.monotonic() - wall_start:.0f} s")
     val_g = torch.Generator().manual_seed(seed + 1)
-    val = _make_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
+    val = training_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
     val = tuple(t.to(device) for t in val)
     setup = {"annotations": str(Path(ann_file).resolve()), "seed": seed, "batch": batch, "size": size,
              "teacher": teacher is not None}
@@ -208,7 +208,7 @@ def _train(run: _Run, batches, val, teacher, out, minutes: float, max_steps: int
         run.elapsed = time.monotonic() - started
         if run.elapsed >= budget or (max_steps is not None and report.steps >= max_steps):
             break
-        item = next(batches) if teacher is None else _make_targets(*next(batches), run.g, teacher)
+        item = next(batches) if teacher is None else training_targets(*next(batches), run.g, teacher)
         composite, alpha, target = (t.to(device) for t in item)
         for group in opt.param_groups:  # cosine decay over the time budget
             group["lr"] = run.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, run.elapsed / budget))))
@@ -254,7 +254,7 @@ def _stream(pool: InstancePool, batch: int, size: int, g: torch.Generator, make_
     """Endless batches drawn from ``g``: with perturb-and-recover targets, or raw for a teacher."""
     while True:
         item = training_batch(pool, batch, size, g)
-        yield _make_targets(*item, g, None) if make_targets else item
+        yield training_targets(*item, g, None) if make_targets else item
 
 
 def _batches(pool: InstancePool, batch: int, size: int, seed: int, g: torch.Generator, workers: int,
@@ -267,7 +267,7 @@ def _batches(pool: InstancePool, batch: int, size: int, seed: int, g: torch.Gene
     return iter(loader)
 
 
-def _make_targets(images, alphas, refs, g, teacher: Teacher | None):
+def training_targets(images, alphas, refs, g, teacher: Teacher | None):
     """(perturbed composite, alpha, target): the original (perturb-and-recover) or the family fitted
     to the teacher's relit composite (distillation)."""
     perturbed = training_perturbation(images, alphas, refs, g)
