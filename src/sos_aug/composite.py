@@ -201,7 +201,7 @@ def paste(
     segments = list(segments)
     chosen = choose_backend(backend, images[0].device, placements, feather_sigma)
     if chosen == "window":
-        return [paste_into(image, inst, segments, placement, labels, drop, feather_sigma)
+        return [paste_window(image, inst, segments, placement, labels, drop, feather_sigma)
                 for image, inst, placement, labels in zip(images, instances, placements, piece_labels)]
     results: list[PasteResult] = [None] * len(images)  # type: ignore[list-item]
     stacked = isinstance(images, torch.Tensor)
@@ -238,7 +238,7 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown compositing backend {backend!r}; use one of {', '.join(map(repr, BACKENDS))}")
 
 
-def paste_into(
+def paste_window(
     image: torch.Tensor,
     instances: Instances,
     segments: Sequence[torch.Tensor],
@@ -370,7 +370,7 @@ def paste_batch(
     feather_sigma: float = 0.0,
     backend: str = "loop",
 ) -> list[PasteResult]:
-    """The batched backends: :func:`paste_into` for a (B, 3, H, W) batch at once, built for
+    """The batched backends: :func:`paste_window` for a (B, 3, H, W) batch at once, built for
     accelerators.
 
     Per piece it launches only a warp and two writes (its hard mask into a (B, K, H, W) stack, its
@@ -380,7 +380,7 @@ def paste_batch(
     picks how pieces are warped and written: ``"kernel"`` all at once in two Triton kernels
     (:mod:`sos_aug.paste_kernel`; CUDA), ``"groups"`` all at once, grouped by size
     (:mod:`sos_aug.batched_warp`), ``"loop"`` piece by piece (on the CPU through the uint8 kernel,
-    bit-identical to :func:`paste_into`).
+    bit-identical to :func:`paste_window`).
     """
     images = images.as_subclass(torch.Tensor)
     masks = [inst.masks for inst in instances]
