@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         if name == "random":
             rows.update(relight_rows(cp, images, targets, segments, params))
     info = {"machine": machine(), "batch": args.batch, "size": args.size, "pastes": args.pastes, "rows": rows}
-    print(f"operations dispatched by one CopyPaste.apply, B={args.batch} at {args.size}², {args.pastes}/image")
+    print(f"operations dispatched by one CopyPaste.paste, B={args.batch} at {args.size}², {args.pastes}/image")
     for k, v in rows.items():
         print(f"{k:22s} " + " ".join(f"{a}={b}" for a, b in v.items()))
     if args.json:

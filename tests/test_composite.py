@@ -41,7 +41,8 @@ def draw(train_bank, val_set, picks, seed, num=(1, 8), rotation=0.0, size=None):
     return images, instances, segments.rgba, placements, piece_labels
 
 
-def check_complete(res: PasteResult, inst: Instances, placement: Placement, piece_labels: torch.Tensor) -> None:
+def check_complete(res: PasteResult, inst: Instances, placement: Placement, piece_labels: torch.Tensor,
+                   boxes: str = "tight") -> None:
     """Every field is filled and says what the result type promises."""
     m = len(res.masks)
     assert res.masks.dtype == torch.bool and res.masks.shape[1:] == inst.masks.shape[1:]
@@ -57,16 +58,21 @@ def check_complete(res: PasteResult, inst: Instances, placement: Placement, piec
     assert torch.equal(res.iscrowd, torch.cat([inst.crowd[res.keep_existing].long(),
                                                torch.zeros(m - n_old, dtype=torch.long)]))
     assert res.area.is_floating_point() and (res.area > 0).all()
-    # a changed mask has its pixel count and tight box; an unchanged one keeps its input area and box
+    # a changed mask has its pixel count; an unchanged one keeps its input area
     old = inst.masks[res.keep_existing]
     same = (res.masks[:n_old] == old).flatten(1).all(1)
     counts = res.masks.flatten(1).sum(1).float()
     assert torch.equal(res.area[:n_old][same], inst.area[res.keep_existing][same].float())
     assert torch.equal(res.area[:n_old][~same], counts[:n_old][~same])
     assert torch.equal(res.area[n_old:], counts[n_old:])
+    # boxes: tight, or (boxes="keep") the input's where the mask did not change
     tight = tight_boxes(res.masks)
-    assert torch.equal(res.boxes[n_old:], tight[n_old:]) and torch.equal(res.boxes[:n_old][~same], tight[:n_old][~same])
-    assert torch.equal(res.boxes[:n_old][same], inst.boxes[res.keep_existing][same].float())
+    if boxes == "tight":
+        assert torch.equal(res.boxes, tight)
+    else:
+        assert torch.equal(res.boxes[n_old:], tight[n_old:])
+        assert torch.equal(res.boxes[:n_old][~same], tight[:n_old][~same])
+        assert torch.equal(res.boxes[:n_old][same], inst.boxes[res.keep_existing][same].float())
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -125,6 +131,24 @@ def test_rotated_pieces_are_complete_too(train_bank, val_set):
     for a, b, inst, pl, lab in zip(window, grouped, instances, placements, piece_labels):
         check_complete(a, inst, pl, lab)
         assert torch.equal(a.masks, b.masks) and torch.equal(a.labels, b.labels)
+
+
+def test_kept_boxes_stay_the_inputs_where_the_mask_did_not_change(train_bank, val_set):
+    """``boxes="keep"``: instances no piece covers keep the boxes they came with (here made loose by
+    a pixel, so they differ from the tight ones), on every backend."""
+    images, instances, rgba, placements, piece_labels = draw(train_bank, val_set, [11, 12], seed=3, size=(256, 320))
+    loose = [Instances(i.masks, i.boxes + torch.tensor([-0.5, -0.5, 0.5, 0.5]), i.labels, i.crowd, i.area)
+             for i in instances]
+    for backend in CPU_BACKENDS:
+        results = paste(images, loose, rgba, placements, piece_labels, DropRule(), backend=backend, boxes="keep")
+        unchanged = 0
+        for res, inst, pl, lab in zip(results, loose, placements, piece_labels):
+            check_complete(res, inst, pl, lab, boxes="keep")
+            n_old = int(res.keep_existing.sum())
+            unchanged += int((res.masks[:n_old] == inst.masks[res.keep_existing]).flatten(1).all(1).sum())
+        assert unchanged > 0, backend  # the check above had something to check
+    with pytest.raises(ValueError, match="boxes must be"):
+        paste(images, loose, rgba, placements, piece_labels, DropRule(), boxes="loose")
 
 
 def test_without_given_areas_untouched_instances_get_their_pixel_counts(train_bank, val_set):

@@ -29,7 +29,7 @@ from .batched_warp import paste_groups, topmost
 from .layout import Placement, clip_window
 from .ops import backends
 from .ops.buffers import consecutive_base, flat_base, same_size_groups
-from .ops.masks import ALPHA_CUT, ALPHA_THRESHOLD, count_pixels, counts_and_boxes, mask_stats, row_owners
+from .ops.masks import ALPHA_CUT, ALPHA_THRESHOLD, count_pixels, counts_and_boxes, mask_stats, row_owners, tight_boxes
 from .ops.resize import warp_segment
 
 
@@ -163,7 +163,7 @@ class PasteResult:
 
     image: torch.Tensor
     masks: torch.Tensor  # (M, H, W) bool
-    boxes: torch.Tensor  # (M, 4) float XYXY; the tight box of every mask pasting changed
+    boxes: torch.Tensor  # (M, 4) float XYXY: tight boxes (or, with boxes="keep", the given ones of unchanged masks)
     area: torch.Tensor  # (M,) float; pixel count where pasting changed the mask, else the given area
     labels: torch.Tensor  # (M,)
     iscrowd: torch.Tensor  # (M,) int64
@@ -184,6 +184,7 @@ def paste(
     drop: DropRule,
     feather_sigma: float = 0.0,
     backend: str = "auto",
+    boxes: str = "tight",
 ) -> list[PasteResult]:
     """Paste ``segments`` into every image as its placement says and update its instances exactly.
 
@@ -192,7 +193,10 @@ def paste(
     ``piece_labels[b]``: the label of each of placement ``b``'s draws. ``backend``
     (:func:`choose_backend`): ``"window"`` image by image inside each piece's window,
     ``"kernel"``/``"groups"``/``"loop"`` same-size images batched (:func:`paste_batch`), ``"auto"``
-    the best for the device. All follow the rules in this module's docstring."""
+    the best for the device. ``boxes="tight"``: every box is its mask's tight box; ``"keep"``:
+    instances pasting leaves alone keep their given boxes. All follow this module's rules."""
+    if boxes not in ("tight", "keep"):
+        raise ValueError(f"boxes must be 'tight' or 'keep', got {boxes!r}")
     if not (len(images) == len(instances) == len(placements) == len(piece_labels)):
         raise ValueError(f"{len(images)} images, {len(instances)} instance sets, {len(placements)} placements "
                          f"and {len(piece_labels)} label lists")
@@ -201,14 +205,14 @@ def paste(
     segments = list(segments)
     chosen = choose_backend(backend, images[0].device, placements, feather_sigma)
     if chosen == "window":
-        return [paste_window(image, inst, segments, placement, labels, drop, feather_sigma)
+        return [paste_window(image, inst, segments, placement, labels, drop, feather_sigma, boxes == "tight")
                 for image, inst, placement, labels in zip(images, instances, placements, piece_labels)]
     results: list[PasteResult] = [None] * len(images)  # type: ignore[list-item]
     stacked = isinstance(images, torch.Tensor)
     for group in ([list(range(len(images)))] if stacked else same_size_groups(images)):
         batch = images if stacked else torch.stack([images[i] for i in group])
         done = paste_batch(batch, [instances[i] for i in group], segments, [placements[i] for i in group],
-                           [piece_labels[i] for i in group], drop, feather_sigma, chosen)
+                           [piece_labels[i] for i in group], drop, feather_sigma, chosen, boxes == "tight")
         for i, res in zip(group, done):
             results[i] = res
     return results
@@ -246,9 +250,10 @@ def paste_window(
     piece_labels: torch.Tensor,
     drop: DropRule,
     feather_sigma: float = 0.0,
+    tight: bool = True,
 ) -> PasteResult:
     """The ``"window"`` backend: warp, place and composite one image's segments, and update its
-    instances exactly.
+    instances exactly (``tight``: every box its mask's tight box, else untouched ones keep theirs).
 
     Tensor work stays in the pasted windows (plus one pass over each instance a piece covers); the
     per-piece bookkeeping (counts, boxes) is Python numbers from :func:`mask_stats`, so each piece
@@ -299,6 +304,8 @@ def paste_window(
     pasted_visible, pasted_boxes = _as_tensors(seen, device)
     touched_rows = touched.nonzero().flatten().tolist()
     new_boxes = boxes.clone().float()
+    if tight and len(touched_rows) < n:  # untouched masks are the input's
+        new_boxes = tight_boxes(masks).to(new_boxes.dtype)
     keep_existing = torch.ones(n, dtype=torch.bool, device=device)
     area = _given_area(instances, masks)
     if touched_rows:  # full-canvas work, only for the instances a piece covered
@@ -369,6 +376,7 @@ def paste_batch(
     drop: DropRule,
     feather_sigma: float = 0.0,
     backend: str = "loop",
+    tight: bool = True,
 ) -> list[PasteResult]:
     """The batched backends: :func:`paste_window` for a (B, 3, H, W) batch at once, built for
     accelerators.
@@ -380,7 +388,7 @@ def paste_batch(
     picks how pieces are warped and written: ``"kernel"`` all at once in two Triton kernels
     (:mod:`sos_aug.paste_kernel`; CUDA), ``"groups"`` all at once, grouped by size
     (:mod:`sos_aug.batched_warp`), ``"loop"`` piece by piece (on the CPU through the uint8 kernel,
-    bit-identical to :func:`paste_window`).
+    bit-identical to :func:`paste_window`). ``tight`` as :func:`paste_window`'s.
     """
     images = images.as_subclass(torch.Tensor)
     masks = [inst.masks for inst in instances]
@@ -395,7 +403,8 @@ def paste_batch(
     order_t = torch.tensor(order, dtype=torch.long, device=images.device)
     n_old = len(occ.old_visible)
     all_masks = occ.rows.index_select(0, order_t)
-    all_boxes = torch.cat([occ.new_boxes, occ.visible_boxes]).index_select(0, order_t)
+    old_boxes = occ.visible_old_boxes if tight else occ.new_boxes  # the former: every existing mask's tight box
+    all_boxes = torch.cat([old_boxes, occ.visible_boxes]).index_select(0, order_t)
     # untouched instances keep the area they came with (COCO's polygon area)
     untouched = _untouched_area(occ, [inst.area for inst in instances])
     existing_area = torch.where(occ.touched, occ.after.to(untouched.dtype), untouched)
@@ -478,6 +487,7 @@ class _Occlusion:
     after: torch.Tensor  # (N,) and after
     touched: torch.Tensor  # (N,) covered at all
     new_boxes: torch.Tensor  # (N, 4) tight boxes where touched, the given ones elsewhere
+    visible_old_boxes: torch.Tensor  # (N, 4) tight boxes of every existing mask after pasting
     old_crowd: torch.Tensor  # (N,)
     keep_old: torch.Tensor  # (N,) survives the drop rule
     pasted_visible: torch.Tensor  # (B * K,) visible pixels of each piece
@@ -520,7 +530,8 @@ def _occlusion(shape: tuple[int, int, int, int], masks: list[torch.Tensor], boxe
         pasted_visible, visible_boxes = stats.visible_count, stats.visible_boxes
     keep_new = drop.keep(pasted_visible, pasted_full, full_boxes, visible_boxes,
                          torch.zeros_like(pasted_full, dtype=torch.bool))
-    return _Occlusion(n_per, rows, visible, old_visible, before, after, touched, new_boxes, old_crowd, keep_old,
+    return _Occlusion(n_per, rows, visible, old_visible, before, after, touched, new_boxes, visible_old_boxes,
+                      old_crowd, keep_old,
                       pasted_visible, visible_boxes, keep_new)
 
 

@@ -31,7 +31,6 @@ from .composite import DropRule, Instances, PasteResult, check_backend, paste
 from .grounding import Referring
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
 from .ops.buffers import consecutive_base, flat_base
-from .ops.masks import tight_boxes
 from .relight.batch import RelightBatch, Relighter, relight
 from .relight.batch import warm_up as compile_relighters
 
@@ -314,7 +313,7 @@ class CopyPaste:
         piece_labels = [segments.labels[p.segment] for p in params]
         results = paste(images if isinstance(images, torch.Tensor) else [torch.as_tensor(im) for im in images],
                         instances, rgba, params, piece_labels, self.drop, self.feather_sigma,
-                        self._backend(device))
+                        self._backend(device), self.boxes)
         kept_src = [p.segment[r.pasted_kept] for p, r in zip(params, results)]
         out_images, out_targets = [], []
         for image, target, kept, res in zip(images, targets, kept_src, results):
@@ -385,10 +384,6 @@ class CopyPaste:
             out["names"] = [nm for nm, k in zip(old_names, keep.tolist()) if k] + [
                 segments.names[int(i)] for i in kept_src]
         out["pasted_rows"] = segments.bank_rows[kept_src]
-        if self.boxes == "tight":
-            masks = torch.as_tensor(out["masks"]).as_subclass(torch.Tensor)
-            out["boxes"] = _wrap_boxes(target["boxes"], tight_boxes(masks.bool()).to(res.boxes.dtype),
-                                       image.shape[-2:])
         img = res.image
         if isinstance(image, tv_tensors.Image):
             img = tv_tensors.wrap(img, like=image)
