@@ -40,15 +40,22 @@ def train_bank(root: Path, work: Path):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The CPU's name, its vector extensions that change these figures (machines of one name differ),
+    core count and torch version."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    isa = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "BF16"), ("amx_tile", "AMX"))
+           if flag in flags] or (["no AVX-512"] if "avx2" in flags else [])
+    return f"{cpu} ({'+'.join(isa)}), {os.cpu_count()} cores, torch {torch.__version__}" if isa else \
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def add_allocator_flag(parser) -> None:

@@ -3,8 +3,8 @@
 On a GPU the batched paste is bound by the host, not the device: every dispatched operation costs
 host time (argument parsing, dispatch, a kernel launch for those that compute) whether it touches
 ten pixels or a million. Counting them needs no GPU, so this runs anywhere: B=16 real images at
-1024x1024 with 10 segments each (the GPU benchmark's batch), pasted by ``CopyPaste.apply`` with
-``batched=True`` and each ``warp``, operations counted with a ``TorchDispatchMode``.
+1024x1024 with 10 segments each (the GPU benchmark's batch), pasted by ``CopyPaste.paste`` with
+``batched=True`` and each ``backend``, operations counted with a ``TorchDispatchMode``.
 
 Both paths run as they would on an accelerator: ``groups`` is grouped with the accelerator's
 group cost, and ``loop`` warps each piece with the accelerator's float kernel call (on the CPU it
