@@ -86,7 +86,7 @@ def build_rate(tree: Path, out: Path, workers: int) -> float:
     return report["added"] / (time.perf_counter() - start)
 
 
-def synthetic_million(folder: Path, n: int = 1_000_000) -> Path:
+def synthetic_index(folder: Path, n: int = 1_000_000) -> Path:
     """An index of ``n`` records over one shard (enough to time open/len/sampling, not reads)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     build512 = build_rate(big_tree, work / "bank-from-tree-512", workers=args.workers)
     hours512 = {cores: ten_million / (build512 * cores / args.workers) / 3600 for cores in (2, 64)}
 
-    big10 = synthetic_million(work / "bank-10m", n=ten_million)
+    big10 = synthetic_index(work / "bank-10m", n=ten_million)
     start = time.perf_counter()
     b10 = SegmentBank(big10)
     _ = len(b10), b10.index["category"][-1]
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     index10_bytes = (big10 / "index-0001.bin").stat().st_size
     shutil.rmtree(big10)
 
-    million = synthetic_million(work / "bank-1m")
+    million = synthetic_index(work / "bank-1m")
     start = time.perf_counter()
     big = SegmentBank(million)
     n = len(big)

@@ -303,13 +303,14 @@ def paste_window(
     pasted_full, full_boxes = _as_tensors(full, device)
     pasted_visible, pasted_boxes = _as_tensors(seen, device)
     touched_rows = touched.nonzero().flatten().tolist()
-    new_boxes = boxes.clone().float()
-    if tight and len(touched_rows) < n:  # untouched masks are the input's
-        new_boxes = tight_boxes(masks).to(new_boxes.dtype)
+    untouched_tight = tight and len(touched_rows) < n  # untouched masks are the input's
+    new_boxes = tight_boxes(masks) if untouched_tight else boxes.clone().float()
     keep_existing = torch.ones(n, dtype=torch.bool, device=device)
-    area = _given_area(instances, masks)
+    counts = None if instances.area is not None else count_pixels(masks).to(device)  # once, when not given
+    area = instances.area.to(device).float().clone() if counts is None else counts.float()
     if touched_rows:  # full-canvas work, only for the instances a piece covered
-        before = torch.tensor([int(count_pixels(masks[i])) for i in touched_rows], device=device)
+        before = (counts[touched_rows] if counts is not None else
+                  torch.tensor([int(count_pixels(masks[i])) for i in touched_rows], device=device))
         now, now_boxes = _as_tensors([mask_stats(all_masks[i]) for i in touched_rows], device)
         rows = torch.tensor(touched_rows, device=device)
         area[rows], new_boxes[rows] = now.to(area.dtype), now_boxes
@@ -334,13 +335,6 @@ def paste_window(
         keep_existing=keep_existing,
         pasted_kept=pasted_kept,
     )
-
-
-def _given_area(instances: Instances, masks: torch.Tensor) -> torch.Tensor:
-    """Float areas of one image's instances as they came: the given ones, else pixel counts."""
-    if instances.area is not None:
-        return instances.area.to(masks.device).float().clone()
-    return count_pixels(masks).float().to(masks.device) if len(masks) else torch.zeros(0, device=masks.device)
 
 
 def _on_canvas(stats: tuple[int, list[int]], piece: PastedPiece) -> tuple[int, list[int]]:
@@ -425,7 +419,7 @@ def paste_batch(
 
 
 def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placements: list[Placement],
-                     feather_sigma: float, backend: str = "auto"):
+                     feather_sigma: float, backend: str):
     """Warp and paste every piece in order with ``backend`` (``"kernel"``, ``"groups"`` or
     ``"loop"``, as :func:`choose_backend` resolved it): the composited batch, each piece's full hard mask in a
     (B, K, H, W) stack (K = the most pieces of any image; None from the kernels, which never build
@@ -433,12 +427,11 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
     and boxes (else None). Python numbers only on the host, no wait for the device."""
     b, _, height, width = images.shape
     kmax = max((len(p) for p in placements), default=0)
-    path = backend
 
     def groups():
         return (*paste_groups(images, segments, flat_base(segments), placements, kmax), None)
 
-    if path == "kernel":
+    if backend == "kernel":
         from .paste_kernel import paste_kernels
 
         def kernel():
@@ -446,7 +439,7 @@ def _composite_batch(images: torch.Tensor, segments: list[torch.Tensor], placeme
             return out, None, top, stats
 
         return backends.run_or_fallback("paste", kernel, groups)
-    if path == "groups":
+    if backend == "groups":
         return groups()
     as_uint8 = images.dtype == torch.uint8
     canvas = images.float() if as_uint8 else images.clone()

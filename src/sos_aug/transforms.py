@@ -311,7 +311,7 @@ class CopyPaste:
         rgba = segments.to(device).rgba  # one transfer for all segments
         instances = [_instances(t, device) for t in targets]
         piece_labels = [segments.labels[p.segment] for p in params]
-        results = paste(images if isinstance(images, torch.Tensor) else [torch.as_tensor(im) for im in images],
+        results = paste(images if isinstance(images, torch.Tensor) else list(images),
                         instances, rgba, params, piece_labels, self.drop, self.feather_sigma,
                         self._backend(device), self.boxes)
         kept_src = [p.segment[r.pasted_kept] for p, r in zip(params, results)]
