@@ -12,10 +12,24 @@ from pathlib import Path
 import torch
 
 
+def data_root() -> Path:
+    """Where the shared real data lives: ``$SOS_AUG_TEST_DATA``, else ``../shared/data``."""
+    return Path(os.environ.get("SOS_AUG_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")).resolve()
+
+
+def portable(path: str | Path) -> str:
+    """A path as results files record it: relative to the shared data root where it lies inside it,
+    else its last three parts (never this machine's absolute path)."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(data_root()).as_posix()
+    except ValueError:
+        return "/".join(path.parts[-3:])
+
+
 def shared_data(name: str) -> Path:
     """``../shared/data/NAME`` (or ``$SOS_AUG_TEST_DATA/NAME``), or exit saying where it was looked for."""
-    root = Path(os.environ.get("SOS_AUG_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    path = root / name
+    path = data_root() / name
     if not path.is_dir():
         raise SystemExit(f"benchmarks need the real data set {name!r} at {path}; set SOS_AUG_TEST_DATA")
     return path

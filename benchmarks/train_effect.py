@@ -1,68 +1,77 @@
 """Does pasting make a detector better? One model and schedule, several arms and seeds, mask and box
-AP by pycocotools on a held-out split.
+AP by pycocotools on a held-out split, paired differences with bootstrap intervals.
 
-    python benchmarks/train_effect.py --out bench_out/train_effect --seeds 0 1 2 --json summary.json
+    python benchmarks/train_effect.py --backbone lite0 --arms none mmdet sos stats --seeds 0 1 2
 
-Arms (``--arms``): ``none`` (no pasting), ``mmdet`` (mmdetection's CopyPaste rule: objects of
-another training image pasted at their own place and scale, covered instances updated exactly),
-``random`` (sos_aug, RandomLayout), ``sos`` (sos_aug, SOSLayout), ``sos_relight`` (SOSLayout, then
-the shipped net and LabBlend). The bank is built from the same training images only.
+Arms (``--arms``), each pasting into an image with probability ``--paste-p``:
 
-Default data: the facades set (``../shared/data/facades``, or ``$SOS_AUG_TEST_DATA/facades``),
-a low-data training split drawn by :func:`sos_aug.split.split_coco` from ``train`` and evaluation
-on ``valid``, three classes. Other COCO-format files by path (``--train``/``--val``).
+- ``none``: no pasting.
+- ``mmdet``: mmdetection 3.3's CopyPaste rule: a random subset (0 to all) of another labelled
+  image's objects at their own place and scale, covered instances updated exactly.
+- ``random`` / ``sos`` / ``stats``: sos_aug with RandomLayout / SOSLayout / DatasetStatsLayout
+  (sizes of the labelled file's own instances), ``--pastes`` segments from a bank of the labelled
+  images.
+- ``sos_relight``: the ``--relight-layout`` layout, then the shipped net and LabBlend.
+- ``external``: as ``sos_relight``, but the bank holds the segments of training images *outside*
+  the labelled split (never trained on themselves: SOS's extra segments).
+- ``mmdet_external``: the mmdet rule with those same images as partners, taking as many of a
+  partner's objects as ``external`` pastes (``--pastes``), so only the method differs.
 
-Every run lives in ``OUT/runs/ARM-sSEED``: a checkpoint saved atomically every ``--ckpt-every``
-steps (so a killed run resumes) and ``result.json`` when it finishes; the grid skips finished runs
-with the same settings, so a grid longer than one sitting is completed over several.
+Data: the facades set (``../shared/data/facades`` or ``$SOS_AUG_TEST_DATA/facades``): a low-data
+split drawn by :func:`sos_aug.split.split_coco` from ``train`` (with ``--distinct-photos``, train
+photos that are another scale of a ``valid`` photo are removed first, and the external pool holds no
+copy of a labelled photo), three classes, evaluation on ``valid``. ``--test ANN --test-images DIR``
+also scores every final model on that split (finished runs too, from their saved weights).
+
+Every run lives in ``OUT/KEY/runs/ARM-sSEED``: a checkpoint saved atomically every ``--ckpt-every``
+steps (a killed run resumes), the final weights, and ``result.json``. Finished results (settings,
+augmentation and commit recorded, data paths relative to the data root) and their COCOeval match
+records are copied to ``--results``; a rerun skips them, so a grid spans several sittings.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import io
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import nn
-from torchvision.models import resnet18
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, shared_data  # noqa: E402
+import ap_bootstrap  # noqa: E402
+from _common import machine, portable, shared_data  # noqa: E402
+from detectors import BACKBONES, build_model  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, RandomLayout, SegmentBank, SOSLayout, build_bank, coco_source  # noqa: E402
 from sos_aug.bank.sources import load_coco  # noqa: E402
 from sos_aug.integrations.torchvision import coco_detections, coco_evaluate  # noqa: E402
+from sos_aug.layout import DatasetStatsLayout  # noqa: E402
 from sos_aug.ops.masks import tight_boxes  # noqa: E402
 from sos_aug.split import split_coco, write_json_atomic  # noqa: E402
 
-ARMS = ("none", "mmdet", "random", "sos", "sos_relight")
+ARMS = ("none", "mmdet", "random", "sos", "stats", "sos_relight", "external", "mmdet_external")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class Settings:
-    """Everything that decides a run's result; a run is reused only under the same settings."""
+    """The data, model and schedule: a run is reused only under the same settings (:meth:`key`)."""
 
     train: str
     train_images: str
@@ -76,15 +85,14 @@ class Settings:
     size: int = 384
     lr: float = 1e-3
     warmup: int = 100
-    paste_p: float = 0.5
-    pastes: tuple[int, int] = (1, 6)
-    sampling: str = "uniform"
     eval_every: int = 400
     val_limit: int = 0  # 0: every validation image
     fpn_channels: int = 128
     mask_channels: int = 128
     rois_per_image: int = 128  # sampled for the box and mask heads (torchvision: 512)
     proposals: int = 1000  # kept by the RPN in training (torchvision: 2000)
+    backbone: str = "scratch"
+    distinct_photos: bool = False  # drop train photos that are another scale of a validation photo
 
     def key(self) -> str:
         """A digest of the settings; data paths count by their last two parts, so the same data at
@@ -92,27 +100,82 @@ class Settings:
         fields = asdict(self)
         for name in ("train", "train_images", "val", "val_images"):
             fields[name] = "/".join(Path(fields[name]).parts[-2:])
-        fields["pastes"] = list(fields["pastes"])
-        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        return _digest(fields)
+
+    def portable(self) -> dict:
+        """The settings as result files record them (data paths relative to the data root)."""
+        fields = asdict(self)
+        for name in ("train", "train_images", "val", "val_images"):
+            fields[name] = portable(fields[name])
+        return fields
+
+
+@dataclass
+class Augment:
+    """How the arms paste; each arm's share of it (:meth:`of`) is hashed into its results, so runs
+    of an arm are paired only under the same augmentation."""
+
+    paste_p: float = 0.5
+    pastes: tuple[int, int] = (1, 6)
+    sampling: str = "uniform"
+    relight_layout: str = "sos"  # the layout of sos_relight and external
+
+    def of(self, arm: str) -> dict:
+        """What decides ``arm``'s augmentation (nothing for ``none``)."""
+        if arm == "none":
+            return {}
+        if arm == "mmdet":
+            return {"rule": "mmdet", "paste_p": self.paste_p, "partners": "labelled", "count": "0..all"}
+        if arm == "mmdet_external":
+            return {"rule": "mmdet", "paste_p": self.paste_p, "partners": "external", "count": list(self.pastes)}
+        layout = {"random": "random", "sos": "sos", "stats": "stats"}.get(arm, self.relight_layout)
+        relit = arm in ("sos_relight", "external")
+        return {"layout": layout, "paste_p": self.paste_p, "pastes": list(self.pastes), "sampling": self.sampling,
+                "relight": ["net", "lab"] if relit else None, "bank": "external" if arm == "external" else "labelled"}
+
+    def key(self, arm: str) -> str:
+        return _digest(self.of(arm))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # -- data ------------------------------------------------------------------------------------------
 
 
-def prepare_data(s: Settings, work: Path) -> tuple[Path, Path, list[dict]]:
-    """The low-data training file and the validation file, restricted to ``s.classes`` and with
-    category ids renumbered 1..K (the model's labels): written once under ``work``."""
+def photo_key(file_name: str) -> str:
+    """The photo an image file shows, whatever its export: Roboflow's ``.rf.HASH`` suffix and the
+    facades set's ``_scaled_N`` variants removed (other names are their own photo)."""
+    stem = file_name.split(".rf.")[0]
+    return re.sub(r"_scaled_\d+", "", stem)
+
+
+def without_photos(data: dict, photos: set[str]) -> dict:
+    """``data`` without the images (and their annotations) that show one of ``photos``."""
+    images = [im for im in data["images"] if photo_key(im["file_name"]) not in photos]
+    ids = {im["id"] for im in images}
+    return {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+
+
+def prepare_data(s: Settings, work: Path) -> dict[str, Path]:
+    """The labelled training file, the external pool (the other training images, no copy of a
+    labelled photo) and the validation file, restricted to ``s.classes`` with ids renumbered 1..K
+    (the model's labels): written once under ``work``."""
     work.mkdir(parents=True, exist_ok=True)
-    train_file, val_file = work / "train.json", work / "val.json"
-    if not train_file.exists():
-        part, _ = split_coco(load_coco(s.train), s.percent, s.fold)
-        write_json_atomic(train_file, restrict_classes(part, s.classes))
-    if not val_file.exists():
+    files = {name: work / f"{name}.json" for name in ("train", "external", "val")}
+    if not all(f.exists() for f in files.values()):
         val = load_coco(s.val)
+        train = load_coco(s.train)
+        if s.distinct_photos:
+            train = without_photos(train, {photo_key(im["file_name"]) for im in val["images"]})
+        part, rest = split_coco(train, s.percent, s.fold)
+        rest = without_photos(rest, {photo_key(im["file_name"]) for im in part["images"]})
         if s.val_limit:
             val = {**val, "images": sorted(val["images"], key=lambda im: im["id"])[: s.val_limit]}
-        write_json_atomic(val_file, restrict_classes(val, s.classes))
-    return train_file, val_file, json.loads(train_file.read_text())["categories"]
+        for name, data in (("train", part), ("external", rest), ("val", val)):
+            write_json_atomic(files[name], restrict_classes(data, s.classes))
+    return files
 
 
 def restrict_classes(data: dict, classes: list[str]) -> dict:
@@ -130,21 +193,36 @@ def restrict_classes(data: dict, classes: list[str]) -> dict:
             "images": [im for im in data["images"] if im["id"] in kept], "annotations": anns}
 
 
+def resize_sample(image: torch.Tensor, target: dict, size: int) -> tuple[torch.Tensor, dict]:
+    """A sample with its longer side resized to ``size``; boxes are the tight boxes of the resized
+    masks and crowd regions and instances that vanish at this size are left out."""
+    h, w = image.shape[-2:]
+    scale = size / max(h, w)
+    hw = [round(h * scale), round(w * scale)]
+    image = F.resize(image.as_subclass(torch.Tensor), hw, antialias=True)
+    masks = F.resize(target["masks"].as_subclass(torch.Tensor).to(torch.uint8), hw,
+                     interpolation=F.InterpolationMode.NEAREST).bool()
+    keep = masks.flatten(1).any(1) & ~target["iscrowd"].bool()
+    masks = masks[keep]
+    return image, {"boxes": tight_boxes(masks), "labels": target["labels"][keep], "masks": masks}
+
+
 def resized_samples(ann_file: Path, images: str, size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Every training sample with its longer side resized to ``size``, cached in memory; boxes are the
-    tight boxes of the resized masks and instances that vanish at this size are left out."""
-    out = []
-    for image, target in CocoInstances(ann_file, images):
-        h, w = image.shape[-2:]
-        scale = size / max(h, w)
-        hw = [round(h * scale), round(w * scale)]
-        image = F.resize(image.as_subclass(torch.Tensor), hw, antialias=True)
-        masks = F.resize(target["masks"].as_subclass(torch.Tensor).to(torch.uint8), hw,
-                         interpolation=F.InterpolationMode.NEAREST).bool()
-        keep = masks.flatten(1).any(1) & ~target["iscrowd"].bool()
-        masks = masks[keep]
-        out.append((image, {"boxes": tight_boxes(masks), "labels": target["labels"][keep], "masks": masks}))
-    return out
+    """Every sample of the file resized (:func:`resize_sample`), held in memory."""
+    return [resize_sample(image, target, size) for image, target in CocoInstances(ann_file, images)]
+
+
+class ResizedOnRead(Sequence):
+    """The samples of a file resized as they are read: a pool too large to hold in memory."""
+
+    def __init__(self, ann_file: Path, images: str, size: int):
+        self.dataset, self.size = CocoInstances(ann_file, images), size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return resize_sample(*self.dataset[i], self.size)
 
 
 def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
@@ -170,17 +248,21 @@ def fit_to(image: torch.Tensor, target: dict, hw: tuple[int, int]) -> tuple[torc
 
 
 def mmdet_copy_paste(dst: tuple[torch.Tensor, dict], src: tuple[torch.Tensor, dict], g: torch.Generator,
-                     max_num_pasted: int = 100, bbox_occluded_thr: int = 10,
-                     mask_occluded_thr: int = 300) -> tuple[torch.Tensor, dict, int]:
+                     max_num_pasted: int = 100, bbox_occluded_thr: int = 10, mask_occluded_thr: int = 300,
+                     count: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict, int]:
     """mmdetection 3.3's ``CopyPaste`` on one pair: a random subset of ``src``'s objects (0 to all,
-    at most ``max_num_pasted``) pasted at their own place and scale; every destination mask loses the
-    pasted pixels, its box becomes its new mask's tight box, and it is dropped unless its box moved
-    at most ``bbox_occluded_thr`` px on every side or it keeps more than ``mask_occluded_thr`` px.
+    at most ``max_num_pasted``; with ``count``, a number drawn uniformly in that inclusive range,
+    at most all) pasted at their own place and scale; every destination mask loses the pasted
+    pixels, its box becomes its new mask's tight box, and it is dropped unless its box moved at most
+    ``bbox_occluded_thr`` px on every side or it keeps more than ``mask_occluded_thr`` px.
     Returns the image, the target and how many objects were pasted (drawn from ``g``)."""
     image, target = dst
     src_image, src_target = fit_to(*src, tuple(image.shape[-2:]))
     n_src = len(src_target["labels"])
-    num = int(torch.randint(0, min(n_src + 1, max_num_pasted), (1,), generator=g))
+    if count is None:
+        num = int(torch.randint(0, min(n_src + 1, max_num_pasted), (1,), generator=g))
+    else:
+        num = min(n_src, int(torch.randint(count[0], count[1] + 1, (1,), generator=g)))
     if n_src == 0 or num == 0:
         return image, target, 0
     chosen = torch.randperm(n_src, generator=g)[:num].sort().values
@@ -194,27 +276,12 @@ def mmdet_copy_paste(dst: tuple[torch.Tensor, dict], src: tuple[torch.Tensor, di
         "boxes": torch.cat([boxes[still], src_target["boxes"][chosen]]),
         "labels": torch.cat([target["labels"][still], src_target["labels"][chosen]]),
         "masks": torch.cat([masks[still], src_masks]),
+        "is_pasted": torch.cat([torch.zeros(int(still.sum()), dtype=torch.bool), torch.ones(num, dtype=torch.bool)]),
     }
     return torch.where(covered, src_image, image), out, num
 
 
-# -- the model -------------------------------------------------------------------------------------
-
-
-def build_model(num_classes: int, s: Settings) -> MaskRCNN:
-    """Mask R-CNN from scratch on a GroupNorm ResNet-18 FPN (strides 4-32 plus a max-pooled level),
-    anchors 16-256 px, a lighter mask head and fewer sampled RoIs than torchvision's defaults (the
-    convolutions' backward pass is most of a CPU step); nothing is downloaded."""
-    body = resnet18(weights=None, norm_layer=partial(nn.GroupNorm, 32))
-    backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-                               [64, 128, 256, 512], s.fpn_channels, extra_blocks=LastLevelMaxPool())
-    anchors = AnchorGenerator(((16,), (32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 5)
-    return MaskRCNN(backbone, min_size=s.size, max_size=s.size,
-                    rpn_anchor_generator=anchors, rpn_pre_nms_top_n_train=s.proposals,
-                    rpn_post_nms_top_n_train=s.proposals, box_batch_size_per_image=s.rois_per_image,
-                    mask_head=MaskRCNNHeads(s.fpn_channels, [s.mask_channels] * 4, 1),
-                    box_predictor=FastRCNNPredictor(1024, num_classes + 1),
-                    mask_predictor=MaskRCNNPredictor(s.mask_channels, s.mask_channels, num_classes + 1))
+# -- one run ---------------------------------------------------------------------------------------
 
 
 def lr_factor(step: int, s: Settings) -> float:
@@ -224,56 +291,71 @@ def lr_factor(step: int, s: Settings) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - s.warmup) / max(1, s.steps - s.warmup)))
 
 
-# -- one run ---------------------------------------------------------------------------------------
-
-
 @dataclass
 class Batcher:
     """Training batches of one arm: an epoch-wise shuffled order, a flip, then the arm's pasting;
-    every draw from one generator, saved with the checkpoint."""
+    every draw from one generator, saved with the checkpoint. ``pasted`` counts pasted objects
+    that survived, ``pasted_into`` the images that got any."""
 
-    samples: list
-    arm: str
+    samples: Sequence
     s: Settings
-    copy_paste: CopyPaste | None
     g: torch.Generator
+    copy_paste: CopyPaste | None = None
+    partners: Sequence | None = None  # the mmdet rule's partner images
+    count: tuple[int, int] | None = None  # the mmdet rule's count (None: its own 0..all)
+    paste_p: float = 0.5
     order: list[int] = field(default_factory=list)
     pasted: int = 0
+    pasted_into: int = 0
 
     def next(self) -> tuple[list[torch.Tensor], list[dict]]:
         images, targets = [], []
         for _ in range(self.s.batch):
             image, target = self._draw()
-            if self.arm == "mmdet" and float(torch.rand(1, generator=self.g)) < self.s.paste_p:
-                image, target, n = mmdet_copy_paste((image, target), self._draw(), self.g)
-                self.pasted += n
+            if self.partners is not None and float(torch.rand(1, generator=self.g)) < self.paste_p:
+                partner = self.partners[int(torch.randint(len(self.partners), (1,), generator=self.g))]
+                image, target, _ = mmdet_copy_paste((image, target), self._flipped(partner), self.g,
+                                                    count=self.count)
             images.append(image)
             targets.append(target)
         if self.copy_paste is not None:
             images, targets = self.copy_paste(images, targets, generator=self.g)
-            self.pasted += sum(int(t["is_pasted"].sum()) for t in targets)
+        for t in targets:
+            n = int(t["is_pasted"].sum()) if "is_pasted" in t else 0
+            self.pasted += n
+            self.pasted_into += n > 0
         return images, targets
 
     def _draw(self) -> tuple[torch.Tensor, dict]:
         if not self.order:
             self.order = torch.randperm(len(self.samples), generator=self.g).tolist()
-        image, target = self.samples[self.order.pop()]
+        return self._flipped(self.samples[self.order.pop()])
+
+    def _flipped(self, sample: tuple[torch.Tensor, dict]) -> tuple[torch.Tensor, dict]:
         if float(torch.rand(1, generator=self.g)) < 0.5:
-            image, target = hflip(image, target)
-        return image, target
+            return hflip(*sample)
+        return sample
 
 
-def arm_copy_paste(arm: str, bank: SegmentBank, s: Settings) -> CopyPaste | None:
-    if arm in ("none", "mmdet"):
-        return None
-    layout = RandomLayout() if arm == "random" else SOSLayout()
+def arm_batcher(arm: str, s: Settings, aug: Augment, data: dict, g: torch.Generator) -> Batcher:
+    """The batcher that draws ``arm``'s training batches."""
+    spec = aug.of(arm)
+    if arm == "none":
+        return Batcher(data["samples"], s, g)
+    if spec.get("rule") == "mmdet":
+        partners = data["samples"] if spec["partners"] == "labelled" else data["external_samples"]
+        count = None if arm == "mmdet" else tuple(aug.pastes)
+        return Batcher(data["samples"], s, g, partners=partners, count=count, paste_p=aug.paste_p)
+    layouts = {"random": RandomLayout, "sos": SOSLayout, "stats": lambda: DatasetStatsLayout(data["files"]["train"])}
     relight = None
-    if arm == "sos_relight":
+    if spec["relight"]:
         from sos_aug.relight import LabBlend, RelightNet
 
         relight = [RelightNet.pretrained(), LabBlend()]
-    return CopyPaste(bank.with_sampling(s.sampling), layout=layout, num_pastes=tuple(s.pastes), p=s.paste_p,
-                     relight=relight)
+    bank = data["external_bank" if spec["bank"] == "external" else "bank"].with_sampling(aug.sampling)
+    cp = CopyPaste(bank, layout=layouts[spec["layout"]](), num_pastes=tuple(aug.pastes), p=aug.paste_p,
+                   relight=relight)
+    return Batcher(data["samples"], s, g, copy_paste=cp)
 
 
 def model_targets(targets: list[dict]) -> list[dict]:
@@ -287,25 +369,37 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train_run(arm: str, seed: int, s: Settings, data: dict, run_dir: Path, ckpt_every: int = 50,
+def commit() -> str:
+    """The checkout's commit, with ``+changes`` where src/ or benchmarks/ differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short=10", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--", "src", "benchmarks") else "")
+
+
+def train_run(arm: str, seed: int, s: Settings, aug: Augment, data: dict, run_dir: Path, ckpt_every: int = 50,
               progress: bool = True) -> dict:
-    """Train one (arm, seed), resuming from its checkpoint; returns and writes its result."""
+    """Train one (arm, seed), resuming from its checkpoint; returns and writes its result, keeps
+    the final weights (``final.pt``) and the validation match records (``matches.npz``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
+    keys = {"key": s.key(), "aug_key": aug.key(arm)}
     torch.manual_seed(seed)
-    model = build_model(len(data["categories"]), s)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.05)
+    model = build_model(len(data["categories"]), s.backbone, s.size, s.fpn_channels, s.mask_channels,
+                        s.rois_per_image, s.proposals)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(1000 + seed)
-    batcher = Batcher(data["samples"], arm, s, arm_copy_paste(arm, data["bank"], s), g)
-    state = {"step": 0, "losses": [], "curve": [], "seconds": 0.0}
+    batcher = arm_batcher(arm, s, aug, data, g)
+    state = {"step": 0, "losses": [], "curve": [], "seconds": 0.0, "commit": commit()}
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
-        if saved["key"] != s.key():
+        if {k: saved.get(k) for k in keys} != keys:
             raise SystemExit(f"{ckpt}: saved under other settings; remove it to start this run afresh")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         g.set_state(saved["generator"])
-        batcher.order, batcher.pasted = saved["order"], saved["pasted"]
+        batcher.order, batcher.pasted, batcher.pasted_into = saved["order"], saved["pasted"], saved["pasted_into"]
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
     bar = tqdm(total=s.steps, initial=state["step"], desc=f"{arm} s{seed}", disable=not progress, unit="step")
@@ -330,21 +424,27 @@ def train_run(arm: str, seed: int, s: Settings, data: dict, run_dir: Path, ckpt_
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = state["step"]
         if done % s.eval_every == 0 and done < s.steps:
-            metrics = evaluate(model, data["val_file"], s.val_images, bootstrap=0)
+            metrics, _ = evaluate(model, data["files"]["val"], s.val_images, bootstrap=0)
             state["curve"].append({"step": done, **{k: metrics[k] for k in ("bbox_AP", "segm_AP")}})
             model.train()
         if done % ckpt_every == 0 or done == s.steps:
             state["seconds"] += time.monotonic() - t0
             t0 = time.monotonic()
-            save_atomic({"key": s.key(), "model": model.state_dict(), "opt": opt.state_dict(),
-                         "generator": g.get_state(), "order": batcher.order, "pasted": batcher.pasted,
+            save_atomic({**keys, "model": model.state_dict(), "opt": opt.state_dict(), "generator": g.get_state(),
+                         "order": batcher.order, "pasted": batcher.pasted, "pasted_into": batcher.pasted_into,
                          "torch_rng": torch.get_rng_state(), "state": state}, ckpt)
     bar.close()
-    metrics = evaluate(model, data["val_file"], s.val_images)
+    t_eval = time.monotonic()
+    metrics, records = evaluate(model, data["files"]["val"], s.val_images)
+    ap_bootstrap.save(records, run_dir / "matches.npz")
     state["curve"].append({"step": s.steps, **{k: metrics[k] for k in ("bbox_AP", "segm_AP")}})
-    result = {"arm": arm, "seed": seed, "key": s.key(), "settings": asdict(s), "metrics": metrics,
-              "curve": state["curve"], "losses": state["losses"], "pasted": batcher.pasted,
-              "train_seconds": round(state["seconds"], 1), "machine": machine()}
+    save_atomic(model.state_dict(), run_dir / "final.pt")
+    result = {"arm": arm, "seed": seed, **keys, "augment": aug.of(arm), "commit": state.get("commit"),
+              "settings": s.portable(), "metrics": metrics, "curve": state["curve"], "losses": state["losses"],
+              "pasted": batcher.pasted, "pasted_into": batcher.pasted_into, "train_seconds": round(state["seconds"], 1),
+              "eval_seconds": round(time.monotonic() - t_eval, 1), "machine": machine()}
+    if data.get("test"):
+        result["test"] = score_test(model, data["test"])
     write_json_atomic(run_dir / "result.json", result)
     ckpt.unlink(missing_ok=True)
     return result
@@ -354,9 +454,11 @@ def train_run(arm: str, seed: int, s: Settings, data: dict, run_dir: Path, ckpt_
 
 
 @torch.no_grad()
-def evaluate(model: MaskRCNN, val_file: Path, images: str, bootstrap: int = 200, seed: int = 0) -> dict:
+def evaluate(model: nn.Module, val_file: Path, images: str, bootstrap: int = 200,
+             seed: int = 0) -> tuple[dict, dict]:
     """Box and mask AP, AP50 and per-category AP by COCOeval on ``val_file``; with ``bootstrap``,
-    the standard deviation of AP over validation images resampled with replacement."""
+    the standard deviation of AP over validation images resampled with replacement. Also returns
+    the match records (:mod:`ap_bootstrap`) that paired bootstraps are drawn from."""
     model.eval()
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(val_file))
@@ -364,181 +466,133 @@ def evaluate(model: MaskRCNN, val_file: Path, images: str, bootstrap: int = 200,
             for image, target in CocoInstances(val_file, images, only_annotated=False)]
     evals = coco_evaluate(gt, dets)
     metrics: dict = {}
+    records: dict = {}
     rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(gt.getImgIds()), len(gt.getImgIds())) for _ in range(bootstrap)]
+    n = len(gt.getImgIds())
     for kind, ev in evals.items():
         metrics[f"{kind}_AP"] = round(100 * ev.stats[0], 2) if ev else 0.0
         metrics[f"{kind}_AP50"] = round(100 * ev.stats[1], 2) if ev else 0.0
-        metrics[f"{kind}_per_category"] = per_category_ap(ev, gt) if ev else {}
-        if draws and ev:
-            metrics[f"{kind}_AP_bootstrap_std"] = round(float(np.std([bootstrap_ap(ev, d) for d in draws])), 2)
-    return metrics
+        if not ev:
+            metrics[f"{kind}_per_category"] = {}
+            continue
+        records[kind] = ap_bootstrap.match_records(ev)
+        per_cat = ap_bootstrap.average_precision(records[kind], per_category=True)
+        metrics[f"{kind}_per_category"] = {gt.cats[c]["name"]: (round(float(v), 2) if np.isfinite(v) else -1.0)
+                                           for c, v in zip(ev.params.catIds, per_cat)}
+        if bootstrap:
+            draws = [np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(bootstrap)]
+            spread = [ap_bootstrap.average_precision(records[kind], d) for d in draws]
+            metrics[f"{kind}_AP_bootstrap_std"] = round(float(np.std(spread)), 2)
+    return metrics, records
 
 
-def per_category_ap(ev: COCOeval, gt: COCO) -> dict[str, float]:
-    """AP (IoU 0.5:0.95, all areas, 100 detections) of each category; -1 where it has no instance."""
-    precision = ev.eval["precision"][:, :, :, 0, -1]  # (T, R, K)
-    out = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k]
-        p = p[p > -1]
-        out[gt.cats[cat_id]["name"]] = round(100 * float(p.mean()), 2) if p.size else -1.0
-    return out
-
-
-def bootstrap_ap(ev: COCOeval, draw: np.ndarray) -> float:
-    """AP over a resampled list of validation images: COCOeval's per-image matches reused, only
-    accumulated again (images drawn twice count twice)."""
-    n = len(ev.params.imgIds)
-    k_n, a_n = len(ev.params.catIds), len(ev.params.areaRng)
-    again = copy.copy(ev)
-    again.params = copy.deepcopy(ev.params)
-    again.params.imgIds = list(range(len(draw)))
-    again._paramsEval = copy.deepcopy(again.params)
-    again.evalImgs = [ev.evalImgs[k * a_n * n + a * n + int(i)] for k in range(k_n) for a in range(a_n) for i in draw]
-    with contextlib.redirect_stdout(io.StringIO()):
-        again.accumulate()
-    p = again.eval["precision"][:, :, :, 0, -1]
-    p = p[p > -1]
-    return 100 * float(p.mean()) if p.size else 0.0
+def score_test(model: nn.Module, test: dict) -> dict:
+    """The final model's metrics on the test split, recorded with the split's portable path."""
+    metrics, _ = evaluate(model, test["file"], test["images"], bootstrap=0)
+    return {"file": portable(test["source"]), **metrics}
 
 
 # -- the grid --------------------------------------------------------------------------------------
 
 
-def load_data(s: Settings, work: Path) -> dict:
-    train_file, val_file, categories = prepare_data(s, work / "data")
-    bank_dir = work / "data" / "bank"
-    if not (bank_dir / "meta.json").exists():
-        build_bank(bank_dir, coco_source(train_file, s.train_images), progress=False)
-    return {"samples": resized_samples(train_file, s.train_images, s.size), "bank": SegmentBank(bank_dir),
-            "val_file": val_file, "categories": categories}
+def load_data(s: Settings, work: Path, arms: Sequence[str], aug: Augment, test: dict | None = None) -> dict:
+    """What the runs of ``arms`` read: the labelled samples in memory, banks, partners, the files."""
+    files = prepare_data(s, work / "data")
+    data = {"files": files, "categories": json.loads(files["train"].read_text())["categories"],
+            "samples": resized_samples(files["train"], s.train_images, s.size)}
+    specs = [aug.of(a) for a in arms]
+    if any(sp.get("bank") == "labelled" for sp in specs):
+        data["bank"] = _bank(work / "data" / "bank", files["train"], s.train_images)
+    if any(sp.get("bank") == "external" for sp in specs):
+        data["external_bank"] = _bank(work / "data" / "external_bank", files["external"], s.train_images)
+    if any(sp.get("partners") == "external" for sp in specs):
+        data["external_samples"] = ResizedOnRead(files["external"], s.train_images, s.size)
+    if test:
+        data["test"] = prepare_test(s, work / "data", test)
+    return data
 
 
-def run_grid(s: Settings, arms: list[str], seeds: list[int], out: Path, ckpt_every: int = 50,
-             progress: bool = True, results_dir: Path | None = None) -> list[dict]:
-    """Every (seed, arm) run not finished yet under these settings, seed by seed; returns all results.
-    A run counts as finished when ``results_dir`` (the record kept in the repository) or its own
-    folder holds its result under the same settings key; finished results are copied there."""
+def _bank(folder: Path, ann_file: Path, images: str) -> SegmentBank:
+    if not (folder / "meta.json").exists():
+        build_bank(folder, coco_source(ann_file, images), progress=False)
+    return SegmentBank(folder)
+
+
+def prepare_test(s: Settings, work: Path, test: dict) -> dict:
+    """The test file restricted to the grid's classes (written once, named by its digest)."""
+    path = work / f"test-{_digest(portable(test['ann']))}.json"
+    if not path.exists():
+        write_json_atomic(path, restrict_classes(load_coco(test["ann"]), s.classes))
+    return {"file": path, "images": test["images"], "source": test["ann"]}
+
+
+def run_grid(s: Settings, aug: Augment, arms: list[str], seeds: list[int], out: Path, ckpt_every: int = 50,
+             progress: bool = True, results_dir: Path | None = None, test: dict | None = None) -> list[dict]:
+    """Every (seed, arm) run not finished yet under these settings and augmentation, seed by seed;
+    returns all results. A run counts as finished when ``results_dir`` (the record kept in the
+    repository) or its own folder holds its result under the same keys; finished results and their
+    match records are copied there."""
     work = out / s.key()
     work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work / "settings.json", asdict(s))
+    write_json_atomic(work / "settings.json", s.portable())
     data = None
     results = []
     for seed in seeds:
         for arm in arms:
-            run_dir = work / "runs" / f"{arm}-s{seed}"
-            done = finished(s, arm, seed, [run_dir / "result.json"]
-                            + ([results_dir / f"{arm}-s{seed}.json"] if results_dir else []))
+            run_dir = work / "runs" / f"{arm}-s{seed}-{aug.key(arm)}"
+            places = [run_dir / "result.json"] + ([results_dir / f"{arm}-s{seed}.json"] if results_dir else [])
+            done = finished(s, aug, arm, seed, places)
             if done is None:
-                data = data or load_data(s, work)
-                done = train_run(arm, seed, s, data, run_dir, ckpt_every, progress)
+                data = data or load_data(s, work, arms, aug, test)
+                done = train_run(arm, seed, s, aug, data, run_dir, ckpt_every, progress)
             elif progress:
                 print(f"{arm} seed {seed}: finished before, skipped", file=sys.stderr)
+            if test and "test" not in done and (run_dir / "final.pt").exists():
+                data = data or load_data(s, work, arms, aug, test)
+                done["test"] = score_test(_final_model(s, data, run_dir), data["test"])
+                write_json_atomic(run_dir / "result.json", done)
             if results_dir is not None:
                 results_dir.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(results_dir / f"{arm}-s{seed}.json", done)
+                if (run_dir / "matches.npz").exists():
+                    (results_dir / f"{arm}-s{seed}.matches.npz").write_bytes((run_dir / "matches.npz").read_bytes())
             results.append(done)
     return results
 
 
-def finished(s: Settings, arm: str, seed: int, places: list[Path]) -> dict | None:
-    """The first result of (arm, seed) under these settings found in ``places``, or None."""
+def _final_model(s: Settings, data: dict, run_dir: Path) -> nn.Module:
+    model = build_model(len(data["categories"]), s.backbone, s.size, s.fpn_channels, s.mask_channels,
+                        s.rois_per_image, s.proposals)
+    model.load_state_dict(torch.load(run_dir / "final.pt"))
+    return model
+
+
+def finished(s: Settings, aug: Augment, arm: str, seed: int, places: list[Path]) -> dict | None:
+    """The first result of (arm, seed) under these settings and augmentation in ``places``, or None."""
     for path in places:
         if path.exists():
             result = json.loads(path.read_text())
-            if result.get("key") == s.key():
+            if result.get("key") == s.key() and result.get("aug_key") == aug.key(arm):
                 return result
     return None
 
 
 def finished_results(s: Settings, places: list[Path]) -> list[dict]:
-    """Every finished result under these settings in ``places`` (one per arm and seed)."""
+    """Every finished result under these settings in ``places`` (one per arm, seed and augmentation),
+    with ``matches`` set to its match records' path where they were kept."""
     found: dict[tuple, dict] = {}
     for place in places:
         for path in sorted(place.glob("*.json")) + sorted(place.glob("runs/*/result.json")):
             result = json.loads(path.read_text())
             if isinstance(result, dict) and result.get("key") == s.key():
-                found.setdefault((result["arm"], result["seed"]), result)
+                matches = path.with_name(path.name.replace(".json", ".matches.npz")) \
+                    if path.name != "result.json" else path.with_name("matches.npz")
+                result["matches"] = str(matches) if matches.exists() else None
+                found.setdefault((result["arm"], result["seed"], result.get("aug_key")), result)
     return list(found.values())
 
 
-def summarize(results: list[dict], baseline: str = "none") -> dict:
-    """Per arm: mean and std over seeds of each headline metric, and the paired difference against
-    ``baseline`` over the seeds both finished."""
-    keys = ["bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"]
-    by_arm: dict[str, dict[int, dict]] = {}
-    for r in results:
-        by_arm.setdefault(r["arm"], {})[r["seed"]] = r["metrics"]
-    summary = {}
-    for arm, runs in by_arm.items():
-        row: dict = {"seeds": sorted(runs)}
-        for k in keys:
-            values = np.array([m[k] for m in runs.values()])
-            row[k] = {"mean": round(float(values.mean()), 2), "std": round(float(values.std(ddof=1)), 2)
-                      if len(values) > 1 else None}
-            base = by_arm.get(baseline, {})
-            paired = [runs[sd][k] - base[sd][k] for sd in runs if sd in base]
-            if arm != baseline and paired:
-                d = np.array(paired)
-                row[f"{k}_vs_{baseline}"] = {"mean": round(float(d.mean()), 2),
-                                             "std": round(float(d.std(ddof=1)), 2) if len(d) > 1 else None,
-                                             "seeds": len(d)}
-        cats = sorted({c for m in runs.values() for c in m.get("segm_per_category", {})})
-        row["segm_per_category"] = {c: round(float(np.mean([m["segm_per_category"].get(c, 0) for m in runs.values()])),
-                                             2) for c in cats}
-        row["bootstrap_std_segm_AP"] = round(float(np.mean([m.get("segm_AP_bootstrap_std", 0)
-                                                            for m in runs.values()])), 2)
-        summary[arm] = row
-    return summary
-
-
-def markdown_table(summary: dict, baseline: str = "none") -> str:
-    """The summary as the README's table: mean ± std over seeds, paired differences against the
-    baseline, window mask AP, and the validation-bootstrap spread."""
-    def pm(v: dict | None) -> str:
-        if not v:
-            return "-"
-        sign = "+" if v.get("seeds") else ""
-        spread = f" ± {v['std']:.2f}" if v.get("std") is not None else ""
-        return f"{v['mean']:{sign}.2f}{spread}"
-
-    lines = ["| arm | seeds | box AP | mask AP | box AP50 | mask AP50 | box AP vs none | mask AP vs none | "
-             "window mask AP | bootstrap std (mask AP) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = [a for a in ARMS if a in summary]
-    for arm in order:
-        r = summary[arm]
-        lines.append(f"| {arm} | {len(r['seeds'])} | {pm(r['bbox_AP'])} | {pm(r['segm_AP'])} | {pm(r['bbox_AP50'])} | "
-                     f"{pm(r['segm_AP50'])} | {pm(r.get(f'bbox_AP_vs_{baseline}'))} | "
-                     f"{pm(r.get(f'segm_AP_vs_{baseline}'))} | {r['segm_per_category'].get('window', '-')} | "
-                     f"{r['bootstrap_std_segm_AP']} |")
-    return "\n".join(lines)
-
-
-def plot_curves(results: list[dict], path: Path) -> None:
-    """AP at each checkpoint, one line per run, coloured by arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    colours = dict(zip(ARMS, ["black", "tab:orange", "tab:blue", "tab:green", "tab:purple"]))
-    seen = set()
-    for r in results:
-        steps = [c["step"] for c in r["curve"]]
-        for ax, key in zip(axes, ("bbox_AP", "segm_AP")):
-            ax.plot(steps, [c[key] for c in r["curve"]], marker="o", color=colours.get(r["arm"], "grey"),
-                    label=r["arm"] if (r["arm"], key) not in seen else None, alpha=0.8)
-            seen.add((r["arm"], key))
-    for ax, key in zip(axes, ("box AP", "mask AP")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+# -- the command line ------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -548,11 +602,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-images", help="its images (default: facades train)")
     p.add_argument("--val", help="evaluation COCO file (default: facades valid)")
     p.add_argument("--val-images", help="its images (default: facades valid)")
+    p.add_argument("--test", help="a further COCO file every final model is scored on (finished runs too)")
+    p.add_argument("--test-images", help="its images")
     p.add_argument("--classes", default="window,balcony-fence,vegetation",
                    help="comma-separated category names to train and evaluate; empty: all (default %(default)s)")
     p.add_argument("--percent", type=float, default=10.0, help="training split: percent of the training file's "
                    "images, drawn as mmdet's split_coco does (default %(default)s)")
     p.add_argument("--fold", type=int, default=1, help="split fold (its seed; default %(default)s)")
+    p.add_argument("--distinct-photos", action="store_true",
+                   help="drop training photos that are another scale of a validation photo first")
+    p.add_argument("--backbone", default="scratch", choices=BACKBONES,
+                   help="scratch: GroupNorm ResNet-18 from scratch; lite0: ImageNet EfficientNet-Lite0 "
+                   "(default %(default)s)")
     p.add_argument("--arms", nargs="+", default=["none", "mmdet", "sos"], choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=800)
@@ -562,51 +623,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--paste-p", type=float, default=0.5, help="probability an image is pasted into")
     p.add_argument("--pastes", type=int, nargs=2, default=[1, 6], metavar=("LOW", "HIGH"),
-                   help="segments per pasted image for the sos_aug arms (default 1 6)")
+                   help="segments per pasted image for the sos_aug arms and mmdet_external (default 1 6)")
     p.add_argument("--sampling", default="uniform", choices=["uniform", "category_balanced", "repeat_factor"],
                    help="bank sampling for the sos_aug arms; uniform follows the training set's class "
                    "frequencies (default %(default)s)")
+    p.add_argument("--relight-layout", default="sos", choices=["random", "sos", "stats"],
+                   help="the layout of sos_relight and external (default %(default)s)")
     p.add_argument("--eval-every", type=int, default=400, help="steps between curve points (default %(default)s)")
     p.add_argument("--val-limit", type=int, default=0, help="evaluate on the first N validation images (0: all)")
     p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--markdown", action="store_true", help="print the summary as a markdown table")
-    p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "docs" / "train_effect"),
+    p.add_argument("--results", default=str(REPO / "docs" / "train_effect"),
                    help="where finished results are kept and looked up (default: docs/train_effect)")
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--summary-only", action="store_true", help="summarise the finished runs, train nothing")
+    p.add_argument("--diagnose", type=int, metavar="BATCHES", default=0,
+                   help="train nothing: draw this many batches of each arm and plot pasted sizes, positions and "
+                   "counts against the real instances (RESULTS/diagnosis.png)")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def settings_from(args: argparse.Namespace) -> tuple[Settings, Augment]:
     facades = None
     if not (args.train and args.val):
         facades = shared_data("facades")
-    return Settings(
+    s = Settings(
         train=args.train or str(facades / "train" / "annotations.json"),
         train_images=args.train_images or str(facades / "train"),
         val=args.val or str(facades / "valid" / "annotations.json"),
         val_images=args.val_images or str(facades / "valid"),
         classes=[c for c in args.classes.split(",") if c], percent=args.percent, fold=args.fold, steps=args.steps,
-        batch=args.batch, size=args.size, lr=args.lr, warmup=args.warmup, paste_p=args.paste_p,
-        pastes=tuple(args.pastes), sampling=args.sampling, eval_every=args.eval_every, val_limit=args.val_limit,
+        batch=args.batch, size=args.size, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
+        val_limit=args.val_limit, backbone=args.backbone, distinct_photos=args.distinct_photos,
     )
+    aug = Augment(paste_p=args.paste_p, pastes=tuple(args.pastes), sampling=args.sampling,
+                  relight_layout=args.relight_layout)
+    return s, aug
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import train_effect_report as report
+
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = settings_from(args)
+    s, aug = settings_from(args)
     out, results_dir = Path(args.out), Path(args.results)
+    test = {"ann": args.test, "images": args.test_images} if args.test else None
+    if args.test and not args.test_images:
+        raise SystemExit("--test needs --test-images")
+    if args.diagnose:
+        work = out / s.key()
+        data = load_data(s, work, args.arms, aug)
+        return report.diagnose(s, aug, data, args.arms, args.diagnose, results_dir)
     if not args.summary_only:
-        run_grid(s, args.arms, args.seeds, out, args.ckpt_every, results_dir=results_dir)
+        run_grid(s, aug, args.arms, args.seeds, out, args.ckpt_every, results_dir=results_dir, test=test)
     results = finished_results(s, [results_dir, out / s.key()])
-    summary = {"settings": asdict(s), "key": s.key(), "machine": machine(), "arms": summarize(results)}
+    summary = report.summarize(results, {arm: aug.key(arm) for arm in ARMS})
+    summary = {"settings": s.portable(), "key": s.key(), "augment": {a: aug.of(a) for a in args.arms},
+               "machine": machine(), **summary}
     if results:
         results_dir.mkdir(parents=True, exist_ok=True)
-        plot_curves(results, results_dir / "curves.png")
+        report.plot_curves([r for r in results if r.get("aug_key") == aug.key(r["arm"])], results_dir / "curves.png")
     text = json.dumps(summary, indent=1)
-    print(markdown_table(summary["arms"]) if args.markdown else text)
+    print(report.markdown_table(summary) if args.markdown else text)
     if args.json:
         Path(args.json).write_text(text)
     return summary
