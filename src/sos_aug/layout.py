@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .bank.sources import load_coco
-from .bank.store import normalize_name
+from .names import normalize_name
 
 
 @dataclass

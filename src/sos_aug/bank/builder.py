@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..names import normalize_name
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -32,7 +33,6 @@ from .format import (
     read_meta,
 )
 from .sources import Item, Source, UnitResult
-from .store import normalize_name
 
 PARTIAL = ".partial"
 SHARD_LIMIT = 4 << 30  # start a new shard file past 4 GiB

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..names import name_forms, normalize_name
 from .format import (
     FLAG_NAMES,
     FLAG_UNKNOWN,
@@ -284,8 +285,9 @@ def reference_frequencies(categories: dict[int, dict], reference: str | Path) ->
     """Bank category id -> f_c, the fraction of the reference file's images that hold category c.
 
     Categories are matched by id where the reference's category of that id has the same name (or
-    a synonym), else by name and synonyms; a bank category the reference lacks gets no entry
-    (r_c = 1). A matched category with no image counts as in one image (its largest r_c)."""
+    a synonym), else by name and synonyms (COCO's names match LVIS's, :mod:`sos_aug.names`); a bank
+    category the reference lacks gets no entry (r_c = 1). A matched category with no image counts as
+    in one image (its largest r_c)."""
     data = load_coco(reference)
     images = {a["image_id"] for a in data["annotations"]} | {im["id"] for im in data["images"]}
     per_cat: dict[int, set] = {}
@@ -298,9 +300,9 @@ def reference_frequencies(categories: dict[int, dict], reference: str | Path) ->
             by_name.setdefault(normalize_name(name), c["id"])
     out = {}
     for cid, cat in categories.items():
-        names = {normalize_name(n) for n in [cat["name"], *cat.get("synonyms", [])]}
-        same = cid in ref_cats and names & {normalize_name(n) for n in
-                                            [ref_cats[cid]["name"], *ref_cats[cid].get("synonyms", [])]}
+        names = name_forms([cat["name"], *cat.get("synonyms", [])])
+        same = cid in ref_cats and set(names) & {normalize_name(n) for n in
+                                                 [ref_cats[cid]["name"], *ref_cats[cid].get("synonyms", [])]}
         ref_id = cid if same else next((by_name[n] for n in names if n in by_name), None)
         if ref_id is not None:
             out[cid] = max(len(per_cat.get(ref_id, ())), 1) / max(len(images), 1)
@@ -314,11 +316,6 @@ def _distinct(values: np.ndarray) -> np.ndarray:
     """Sorted distinct values (sort + compare: several times faster than np.unique on 1M ints)."""
     v = np.sort(values)
     return v[np.concatenate([[True], v[1:] != v[:-1]])] if len(v) else v
-
-
-def normalize_name(name: str) -> str:
-    """Compare category names the way people write them: case, '_' and '-' do not matter."""
-    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
 def _check_mode(mode: str) -> str:
