@@ -7,10 +7,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from sos_aug import (
-    CopyPaste,
-    SOSLayout,
-)
+from sos_aug import CopyPaste, RandomLayout, SOSLayout
 
 
 def test_same_seed_same_output_and_different_seed_differs(train_bank, val_set):
@@ -93,10 +90,44 @@ def test_open_vocabulary_keeps_unmapped_names(train_bank, val_set):
 def test_bad_targets_fail_clearly(train_bank, val_set):
     cp = CopyPaste(train_bank)
     image, target = val_set[0]
-    with pytest.raises(ValueError, match="masks"):
-        cp(image, {"boxes": target["boxes"], "labels": target["labels"]})
+    with pytest.raises(ValueError, match="boxes"):
+        cp(image, {"masks": target["masks"], "labels": target["labels"]})
+    with pytest.raises(ValueError, match="3 labels and"):
+        cp(image, {"boxes": target["boxes"][:2], "labels": target["labels"][:3]})
+    with pytest.raises(ValueError, match="empty image"):
+        cp(torch.zeros(3, 0, 0, dtype=torch.uint8), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
     with pytest.raises(ValueError, match="num_pastes"):
         CopyPaste(train_bank, num_pastes=(5, 2))
+
+
+@pytest.mark.parametrize("index", [0, 5, 11, 23])
+def test_box_only_targets_keep_their_boxes_or_are_dropped_by_the_rule(train_bank, val_set, index):
+    """A target without masks: its instances count as filled boxes, survivors keep the boxes they came
+    with, the rest are the ones the pastes leave less than min_visible of; pasted instances get the
+    same tight boxes as in a masked run of the same draws; no mask appears."""
+    from sos_aug.ops.masks import filled_boxes
+
+    cp = CopyPaste(train_bank, layout=RandomLayout(), num_pastes=(3, 8))
+    image, target = val_set[index]
+    boxes = target["boxes"].as_subclass(torch.Tensor).float() + 0.25  # fractional, as after a resize
+    box_only = {"boxes": boxes, "labels": target["labels"], "iscrowd": target["iscrowd"]}
+    masked = {**box_only, "masks": filled_boxes(boxes, *image.shape[-2:])}
+    out_b, tb = cp(image, box_only, generator=torch.Generator().manual_seed(index))
+    out_m, tm = cp(image, masked, generator=torch.Generator().manual_seed(index))
+    assert "masks" not in tb and torch.equal(out_b, out_m)
+    assert torch.equal(tb["is_pasted"], tm["is_pasted"]) and torch.equal(tb["labels"], tm["labels"])
+    pasted = tb["is_pasted"]
+    assert pasted.any()
+    assert torch.equal(tb["boxes"][pasted], tm["boxes"][pasted])
+    kept = tb["boxes"][~pasted]
+    rows = [next(i for i, b in enumerate(boxes) if torch.equal(b, k)) for k in kept]
+    assert rows == sorted(rows)  # survivors in input order, boxes exactly as they came
+    covered = tm["masks"][pasted].any(0)
+    filled = filled_boxes(boxes, *image.shape[-2:])
+    visible = (filled & ~covered).flatten(1).sum(1).double() / filled.flatten(1).sum(1)
+    crowd = target["iscrowd"].bool()
+    expected = [i for i in range(len(boxes)) if (visible[i] >= 0.25 or crowd[i]) and visible[i] > 0]
+    assert rows == expected
 
 
 def test_damaged_segment_is_skipped_and_counted_not_fatal(tmp_path, train_bank, val_set):

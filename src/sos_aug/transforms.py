@@ -26,11 +26,13 @@ from torchvision.ops import box_convert
 from . import allocator
 from .bank.format import BankFormatError
 from .bank.sources import load_coco
-from .bank.store import SegmentBank, normalize_name
+from .bank.store import SegmentBank
 from .composite import DropRule, Instances, PasteResult, check_backend, paste
 from .grounding import Referring
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step
+from .names import name_forms, normalize_name
 from .ops.buffers import consecutive_base, flat_base
+from .ops.masks import filled_boxes
 from .relight.batch import RelightBatch, Relighter, relight
 from .relight.batch import warm_up as compile_relighters
 
@@ -142,6 +144,9 @@ class CopyPaste:
     a (B, 3, H, W) batch, and torchvision-style targets (``boxes`` XYXY, ``labels``, ``masks``,
     optional ``iscrowd``/``area``; plain tensors or tv_tensors). It returns new images and targets
     with pasted instances appended and marked in ``is_pasted``. A single image and target work too.
+    A target without ``masks`` is box-only: each instance counts as its filled box, is dropped when
+    the pastes leave less of it visible than the drop rule allows and otherwise keeps its box as it
+    came; pasted instances add their tight boxes, and no mask is made up.
 
     Args:
         bank: where segments come from; sampled under the bank view's sampling mode.
@@ -258,7 +263,9 @@ class CopyPaste:
             seg_hw = torch.tensor([list(segments.rgba[i].shape[-2:]) for i in idx], dtype=torch.long).reshape(-1, 2)
             step = grid_step(h, w)
             masks = target.get("masks")
-            grid = None if masks is None else masks[:, ::step, ::step].bool().cpu()
+            if masks is None:  # box-only: an instance occupies its box
+                masks = filled_boxes(_xyxy(target).cpu(), h, w)
+            grid = masks[:, ::step, ::step].bool().cpu()
             others = [nb for i, nb in enumerate(norm_boxes) if i != b]
             scene = Scene(h, w, seg_hw, [segments.names[i] for i in idx], _xyxy(target).cpu(), grid, step,
                           torch.cat(others) if others else None)
@@ -291,6 +298,9 @@ class CopyPaste:
         stacked = isinstance(images, torch.Tensor) and not single
         out_images, out_targets = self.paste(images if stacked else batch, targets, segments, params)
         if self.referring is not None:
+            if any("masks" not in t for t in targets):
+                raise ValueError("referring expressions are measured on instance masks; these targets have "
+                                 "boxes only (drop referring=, or give masks)")
             for image, target in zip(out_images, out_targets):
                 target["referring"] = self.refer(image, target, generator)
         if single:
@@ -309,7 +319,7 @@ class CopyPaste:
             _check_target(image, target)
         device = images[0].device if len(images) else torch.device("cpu")
         rgba = segments.to(device).rgba  # one transfer for all segments
-        instances = [_instances(t, device) for t in targets]
+        instances = [_instances(t, device, im.shape[-2:]) for t, im in zip(targets, images)]
         piece_labels = [segments.labels[p.segment] for p in params]
         results = paste(images if isinstance(images, torch.Tensor) else list(images),
                         instances, rgba, params, piece_labels, self.drop, self.feather_sigma,
@@ -321,7 +331,7 @@ class CopyPaste:
             out_images.append(img)
             out_targets.append(tgt)
         if self.relight is not None:
-            out_images = self._relight(out_images, out_targets, [len(k) for k in kept_src])
+            out_images = self._relight(out_images, results)
         return out_images, out_targets
 
     def make_params(self, *args, **kwargs) -> list[Placement]:
@@ -354,13 +364,12 @@ class CopyPaste:
             return "loop"  # batched on the CPU: the batched path piece by piece
         return self.backend
 
-    def _relight(self, images: list[torch.Tensor], targets: list[Target], n_pasted: list[int]) -> list[torch.Tensor]:
+    def _relight(self, images: list[torch.Tensor], results: list[PasteResult]) -> list[torch.Tensor]:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
-
         plain = [im.as_subclass(torch.Tensor) for im in images]
-        first = [len(t["boxes"]) - n for t, n in zip(targets, n_pasted)]  # where the pasted rows start
-        masks = [t["masks"].as_subclass(torch.Tensor)[f:].bool() for t, f in zip(targets, first)]  # views
-        boxes = [_xyxy(t)[f:] for t, f in zip(targets, first)]  # tight: the relighter need not recompute them
+        first = [len(r.labels) - int(r.is_pasted.sum()) for r in results]  # where the pasted rows start
+        masks = [r.masks[f:] for r, f in zip(results, first)]  # views
+        boxes = [r.boxes[f:] for r, f in zip(results, first)]  # tight: the relighter need not recompute them
         relit = relight(self.relight, RelightBatch(plain, plain, masks, boxes))
         return [tv_tensors.wrap(new, like=im) if isinstance(im, tv_tensors.Image) else new
                 for im, new in zip(images, relit)]
@@ -368,11 +377,21 @@ class CopyPaste:
     def _new_target(self, image: torch.Tensor, target: Target, segments: PasteSegments, kept_src: torch.Tensor,
                     res: PasteResult):
         """The pasted image and its new target (existing instances first, then the pasted ones) in
-        the input's types; ``kept_src`` are the segments whose pieces survived."""
+        the input's types; ``kept_src`` are the segments whose pieces survived. A box-only target
+        (no ``masks``) stays box-only: its surviving boxes and areas are the ones it came with."""
         out = {k: v for k, v in target.items() if k not in _INSTANCE_KEYS}
-        out.update(labels=res.labels, boxes=_wrap_boxes(target["boxes"], res.boxes, image.shape[-2:]),
-                   masks=_wrap_like(target["masks"], res.masks.to(target["masks"].dtype)),
-                   iscrowd=res.iscrowd, area=res.area, is_pasted=res.is_pasted)
+        boxes, area = res.boxes, res.area
+        if "masks" in target:
+            out["masks"] = _wrap_like(target["masks"], res.masks.to(target["masks"].dtype))
+        else:
+            existing = ~res.is_pasted
+            given = _xyxy(target).to(boxes)[res.keep_existing]
+            boxes, area = boxes.clone(), area.clone()
+            boxes[existing] = given
+            area[existing] = (torch.as_tensor(target["area"]).to(area)[res.keep_existing] if "area" in target
+                              else (given[:, 2:] - given[:, :2]).prod(1).to(area))
+        out.update(labels=res.labels, boxes=_wrap_boxes(target["boxes"], boxes, image.shape[-2:]),
+                   iscrowd=res.iscrowd, area=area, is_pasted=res.is_pasted)
         return self._finish(image, target, segments, kept_src, res.keep_existing, res, out)
 
     def _finish(self, image, target: Target, segments: PasteSegments, kept_src: torch.Tensor, keep: torch.Tensor,
@@ -393,14 +412,16 @@ class CopyPaste:
 _INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows", "referring"}
 
 
-def _instances(target: Target, device: torch.device) -> Instances:
+def _instances(target: Target, device: torch.device, hw: tuple[int, int]) -> Instances:
     """A target's instances as compositing reads them, on ``device`` (crowd flags in any dtype: one
-    conversion for the batch is cheaper than one per image)."""
+    conversion for the batch is cheaper than one per image); a box-only one's boxes as filled masks."""
     crowd = target["iscrowd"] if "iscrowd" in target else torch.zeros(len(target["labels"]), dtype=torch.bool)
     area = target.get("area")
-    return Instances(target["masks"].to(device).as_subclass(torch.Tensor).bool(), _xyxy(target).to(device),
-                     target["labels"].as_subclass(torch.Tensor).to(device), crowd.to(device),
-                     None if area is None else torch.as_tensor(area).to(device))
+    boxes = _xyxy(target).to(device)
+    masks = target["masks"].to(device).as_subclass(torch.Tensor).bool() if "masks" in target \
+        else filled_boxes(boxes, *hw)
+    return Instances(masks, boxes, target["labels"].as_subclass(torch.Tensor).to(device), crowd.to(device),
+                     None if area is None or "masks" not in target else torch.as_tensor(area).to(device))
 
 
 def _check_target(image: torch.Tensor, target: Target) -> None:
@@ -416,11 +437,18 @@ def _check_target(image: torch.Tensor, target: Target) -> None:
                          "(0-255 values: pass them as uint8, or divide by 255)")
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"CopyPaste needs (3, H, W) RGB images, got shape {tuple(image.shape)}")
-    for key in ("boxes", "labels", "masks"):
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"CopyPaste got an empty image, shape {tuple(image.shape)}: nothing to paste into")
+    for key in ("boxes", "labels"):
         if key not in target:
-            raise ValueError(f"CopyPaste needs target[{key!r}] (torchvision detection format); got {sorted(target)}")
+            raise ValueError(f"CopyPaste needs target[{key!r}] (torchvision detection format; masks optional); "
+                             f"got {sorted(target)}")
     n = len(target["labels"])
-    if target["masks"].shape[0] != n or target["boxes"].shape[0] != n:
+    if len(_xyxy(target)) != n:
+        raise ValueError(f"target has {n} labels and {len(_xyxy(target))} boxes")
+    if "masks" not in target:
+        return  # box-only: boxes are the instances
+    if target["masks"].shape[0] != n:
         raise ValueError(f"target has {n} labels, {len(target['boxes'])} boxes and {len(target['masks'])} masks")
     if tuple(target["masks"].shape[-2:]) != tuple(image.shape[-2:]):
         raise ValueError(f"masks are {tuple(target['masks'].shape[-2:])} but the image is {tuple(image.shape[-2:])}")
@@ -468,17 +496,28 @@ def _label_names(bank: SegmentBank, label_map) -> dict[int, str]:
 
 
 def _resolve_labels(bank: SegmentBank, label_map, open_vocabulary: bool) -> dict[int, int]:
-    """Bank category id -> dataset label (-1 where none), by id, name or synonym."""
+    """Bank category id -> dataset label (-1 where none), by id, then name or synonym (COCO's and
+    LVIS's spellings of one category match, :mod:`sos_aug.names`). Categories left without a label
+    are reported once, with their segment counts, unless ``open_vocabulary`` keeps them."""
     if label_map is None:
         return {cid: cid for cid in bank.categories}
     by_name = {normalize_name(str(k)): v for k, v in label_map.items() if isinstance(k, str)}
     out = {}
     for cid, cat in bank.categories.items():
         label = label_map.get(cid) if cid in label_map else None
-        for name in [cat["name"], *cat.get("synonyms", [])]:
-            if label is None:
-                label = by_name.get(normalize_name(name))
+        if label is None:
+            label = next((by_name[f] for f in name_forms([cat["name"], *cat.get("synonyms", [])]) if f in by_name),
+                         None)
         out[cid] = -1 if label is None else int(label)
+    unmatched = [cid for cid, lab in out.items() if lab < 0]
+    if unmatched and not open_vocabulary:
+        counts = bank.category_counts()
+        lost = sorted(unmatched, key=lambda c: -counts.get(c, 0))
+        listed = ", ".join(f"{bank.categories[c]['name']} ({counts.get(c, 0)})" for c in lost[:20])
+        warnings.warn(f"{len(unmatched)} of {len(out)} categories of bank {bank.root} "
+                      f"({sum(counts.get(c, 0) for c in unmatched)} of {sum(counts.values())} segments) match no "
+                      f"dataset class and will never be pasted: {listed}{', ...' if len(lost) > 20 else ''}. "
+                      "Name them in label_map (or pass open_vocabulary=True) to paste them.", stacklevel=3)
     return out
 
 

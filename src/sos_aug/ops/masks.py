@@ -104,3 +104,20 @@ def mask_01(mask: torch.Tensor) -> torch.Tensor:
     ``where`` on them, do not vectorise), applied there as ``x + (new - x) * mask``."""
     as_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
     return as_bytes.contiguous()
+
+
+def filled_boxes(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, H, W) bool masks of the pixels whose centres lie inside each XYXY box (at least the pixel
+    holding the box's centre, so a box thinner than a pixel still counts as visible)."""
+    ys = torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5
+    b = boxes.float().reshape(-1, 4)
+    inside_y = (ys[None] >= b[:, 1:2]) & (ys[None] < b[:, 3:4])
+    inside_x = (xs[None] >= b[:, 0:1]) & (xs[None] < b[:, 2:3])
+    masks = inside_y[:, :, None] & inside_x[:, None, :]
+    empty = ~masks.flatten(1).any(1)
+    if empty.any():
+        cx = ((b[empty, 0] + b[empty, 2]) / 2).long().clamp(0, w - 1)
+        cy = ((b[empty, 1] + b[empty, 3]) / 2).long().clamp(0, h - 1)
+        masks[empty.nonzero().flatten(), cy, cx] = True
+    return masks
