@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
-import types
 from pathlib import Path
 
 import torch
@@ -86,26 +84,6 @@ def set_allocator(args) -> str:
     from sos_aug.allocator import keep_freed_memory
 
     return "keep_freed_memory" if keep_freed_memory() else "default (keep_freed_memory not available here)"
-
-
-def mmcv_ext_shim() -> None:
-    """Let mmdet import without mmcv's compiled ops (``mmcv-lite``): ``mmcv._ext`` answers every name
-    with a stub that raises when called. For benchmarks and tests only: mmdet's mask structures
-    import the extension at load time, but the pipelines measured here never call a compiled op."""
-    if "mmcv._ext" in sys.modules:
-        return
-    shim = types.ModuleType("mmcv._ext")
-
-    def missing(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def stub(*args, **kwargs):
-            raise RuntimeError(f"mmcv._ext.{name} is a benchmark shim; compiled mmcv ops are not installed")
-        return stub
-
-    shim.__getattr__ = missing  # type: ignore[attr-defined]
-    sys.modules["mmcv._ext"] = shim
 
 
 def print_and_save(report: dict, json_path: str | None) -> dict:

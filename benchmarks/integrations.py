@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import coco_mini, machine, mmcv_ext_shim, train_bank  # noqa: E402
+from _common import coco_mini, machine, train_bank  # noqa: E402
 
 SIZE = 1024
 
@@ -45,11 +45,10 @@ def torchvision_pipelines(root: Path, bank) -> dict:
 
 
 def mmdet_pipelines(root: Path, bank) -> dict:
-    mmcv_ext_shim()
     from mmdet.datasets import CocoDataset
     from mmengine.registry import init_default_scope
 
-    import sos_aug.integrations.mmdet  # noqa: F401  (registers SOSCopyPaste)
+    import sos_aug.integrations.mmdet  # noqa: F401  (registers SOSCopyPaste; lets mmdet import under mmcv-lite)
 
     init_default_scope("mmdet")
     head = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True, with_mask=True),

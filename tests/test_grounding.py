@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -174,11 +173,9 @@ def test_exports_read_back(tmp_path, cp, val_set, coco_mini):
     assert all(by_id[r["ann_id"]]["image_id"] == r["image_id"] for r in refs)
 
     pytest.importorskip("mmdet", reason="mmdet not installed: its ODVGDataset round trip is skipped")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from _common import mmcv_ext_shim
-
-    mmcv_ext_shim()  # mmcv-lite: mmdet.datasets imports the compiled ops' module, never calls it here
     from mmdet.datasets import ODVGDataset
+
+    import sos_aug.integrations.mmdet  # noqa: F401  (lets mmdet import under mmcv-lite, as a config would)
 
     ds = ODVGDataset(data_root=str(tmp_path), ann_file="odvg.jsonl", data_prefix=dict(img=str(coco_mini / "val2017")),
                      pipeline=[], serialize_data=False, return_classes=True)

@@ -5,19 +5,16 @@ PackDetInputs and DetDataPreprocessor; the core's invariants checked on what mmd
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import mmcv_ext_shim  # noqa: E402
-
 pytest.importorskip("mmdet", reason="mmdet is not installed (pip install -e '.[mmdet]')")
-mmcv_ext_shim()  # mmcv-lite has no compiled ops; mmdet's mask module imports them, these tests call none
+from sos_aug.integrations.mmcv_lite import allow_mmcv_lite  # noqa: E402
 
+allow_mmcv_lite()  # as importing the adapter does first: mmdet's mask module imports under mmcv-lite
 from invariants import match_existing  # noqa: E402
 from mmdet.datasets import CocoDataset  # noqa: E402
 from mmdet.models.data_preprocessors import DetDataPreprocessor  # noqa: E402

@@ -17,6 +17,7 @@ import torch
 
 from ..bank.store import SegmentBank
 from ..layout import LAYOUTS, Layout
+from ..ops.masks import filled_boxes
 from ..relight.named import make_relighter
 from ..transforms import CopyPaste, PasteSegments
 
@@ -81,17 +82,62 @@ class Pasted(Instances):
 
 
 def paste_instances(cp: CopyPaste, images: Sequence[torch.Tensor], instances: Sequence[Instances],
-                    segments: PasteSegments | None = None,
-                    generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], list[Pasted]]:
+                    segments: PasteSegments | None = None, generator: torch.Generator | None = None,
+                    extents: Sequence[tuple[int, int]] | None = None) -> tuple[list[torch.Tensor], list[Pasted]]:
     """Paste into (3, H, W) RGB images (uint8, or float in [0, 1]) with their instances.
 
     Masked instances get CopyPaste's exact masks and boxes. A box-only instance counts as its filled
     box: it is dropped when the pasted segments leave less of it visible than ``cp.drop`` allows,
     otherwise it keeps its input box unchanged; no mask is made up for it, and pasted instances in a
-    box-only image come with boxes (their masks' tight boxes) and no masks."""
-    targets = [_target(im, inst) for im, inst in zip(images, instances)]
-    out_images, out_targets = cp(list(images), targets, segments=segments, generator=generator)
-    return out_images, [_pasted(inst, t) for inst, t in zip(instances, out_targets)]
+    box-only image come with boxes (their masks' tight boxes) and no masks.
+
+    ``extents``: each image's (h, w) before padding (:func:`unpadded_extent`); segments go into
+    that top-left part only, and the padding comes back untouched."""
+    extents = [tuple(e) for e in extents] if extents is not None else [tuple(im.shape[-2:]) for im in images]
+    crops = [im[:, :h, :w] for im, (h, w) in zip(images, extents)]
+    cut = [_cropped(inst, h, w) for inst, (h, w) in zip(instances, extents)]
+    targets = [_target(im, inst) for im, inst in zip(crops, cut)]
+    out_images, out_targets = cp(crops, targets, segments=segments, generator=generator)
+    pasted = [_pasted(inst, t) for inst, t in zip(cut, out_targets)]
+    return ([_uncropped_image(full, out) for full, out in zip(images, out_images)],
+            [_uncropped(p, *full.shape[-2:]) for p, full in zip(pasted, images)])
+
+
+def unpadded_extent(image: torch.Tensor) -> tuple[int, int]:
+    """The (h, w) of a (C, H, W) image's content when padding fills its last rows and columns
+    (mmdet's ``Pad``, detectron2's ``FixedSizeCrop``): trailing rows and columns whose every pixel
+    equals the bottom-right one are padding. Without padding this is the image's size (unless its
+    own last rows are one flat colour: pastes then only stay off them); an image of one colour
+    throughout is all content."""
+    differs = (image != image[:, -1:, -1:]).any(0)
+    rows = differs.any(1).nonzero()
+    if len(rows) == 0:
+        return tuple(image.shape[-2:])
+    return int(rows[-1]) + 1, int(differs.any(0).nonzero()[-1]) + 1
+
+
+def _cropped(inst: Instances, h: int, w: int) -> Instances:
+    if inst.masks is None or tuple(inst.masks.shape[-2:]) == (h, w):
+        return inst
+    return Instances(inst.boxes, inst.labels, inst.masks[:, :h, :w], inst.ignore)
+
+
+def _uncropped_image(full: torch.Tensor, pasted: torch.Tensor) -> torch.Tensor:
+    """The pasted top-left part back in a copy of the full (padded) image."""
+    if pasted.shape == full.shape:
+        return pasted
+    out = full.clone()
+    out[:, : pasted.shape[-2], : pasted.shape[-1]] = pasted
+    return out
+
+
+def _uncropped(p: Pasted, height: int, width: int) -> Pasted:
+    """Masks zero-padded back to the full image's size (nothing is ever in the padding)."""
+    if p.masks is None or tuple(p.masks.shape[-2:]) == (height, width):
+        return p
+    masks = p.masks.new_zeros((len(p.masks), height, width))
+    masks[:, : p.masks.shape[-2], : p.masks.shape[-1]] = p.masks
+    return Pasted(p.boxes, p.labels, masks, p.ignore, p.source)
 
 
 def _target(image: torch.Tensor, inst: Instances) -> dict:
@@ -118,20 +164,3 @@ def _pasted(inst: Instances, target: dict) -> Pasted:
         masks = None
     ignore = target["iscrowd"].bool()
     return Pasted(boxes, labels, masks, ignore, source)
-
-
-def filled_boxes(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(N, H, W) bool masks of the pixels whose centres lie inside each XYXY box (at least the pixel
-    holding the box's centre, so a box thinner than a pixel still counts as visible)."""
-    ys = torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5
-    xs = torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5
-    b = boxes.float().reshape(-1, 4)
-    inside_y = (ys[None] >= b[:, 1:2]) & (ys[None] < b[:, 3:4])
-    inside_x = (xs[None] >= b[:, 0:1]) & (xs[None] < b[:, 2:3])
-    masks = inside_y[:, :, None] & inside_x[:, None, :]
-    empty = ~masks.flatten(1).any(1)
-    if empty.any():
-        cx = ((b[empty, 0] + b[empty, 2]) / 2).long().clamp(0, w - 1)
-        cy = ((b[empty, 1] + b[empty, 3]) / 2).long().clamp(0, h - 1)
-        masks[empty.nonzero().flatten(), cy, cx] = True
-    return masks

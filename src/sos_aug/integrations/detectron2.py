@@ -15,10 +15,12 @@ and the trainer builds its loader with ``mapper=CopyPasteMapper(cfg, is_train=Tr
 annotations come back as ``BitMasks`` (the exact form of an occluded polygon), so detectron2's
 polygon assertion never sees a cut polygon. Labels are positions in the training datasets'
 ``thing_classes``; crowd annotations never reach the mapper's output (DatasetMapper drops them).
+Segments go into the image, never into the padding ``FixedSizeCrop`` adds (LSJ).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -29,13 +31,15 @@ from detectron2.structures import BitMasks, Boxes, PolygonMasks
 from detectron2.structures import Instances as D2Instances
 
 from ..transforms import CopyPaste, PasteSegments
-from .common import Instances, Pasted, make_copy_paste, paste_instances
+from .common import Instances, Pasted, make_copy_paste, paste_instances, unpadded_extent
 
 SEGMENTS_KEY = "sos_segments"
+logger = logging.getLogger(__name__)
 
 
 def add_sos_config(cfg: CfgNode) -> None:
-    """Add ``cfg.INPUT.SOS`` with its defaults (disabled)."""
+    """Add ``cfg.INPUT.SOS`` with its defaults (disabled: set ``ENABLED`` and ``BANK``), and
+    ``cfg.INPUT.LSJ_SIZE`` (0: off) that the shipped yaml and example use, where it is missing."""
     cfg.INPUT.SOS = CfgNode()
     cfg.INPUT.SOS.ENABLED = False
     cfg.INPUT.SOS.BANK = ""
@@ -43,22 +47,32 @@ def add_sos_config(cfg: CfgNode) -> None:
     cfg.INPUT.SOS.NUM_PASTES = (1, 10)
     cfg.INPUT.SOS.PROB = 1.0
     cfg.INPUT.SOS.RELIGHT = []
+    cfg.INPUT.SOS.RELIGHT_WEIGHTS = ""  # relighting net weights ("": the shipped ones)
+    cfg.INPUT.SOS.DROP = "visible_fraction"  # or "mmdet": when an occluded instance is dropped
+    cfg.INPUT.SOS.FEATHER_SIGMA = 0.0  # alpha feathering in pixels (0: hard edges)
     cfg.INPUT.SOS.SAMPLING = "uniform"
     cfg.INPUT.SOS.REFERENCE = ""
     cfg.INPUT.SOS.REPEAT_THRESH = 0.001
     cfg.INPUT.SOS.ON_DEVICE = False  # draw in the workers, composite after transfer (DevicePasteLoader)
+    if "LSJ_SIZE" not in cfg.INPUT:
+        cfg.INPUT.LSJ_SIZE = 0  # >0: large-scale jitter to this square (examples/detectron2/train_net.py)
 
 
 def copy_paste_from_config(cfg: CfgNode) -> CopyPaste:
     """The :class:`CopyPaste` that ``cfg.INPUT.SOS`` describes; labels follow the first training
     dataset's ``thing_classes``."""
     sos = cfg.INPUT.SOS
+    if not sos.BANK:
+        raise ValueError("cfg.INPUT.SOS.ENABLED is True but cfg.INPUT.SOS.BANK is empty: set it to a bank folder "
+                         "(sos-aug bank build --coco ... --out BANK)")
     name = cfg.DATASETS.TRAIN[0]
     if not hasattr(MetadataCatalog.get(name), "thing_classes"):
         DatasetCatalog.get(name)  # a COCO-format dataset sets its thing_classes when first loaded
     classes = MetadataCatalog.get(name).thing_classes
     return make_copy_paste(sos.BANK, classes, sos.LAYOUT, tuple(sos.NUM_PASTES), sos.PROB, list(sos.RELIGHT) or None,
-                           sampling=sos.SAMPLING, reference=sos.REFERENCE or None, t=sos.REPEAT_THRESH)
+                           drop=sos.DROP, feather_sigma=sos.FEATHER_SIGMA, sampling=sos.SAMPLING,
+                           reference=sos.REFERENCE or None, t=sos.REPEAT_THRESH,
+                           relight_weights=sos.RELIGHT_WEIGHTS or None)
 
 
 class CopyPasteMapper:
@@ -71,8 +85,10 @@ class CopyPasteMapper:
     def __init__(self, cfg: CfgNode, is_train: bool = True, mapper: Callable[[dict], dict] | None = None,
                  copy_paste: CopyPaste | None = None, defer: bool | None = None):
         self.mapper = mapper or DatasetMapper(cfg, is_train=is_train)
-        self.enabled = is_train and cfg.INPUT.SOS.ENABLED
+        self.enabled = is_train and (cfg.INPUT.SOS.ENABLED or copy_paste is not None)
         self.cp = copy_paste or (copy_paste_from_config(cfg) if self.enabled else None)
+        if is_train and self.cp is None:
+            logger.info("CopyPasteMapper: SOS copy-paste is off (cfg.INPUT.SOS.ENABLED is False); mapping only")
         self.bgr = cfg.INPUT.FORMAT == "BGR"
         self.defer = cfg.INPUT.SOS.ON_DEVICE if defer is None else defer
 
@@ -81,23 +97,25 @@ class CopyPasteMapper:
         if self.cp is None or "instances" not in out:
             return out
         image, inst = to_instances(out["image"], out["instances"], self.bgr)
+        extent = unpadded_extent(image)  # FixedSizeCrop pads bottom and right
         if self.defer:
-            out[SEGMENTS_KEY] = draw_segments(self.cp, image, inst)
+            out[SEGMENTS_KEY] = draw_segments(self.cp, inst, extent)
             return out
-        (pasted_image,), (pasted,) = paste_instances(self.cp, [image], [inst])
+        (pasted_image,), (pasted,) = paste_instances(self.cp, [image], [inst], extents=[extent])
         out["image"], out["instances"] = from_pasted(pasted_image, pasted, out["instances"], self.bgr)
         return out
 
 
-def draw_segments(cp: CopyPaste, image: torch.Tensor, inst: Instances) -> PasteSegments:
-    """One image's segments and layout, drawn where the data is loaded (a worker)."""
+def draw_segments(cp: CopyPaste, inst: Instances, extent: tuple[int, int]) -> PasteSegments:
+    """One image's segments and layout for its ``extent`` (its size before padding), drawn where
+    the data is loaded (a worker)."""
+    h, w = extent
     segments = cp.fetch(1)
     target = {"boxes": inst.boxes, "labels": inst.labels, "iscrowd": inst.ignore.long()}
     if inst.masks is not None:
-        target["masks"] = inst.masks
-    size = tuple(image.shape[-2:])
-    segments.placements = cp.draw_placements([size], [target], segments)
-    segments.sizes = [size]
+        target["masks"] = inst.masks[:, :h, :w]
+    segments.placements = cp.draw_placements([extent], [target], segments)
+    segments.sizes = [extent]
     return segments
 
 
@@ -124,8 +142,10 @@ def paste_on_device(cp: CopyPaste, batch: list[dict], device: torch.device, bgr:
         return batch
     images, insts = zip(*[to_instances(d["image"].to(device, non_blocking=True), d["instances"].to(device), bgr)
                           for d in batch])
-    segments = PasteSegments.concat([d.pop(SEGMENTS_KEY) for d in batch]).to(device)
-    out_images, pasted = paste_instances(cp, list(images), list(insts), segments=segments)
+    parts = [d.pop(SEGMENTS_KEY) for d in batch]
+    segments = PasteSegments.concat(parts).to(device)
+    out_images, pasted = paste_instances(cp, list(images), list(insts), segments=segments,
+                                         extents=[p.sizes[0] for p in parts])
     for d, image, p in zip(batch, out_images, pasted):
         d["image"], d["instances"] = from_pasted(image, p, d["instances"], bgr)
     return batch

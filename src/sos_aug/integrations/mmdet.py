@@ -6,12 +6,17 @@ Add ``custom_imports = dict(imports=['sos_aug.integrations.mmdet'])`` to a confi
     dict(type='SOSCopyPaste', bank='banks/coco_train', classes=metainfo['classes'],
          layout='sos', num_pastes=(1, 10), relight=['net', 'lab'])
 
-after ``LoadAnnotations`` (and any resize/crop) and before ``PackDetInputs``. The bank is the paste
-source, so no ``MultiImageMixDataset`` is needed and the transform works inside
+after ``LoadAnnotations`` and any resize/crop/pad, and before ``PackDetInputs``. The bank is the
+paste source, so no ``MultiImageMixDataset`` is needed and the transform works inside
 ``ClassBalancedDataset`` / ``RepeatDataset``. Labels are positions in ``classes`` (the dataset's
 ``metainfo['classes']``; COCO's by default). Randomness comes from torch's global generator, which
 mmengine seeds per worker and rank (``randomness=dict(seed=...)``; ``diff_rank_seed=True`` for
 ranks that draw differently without workers).
+
+Importing this module does two things beside registering the transforms: under ``mmcv-lite`` it
+lets mmdet's data pipeline import (:mod:`.mmcv_lite`; a model that calls a compiled op then says
+what to install), and it teaches ``PackDetInputs`` to pack ``sos_is_pasted`` as
+``gt_instances.is_pasted`` (and ``ignored_instances.is_pasted``), row for row.
 """
 
 from __future__ import annotations
@@ -21,16 +26,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmcv.transforms import BaseTransform
-from mmdet.registry import DATASETS, MODELS, TRANSFORMS
-from mmdet.structures.bbox import HorizontalBoxes
-from mmdet.structures.mask import BitmapMasks, PolygonMasks
-from mmengine.structures import InstanceData
 
-from ..transforms import PasteSegments
-from .common import Instances, Pasted, make_copy_paste, paste_instances
+from .mmcv_lite import allow_mmcv_lite
+
+allow_mmcv_lite()  # before mmdet: its mask structures import mmcv's compiled ops at load time
+
+from mmcv.transforms import BaseTransform  # noqa: E402
+from mmdet.datasets.transforms import PackDetInputs  # noqa: E402
+from mmdet.registry import DATASETS, MODELS, TRANSFORMS  # noqa: E402
+from mmdet.structures.bbox import HorizontalBoxes  # noqa: E402
+from mmdet.structures.mask import BitmapMasks, PolygonMasks  # noqa: E402
+from mmengine.structures import InstanceData  # noqa: E402
+
+from ..transforms import PasteSegments  # noqa: E402
+from .common import Instances, Pasted, make_copy_paste, paste_instances, unpadded_extent  # noqa: E402
 
 SEGMENTS_KEY = "sos_segments"  # where SOSCopyPaste(defer=True) leaves the fetched segments
+IS_PASTED_KEY = "sos_is_pasted"  # which rows of the results' instances are pasted
+PackDetInputs.mapping_table = {**PackDetInputs.mapping_table, IS_PASTED_KEY: "is_pasted"}
 
 
 def _classes(classes: Sequence[str] | str | None) -> list[str]:
@@ -52,10 +65,12 @@ class SOSCopyPaste(BaseTransform):
     Without ``gt_masks`` (a box-only dataset) pasted segments add their tight boxes; an existing box
     is dropped when the pasted segments leave less of it visible than the drop rule allows,
     otherwise kept as it was. Ignored instances (crowd regions) are kept and never become targets.
+    After a ``Pad`` (``pad_shape`` in the results) segments go into the image, never its padding.
 
     With ``defer=True`` it only draws the segments and their layout (the worker's share) and leaves
     them in ``results['sos_segments']``; list that key in ``PackDetInputs(meta_keys=...)`` and let
-    :class:`SOSBatchCopyPaste` composite on the device.
+    :class:`SOSBatchCopyPaste` composite on the device. Put it after every transform that resizes,
+    crops or flips (a ``Pad`` may follow it).
 
     Args:
         bank: the bank's folder. classes: class names in label order, or a registered dataset's
@@ -79,16 +94,17 @@ class SOSCopyPaste(BaseTransform):
 
     def transform(self, results: dict) -> dict:
         image, inst = to_instances(results, self.bgr)
+        extent = unpadded_extent(image) if "pad_shape" in results else tuple(image.shape[-2:])
         if self.defer:
+            h, w = extent
             segments = self.cp.fetch(1)
             target = {"boxes": inst.boxes, "labels": inst.labels, "iscrowd": inst.ignore.long(),
-                      **({"masks": inst.masks} if inst.masks is not None else {})}
-            size = tuple(image.shape[-2:])
-            segments.placements = self.cp.draw_placements([size], [target], segments)
-            segments.sizes = [size]
+                      **({"masks": inst.masks[:, :h, :w]} if inst.masks is not None else {})}
+            segments.placements = self.cp.draw_placements([extent], [target], segments)
+            segments.sizes = [extent]
             results[SEGMENTS_KEY] = segments
             return results
-        (out,), (pasted,) = paste_instances(self.cp, [image], [inst])
+        (out,), (pasted,) = paste_instances(self.cp, [image], [inst], extents=[extent])
         return from_pasted(results, out, pasted, self.bgr)
 
     def __repr__(self) -> str:
@@ -136,7 +152,7 @@ def from_pasted(results: dict, image: torch.Tensor, pasted: Pasted, bgr: bool = 
     results["gt_ignore_flags"] = pasted.ignore.numpy().astype(bool)
     if pasted.masks is not None:
         results["gt_masks"] = bitmap_masks(pasted.masks.view(torch.uint8).numpy())
-    results["sos_is_pasted"] = pasted.is_pasted.numpy()
+    results[IS_PASTED_KEY] = pasted.is_pasted.numpy()
     return results
 
 
@@ -153,41 +169,67 @@ def bitmap_masks(masks: np.ndarray) -> BitmapMasks:
 class SOSBatchCopyPaste(torch.nn.Module):
     """Paste on the device, in ``DetDataPreprocessor(batch_augments=[dict(type='SOSBatchCopyPaste', ...)])``.
 
-    It runs after normalisation and padding: each image's unpadded part (``img_shape``) is taken
-    back to [0, 1] with ``mean``/``std`` (write the preprocessor's), pasted, and normalised again;
-    the padding is never pasted into. Segments drawn in the workers (``SOSCopyPaste(defer=True)``,
-    ``meta_keys`` holding ``'sos_segments'``) are used where every sample has them; otherwise they
-    are drawn here. Each data sample's ``gt_instances`` (and ``ignored_instances``) are rewritten;
-    ``gt_instances.is_pasted`` marks pasted ones. The same arguments as :class:`SOSCopyPaste`.
+    It runs after normalisation and padding: each image's part before any padding is taken back
+    to [0, 1] with ``mean``/``std`` (write the preprocessor's), pasted, and normalised again; no
+    segment lands in the padding, the batch's or a pipeline ``Pad``'s. Each data sample's
+    ``gt_instances`` (and ``ignored_instances``) are rewritten; ``gt_instances.is_pasted`` marks
+    pasted ones. The same arguments as :class:`SOSCopyPaste`, and:
+
+    ``draw_on_device``: ``False`` (default) composites the segments and layouts the workers drew
+    (``SOSCopyPaste(defer=True)``, with ``'sos_segments'`` in ``PackDetInputs(meta_keys=...)``)
+    and fails, saying so, when a sample arrives without them; ``True`` draws them here instead.
     """
 
     def __init__(self, bank: str, classes: Sequence[str] | str | None = None,
                  mean: Sequence[float] = (123.675, 116.28, 103.53), std: Sequence[float] = (58.395, 57.12, 57.375),
-                 **kwargs):
+                 draw_on_device: bool = False, **kwargs):
         super().__init__()
         self.paste = SOSCopyPaste(bank, classes, channel_order="rgb", **kwargs)
+        self.draw_on_device = draw_on_device
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
 
     def forward(self, inputs: torch.Tensor, data_samples: list) -> tuple[torch.Tensor, list]:
         if not self.training:
             return inputs, data_samples
-        crops, insts, hows = [], [], []
+        parts = None if self.draw_on_device else _drawn_segments(data_samples)
+        crops, insts, hows, extents = [], [], [], []
         for i, sample in enumerate(data_samples):
             h, w = sample.img_shape[:2]
             crops.append(((inputs[i, :, :h, :w] * self.std + self.mean) / 255).clamp(0, 1))
             inst, how = _sample_instances(sample, h, w, inputs.device)
             insts.append(inst)
             hows.append(how)
-        parts = [s.metainfo.get(SEGMENTS_KEY) for s in data_samples]
-        segments = PasteSegments.concat(parts).to(inputs.device) if all(p is not None for p in parts) else None
-        out, pasted = paste_instances(self.paste.cp, crops, insts, segments=segments)
+            extents.append(_drawn_extent(parts[i], h, w) if parts else unpadded_extent(crops[-1]))
+        segments = PasteSegments.concat(parts).to(inputs.device) if parts else None
+        out, pasted = paste_instances(self.paste.cp, crops, insts, segments=segments, extents=extents)
         inputs = inputs.clone()
         for i, (sample, image, p, how) in enumerate(zip(data_samples, out, pasted, hows)):
             h, w = image.shape[-2:]
             inputs[i, :, :h, :w] = (image.float() * 255 - self.mean) / self.std
             _write_instances(sample, p, how)
         return inputs, data_samples
+
+
+def _drawn_segments(data_samples: list) -> list[PasteSegments]:
+    """The segments the workers drew for each sample, or an error that says how to get them there."""
+    parts = [s.metainfo.get(SEGMENTS_KEY) for s in data_samples]
+    if any(p is None for p in parts):
+        raise ValueError(f"SOSBatchCopyPaste: {sum(p is None for p in parts)} of {len(parts)} samples carry no "
+                         f"{SEGMENTS_KEY!r}: put SOSCopyPaste(..., defer=True) in the train pipeline and list "
+                         f"{SEGMENTS_KEY!r} in PackDetInputs(meta_keys=...), or pass draw_on_device=True to draw "
+                         "the segments here")
+    return parts
+
+
+def _drawn_extent(segments: PasteSegments, h: int, w: int) -> tuple[int, int]:
+    """The image size a worker drew the layout for: the image before any later ``Pad``."""
+    dh, dw = segments.sizes[0]
+    if dh > h or dw > w:
+        raise ValueError(f"SOSBatchCopyPaste: the layout was drawn in the worker for a {dh}x{dw} image but the "
+                         f"sample is {h}x{w}: put SOSCopyPaste(..., defer=True) after every transform that "
+                         "resizes, crops or flips (just before PackDetInputs; a Pad may follow it)")
+    return dh, dw
 
 
 def _sample_instances(sample, h: int, w: int, device: torch.device) -> tuple[Instances, dict]:
