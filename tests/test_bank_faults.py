@@ -126,8 +126,10 @@ def test_shard_truncated_after_open_fails_on_read_naming_it(tmp_path, train_bank
 
 
 def test_missing_bank_and_bad_json_are_clear(tmp_path):
-    with pytest.raises(BankFormatError, match="no bank here"):
+    with pytest.raises(BankFormatError, match="without meta.json, so no bank"):
         SegmentBank(tmp_path)
+    with pytest.raises(BankFormatError, match="no such folder"):
+        SegmentBank(tmp_path / "not_built")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):

@@ -35,7 +35,9 @@ def test_preview_on_real_coco(tmp_path, train_bank, val_ann, coco_mini):
 
 def test_cli_errors_are_clear(tmp_path):
     proc = cli("bank", "info", tmp_path)
-    assert proc.returncode == 2 and "no bank here" in proc.stderr
+    assert proc.returncode == 2 and "without meta.json, so no bank" in proc.stderr
+    proc = cli("bank", "info", tmp_path / "banks" / "missing")
+    assert proc.returncode == 2 and "missing: no such folder" in proc.stderr and "bank build" in proc.stderr
     proc = cli("bank", "build", "--out", tmp_path / "b", "--coco", tmp_path / "none.json", "--images", tmp_path)
     assert proc.returncode == 2 and "none.json" in proc.stderr
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import re
 import sys
 from pathlib import Path
 
 from .allocator import keep_freed_memory
+
+
+def say(text: str, enabled: bool = True) -> None:
+    """A line on stderr saying what a command is doing (every phase over a second or two says it)."""
+    if enabled:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _bank_build(args) -> int:
@@ -80,55 +88,61 @@ def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, in
 
 def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num=(4, 10), feather=0.0,
             relight: str | None = None, weights: str | None = None, sampling: str = "uniform",
-            reference: str | None = None, t: float = 0.001, referring: bool = False) -> Path:
+            reference: str | None = None, t: float = 0.001, referring: bool = False, progress: bool = True) -> Path:
     """Augment ``n`` images of a COCO set and save each beside its original; with ``relight``, the
-    same augmented batch is shown without and with relighting instead. ``sampling`` draws the bank's
-    segments (``repeat_factor`` measures f_c on ``reference``, by default the COCO file itself)."""
+    same augmented images are shown without and with relighting instead. ``sampling`` draws the
+    bank's segments (``repeat_factor`` measures f_c on ``reference``, by default the COCO file itself)."""
+    say("preview: loading torch ...", progress)
+    import torch
+    from tqdm import tqdm
+
     from .bank import SegmentBank
     from .coco import CocoInstances
-    from .preview import draw_instances, save_grid
+    from .preview import draw_instances, draw_referring, save_grid
 
     if sampling == "repeat_factor" and reference is None:
         reference = ann_file
+    say(f"preview: opening the bank {bank_path} and reading {ann_file} ...", progress)
     bank = SegmentBank(bank_path, sampling=sampling, t=t, reference=reference if sampling == "repeat_factor" else None)
     ds = CocoInstances(ann_file, images_dir)
     if len(ds) == 0:
         raise SystemExit(f"{ann_file}: no annotated image to preview")
     names = {c["id"]: c["name"] for c in ds.categories}
     cp = _make_copy_paste(bank, layout, str(ann_file), num, feather)
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(ds), generator=g)[:n].tolist()
-    images, targets = zip(*[ds[i] for i in picks])
-    state = g.get_state()
-    if referring:
-        from .grounding import Referring
-        from .preview import draw_referring
-
-        cp.referring = Referring(vocabulary=sorted(names.values()))
-        out_images, out_targets = cp(list(images), list(targets), generator=g)
-        return save_grid([draw_referring(im, tg) for im, tg in zip(out_images, out_targets)], out, cols=4)
-    out_images, out_targets = cp(list(images), list(targets), generator=g)
-    tiles = []
+    relit_cp = None
     if relight not in (None, "none"):
         from .relight.named import make_relighter
 
-        cp.relight = make_relighter(relight, weights)
-        g.set_state(state)
-        relit, _ = cp(list(images), list(targets), generator=g)
-        for a, b, tb in zip(out_images, relit, out_targets):
-            tiles += [draw_instances(a, tb, names, outlines=False), draw_instances(b, tb, names, outlines=False)]
-        return save_grid(tiles, out, cols=4)
-    for a, ta, b, tb in zip(images, targets, out_images, out_targets):
-        tiles += [draw_instances(a, ta, names), draw_instances(b, tb, names)]
+        say(f"preview: loading the {relight} relighting ...", progress)
+        relit_cp = copy.copy(cp)
+        relit_cp.relight = make_relighter(relight, weights)
+    if referring:
+        from .grounding import Referring
+
+        cp.referring = Referring(vocabulary=sorted(names.values()))
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(ds), generator=g)[:n].tolist()
+    tiles = []
+    for i in tqdm(picks, desc="preview", unit="img", disable=not progress):
+        image, target = ds[i]
+        state = g.get_state()
+        pasted, pasted_target = cp(image, target, generator=g)
+        if referring:
+            tiles.append(draw_referring(pasted, pasted_target))
+        elif relit_cp is not None:
+            g.set_state(state)  # the same draws, relit
+            relit, _ = relit_cp(image, target, generator=g)
+            tiles += [draw_instances(pasted, pasted_target, names, outlines=False),
+                      draw_instances(relit, pasted_target, names, outlines=False)]
+        else:
+            tiles += [draw_instances(image, target, names), draw_instances(pasted, pasted_target, names)]
     return save_grid(tiles, out, cols=4)
 
 
 def _preview(args) -> int:
     path = preview(args.bank, args.coco, args.images, args.out, n=args.n, seed=args.seed, layout=args.layout,
                    feather=args.feather, relight=args.relight, weights=args.weights, sampling=args.sampling,
-                   reference=args.reference, t=args.t, referring=args.referring)
+                   reference=args.reference, t=args.t, referring=args.referring, progress=not args.quiet)
     what = ("each augmented image without (left) and with relighting (right)" if args.relight not in (None, "none")
             else "augmented images with referring expressions and their targets' boxes" if args.referring
             else "each original left of its augmented copy")
@@ -137,6 +151,7 @@ def _preview(args) -> int:
 
 
 def _demo(args) -> int:
+    say("demo: starting (loading torch) ...", not args.quiet)
     from .bank import build_bank, coco_source
     from .demo import make_synthetic_coco
 
@@ -145,12 +160,15 @@ def _demo(args) -> int:
         ann, images = Path(args.coco), Path(args.images)
         print(f"using your data: {ann}")
     else:
+        say(f"demo: drawing a synthetic COCO-format set of {args.images_n} images (the embedded default) ...",
+            not args.quiet)
         ann = make_synthetic_coco(out / "data", n_images=args.images_n, seed=args.seed)
         images = ann.parent / "images"
         print(f"drew a synthetic COCO-format set of {args.images_n} images in {ann.parent} (embedded default)")
     report = build_bank(out / "bank", coco_source(ann, images), workers=args.workers, progress=not args.quiet)
     print(f"bank: {out / 'bank'} (+{report['added']} segments)")
-    path = preview(out / "bank", ann, images, out / "preview.png", n=args.n, seed=args.seed, layout=args.layout)
+    path = preview(out / "bank", ann, images, out / "preview.png", n=args.n, seed=args.seed, layout=args.layout,
+                   progress=not args.quiet)
     print(f"preview: {path}")
     return 0
 
@@ -169,7 +187,7 @@ def _relight_train(args) -> int:
     try:
         report = train_relight_net(args.coco, args.images, args.out, minutes=args.minutes, seed=args.seed,
                                    teacher=teacher, progress=not args.quiet, device=args.device,
-                                   workers=args.workers, resume=args.resume)
+                                   workers=args.workers, resume=args.resume, max_steps=args.max_steps)
     except KeyboardInterrupt:
         state = Path(args.out).with_suffix(".resume.pt")
         if state.is_file():
@@ -213,10 +231,20 @@ def _split(args) -> int:
     return 0
 
 
+def split_of(ann_file) -> str:
+    """The split a COCO file holds, as gRefCOCO and RefCOCO record it: ``train``, ``val`` or
+    ``test`` where its name says so (``instances_val2017.json``), else the file's stem."""
+    stem = Path(ann_file).stem
+    found = re.search(r"(?<![a-z])(train|val|test)", stem.lower())
+    return found.group(1) if found else stem
+
+
 def refer(ann_file, images_dir, out, bank_path=None, paste=False, per_kind=2, limit=0, seed=0,
-          layout="sos", num=(2, 8), progress=True) -> dict:
+          layout="sos", num=(2, 8), progress=True, split: str | None = None) -> dict:
     """Referring expressions for a COCO-format set as it is (real images only) or after pasting
-    (the pasted images written to ``out/images``), exported with :func:`grounding_export.write_grounding`."""
+    (the pasted images written to ``out/images``), exported with :func:`grounding_export.write_grounding`
+    under ``split`` (by default :func:`split_of` the file)."""
+    say(f"refer: loading torch and reading {ann_file} ...", progress)
     import torch
     from PIL import Image
     from tqdm import tqdm
@@ -254,13 +282,14 @@ def refer(ann_file, images_dir, out, bank_path=None, paste=False, per_kind=2, li
         for r in target["referring"]:
             counts[r["kind"]] += 1
         samples.append(Sample(file_name, int(info["id"]), target))
-    paths = write_grounding(out, samples, ds.categories)
+    say(f"refer: writing the grounding files to {out} ...", progress)
+    paths = write_grounding(out, samples, ds.categories, split=split or split_of(ann_file))
     return {"images": len(samples), "expressions": counts, "files": {k: str(v) for k, v in paths.items()}}
 
 
 def _refer(args) -> int:
     result = refer(args.coco, args.images, args.out, args.bank, args.paste, args.per_kind, args.limit, args.seed,
-                   args.layout, tuple(args.num), progress=not args.quiet)
+                   args.layout, tuple(args.num), progress=not args.quiet, split=args.split)
     print(f"{result['images']} images, expressions by kind: " +
           ", ".join(f"{k}={v}" for k, v in result["expressions"].items()))
     for path in result["files"].values():
@@ -269,6 +298,7 @@ def _refer(args) -> int:
 
 
 def _synthesize(args) -> int:
+    say(f"synthesize: loading torch and opening the bank {args.bank} ...", not args.quiet)
     from .synthesis import SynthesisConfig, synthesize
 
     if args.backgrounds and args.plain:
@@ -366,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--layout", choices=["random", "sos", "existing", "stats"], default="sos",
                     help="where pasted segments go (stats: sized like the COCO file's instances)")
     rf.add_argument("--num", type=int, nargs=2, default=[2, 8], metavar=("LOW", "HIGH"), help="segments per image")
+    rf.add_argument("--split", help="the split the exports name (default: train, val or test from the --coco "
+                    "file's name, else its stem)")
     rf.add_argument("--quiet", action="store_true", help="no progress bar")
     rf.set_defaults(func=_refer)
 
@@ -438,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--t", type=float, default=0.001, help="repeat_factor threshold (LVIS uses 0.001)")
     v.add_argument("--referring", action="store_true",
                    help="draw a few verified referring expressions per image with their targets' boxes")
+    v.add_argument("--quiet", action="store_true", help="no progress messages")
     v.set_defaults(func=_preview)
 
     rl = sub.add_parser("relight", help="train and evaluate the relighting net").add_subparsers(
@@ -447,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", required=True, help="their image folder")
     t.add_argument("--out", required=True, help="weights file (.pt); the loss curve goes beside it as .png")
     t.add_argument("--minutes", type=float, default=10.0, help="training time budget, data loading included")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps, if the budget lasts that long")
     t.add_argument("--device", default="cpu", help="where the net trains, e.g. cuda")
     t.add_argument("--workers", type=int, default=0, help="DataLoader processes building training batches")
     t.add_argument("--seed", type=int, default=0, help="seeds the data draw, the split and the init")

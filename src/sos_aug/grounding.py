@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .names import is_person
 from .ops.masks import count_pixels, tight_boxes
 from .relight.color import rgb_to_lab_eager
 
@@ -152,7 +153,7 @@ def describe(image: torch.Tensor, target: dict, names: Sequence[str], phrases: S
         noun = (phrases[i] if phrases and phrases[i] else names[i]).strip()
         inst = Instance(i, names[i], eligible, noun, area=int(areas[i]), box=tuple(boxes[i]),
                         order=(i - first_pasted + 1) if pasted[i] else 0)
-        if eligible:
+        if eligible and not (is_person(names[i]) or is_person(noun)):  # people get no colour term
             inst.colours = colour_shares(image, masks[i], box=tight[i])
             inst.colour = max(inst.colours, key=inst.colours.get)
         out.append(inst)
@@ -279,8 +280,9 @@ class Referring:
             many = len(by_cat[c]) > 1
             if not many:
                 out.append(("attribute", f"the {n}", Spec(c), [x.index]))
-            out.append(("attribute", say([f"the {x.colour} {n}", f"the {n} that is {x.colour}"]),
-                        Spec(c, colour=x.colour), [x.index]))
+            if x.colour is not None:
+                out.append(("attribute", say([f"the {x.colour} {n}", f"the {n} that is {x.colour}"]),
+                            Spec(c, colour=x.colour), [x.index]))
             if many:
                 for extreme in ("largest", "smallest"):
                     out.append(("attribute", say([f"the {extreme} {n}", f"the {n} that is the {extreme}"]),
@@ -319,7 +321,9 @@ class Referring:
         absent = [c for c in self.vocabulary if c not in by_cat]
         for c in absent:
             out.append(("no_target", say([f"the {c}", f"the {plural(c)}"]), Spec(c), []))
-        for x in eligible:  # a present category in a colour none of it shows
+        for x in eligible:  # a present category in a colour none of it shows (never people)
+            if x.colour is None:
+                continue
             free = [col for col in COLOURS
                     if all(y.colours.get(col, 0.0) < COLOUR_ABSENT for y in by_cat[x.category])]
             if free and all(y.eligible for y in by_cat[x.category]):

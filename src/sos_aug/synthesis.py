@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+import queue
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,9 +179,9 @@ def _rle(mask: np.ndarray) -> dict:
     return rle
 
 
-def write_shard(syn: Synthesizer, k: int, out: Path) -> dict:
+def write_shard(syn: Synthesizer, k: int, out: Path, on_image: Callable[[], None] | None = None) -> dict:
     """Make shard ``k``: its images and panoptic PNGs, then its annotation part (written last and
-    atomically: a shard whose part exists is complete)."""
+    atomically: a shard whose part exists is complete). ``on_image`` is called as each image is made."""
     c = syn.config
     part = {"images": [], "annotations": [], "panoptic": [], "referring": {}}
     bank_text = syn.bank.index["text"]
@@ -210,6 +212,8 @@ def write_shard(syn: Synthesizer, k: int, out: Path) -> dict:
         part["panoptic"].append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": infos})
         if c.referring:
             part["referring"][str(image_id)] = target["referring"]
+        if on_image is not None:
+            on_image()
     atomic_write_json(out / "shards" / f"{k:06d}.json", part)
     return part
 
@@ -217,17 +221,41 @@ def write_shard(syn: Synthesizer, k: int, out: Path) -> dict:
 _WORKER: dict = {}
 
 
-def _init_worker(bank_path: str, config: SynthesisConfig, reference) -> None:
-    """A worker process's own Synthesizer (the bank reopened there, one torch thread)."""
+def _init_worker(bank_path: str, config: SynthesisConfig, reference, made=None) -> None:
+    """A worker process's own Synthesizer (the bank reopened there, one torch thread); ``made``, a
+    queue the worker reports each finished image to."""
     torch.set_num_threads(1)
     bank = SegmentBank(bank_path)
     _WORKER["syn"] = Synthesizer(bank, config, reference)
+    _WORKER["made"] = made
 
 
 def _run_shard(args: tuple[int, str]) -> int:
     """Shard ``k`` in a worker; returns how many images it made."""
     k, out = args
-    return len(write_shard(_WORKER["syn"], k, Path(out))["images"])
+    made = _WORKER.get("made")
+    return len(write_shard(_WORKER["syn"], k, Path(out), None if made is None else lambda: made.put(1))["images"])
+
+
+def _run_in_processes(workers: int, syn: Synthesizer, todo: list[int], out: Path, config: SynthesisConfig,
+                      reference, bar) -> None:
+    """The shards in ``workers`` processes; the bar moves as each image is made."""
+    made = multiprocessing.get_context().Queue()
+    shown = finished = 0
+    with ProcessPoolExecutor(workers, initializer=_init_worker,
+                             initargs=(str(syn.bank.root), config, reference, made)) as pool:
+        pending = {pool.submit(_run_shard, (k, str(out))) for k in todo}
+        while pending:
+            done, pending = wait(pending, timeout=0.2)
+            finished += sum(future.result() for future in done)  # a shard's error stops the run here, named
+            while True:
+                try:
+                    made.get_nowait()
+                except queue.Empty:
+                    break
+                shown += 1
+                bar.update(1)
+    bar.update(finished - shown)  # reports still in the queue when the last shard ended
 
 
 def _ray_shard(bank_path: str, config: SynthesisConfig, reference, k: int, out: str) -> int:
@@ -279,13 +307,10 @@ def synthesize(bank: SegmentBank | str | Path, out: str | Path, config: Synthesi
     if ray_address is not None:
         _run_on_ray(ray_address, syn, todo, out, config, reference, bar)
     elif workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(workers, initializer=_init_worker,
-                                 initargs=(str(syn.bank.root), config, reference)) as pool:
-            for n in pool.map(_run_shard, [(k, str(out)) for k in todo]):
-                bar.update(n)
+        _run_in_processes(workers, syn, todo, out, config, reference, bar)
     else:
         for k in todo:
-            bar.update(len(write_shard(syn, k, out)["images"]))
+            write_shard(syn, k, out, lambda: bar.update(1))
     bar.close()
     return merge(out, syn, shards)
 

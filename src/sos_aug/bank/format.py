@@ -115,9 +115,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def read_meta(root: Path) -> dict:
     """Read and validate ``meta.json``; errors name the file and what is wrong."""
     meta_path = root / META_FILE
+    if not root.exists():
+        raise BankFormatError(f"{root}: no such folder (build a bank there first: sos-aug bank build --out {root} ...)")
+    if not root.is_dir():
+        raise BankFormatError(f"{root}: not a folder (a bank is a folder holding meta.json, index.npy and shards)")
     if not meta_path.is_file():
         hint = " (an interrupted build can be resumed by running it again)" if (root / ".partial").exists() else ""
-        raise BankFormatError(f"{meta_path}: no bank here{hint}")
+        raise BankFormatError(f"{root}: a folder without meta.json, so no bank{hint}")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:

@@ -83,6 +83,7 @@ def train_relight_net(
     workers: int = 0,
     resume: bool = False,
     resume_every_s: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainReport:
     """Train and save the best (by held-out fMSE) weights to ``out``; writes ``out``.png (loss curve).
 
@@ -92,17 +93,19 @@ def train_relight_net(
     many DataLoader processes (each with its own generator, seeded from ``seed``), which a GPU
     needs to be kept busy. Every ``resume_every_s`` seconds (and on Ctrl-C) the whole training state
     goes to ``out``.resume.pt, atomically; ``resume=True`` continues from it (the same data, seed,
-    batch and size; the time budget counts the minutes already trained). A finished run removes it."""
+    batch and size; the time budget counts the minutes already trained). A finished run removes it.
+    ``clock`` (seconds) measures the budget: tests pass one that ticks per call, so no result of
+    theirs depends on how fast the machine is."""
     resume_file = Path(out).with_suffix(".resume.pt")
     if resume and not resume_file.is_file():  # said before the data is loaded
         raise FileNotFoundError(f"{resume_file}: nothing to resume (no interrupted run saved its state there)")
-    wall_start = time.monotonic()  # the budget is wall time: loading and calibrating count too
+    wall_start = clock()  # the budget is wall time: loading and calibrating count too
     torch.manual_seed(seed)
     if teacher is not None and hasattr(teacher, "to"):  # the teacher runs where the student trains
         teacher.to(device)
     _say(progress, "relight train: reading the images and cutting the training and held-out instances ...")
     train_pool, val_pool, val_ids, skipped = _split_pools(ann_file, images, val_fraction, seed)
-    _say(progress, f"  done in {time.monotonic() - wall_start:.0f} s")
+    _say(progress, f"  done in {clock() - wall_start:.0f} s")
     val_g = torch.Generator().manual_seed(seed + 1)
     val = training_targets(*training_batch(val_pool, 192, size, val_g, transplant=0.0, jitter=False), val_g, teacher)
     val = tuple(t.to(device) for t in val)
@@ -117,15 +120,15 @@ def train_relight_net(
     batches = _batches(train_pool, batch, size, seed + run.report.steps, run.g, workers,
                        make_targets=teacher is None)
     _say(progress, "  timing one held-out evaluation, to keep time for the gain calibration at the end ...")
-    probe = time.monotonic()
+    probe = clock()
     _held_out_score(run.net.cpu(), ann_file, images, val_ids)
     run.net.to(device)
-    reserve = (time.monotonic() - probe) * len(GAINS)
-    train_minutes = max(0.0, minutes - (time.monotonic() - wall_start + reserve) / 60)
+    reserve = (clock() - probe) * len(GAINS)
+    train_minutes = max(0.0, minutes - (clock() - wall_start + reserve) / 60)
     _say(progress, f"  {train_minutes:.1f} of {minutes:g} minutes left for training")
     try:
         _train(run, batches, val, teacher, out, train_minutes, max_steps, device, progress, resume_file,
-               resume_every_s)
+               resume_every_s, clock)
     except KeyboardInterrupt:  # keep what was trained: rerun with resume=True (--resume) to go on
         run.save(resume_file)
         raise
@@ -195,17 +198,17 @@ class _Run:
 
 
 def _train(run: _Run, batches, val, teacher, out, minutes: float, max_steps: int | None, device, progress: bool,
-           resume_file: Path, resume_every_s: float) -> None:
+           resume_file: Path, resume_every_s: float, clock: Callable[[], float]) -> None:
     """Steps until the time budget (or ``max_steps``) is spent; validation every 25 steps keeps the
     best weights (on disk too), and the resume state is saved every ``resume_every_s`` seconds."""
     net, opt, report = run.net, run.opt, run.report
     budget = minutes * 60
-    started = time.monotonic() - run.elapsed  # a resumed run goes on with the time already trained
-    saved_at = time.monotonic()
+    started = clock() - run.elapsed  # a resumed run goes on with the time already trained
+    saved_at = clock()
     bar = tqdm(total=int(budget), initial=min(int(run.elapsed), int(budget)), desc="relight train", unit="s",
                disable=not progress)
     while True:
-        run.elapsed = time.monotonic() - started
+        run.elapsed = clock() - started
         if run.elapsed >= budget or (max_steps is not None and report.steps >= max_steps):
             break
         item = next(batches) if teacher is None else training_targets(*next(batches), run.g, teacher)
@@ -227,9 +230,9 @@ def _train(run: _Run, batches, val, teacher, out, minutes: float, max_steps: int
                 report.best_val_fmse, report.best_step = v, report.steps
                 run.best_state = {k: t.clone() for k, t in net.state_dict().items()}
                 _checkpoint(run.best_state, out)
-            if time.monotonic() - saved_at >= resume_every_s:
+            if clock() - saved_at >= resume_every_s:
                 run.save(resume_file)
-                saved_at = time.monotonic()
+                saved_at = clock()
             bar.set_postfix(train=f"{loss.item() * 255**2:.0f}", val=f"{v * 255**2:.0f}",
                             best=f"{report.best_val_fmse * 255**2:.0f}")
         bar.n = min(int(run.elapsed), bar.total)
