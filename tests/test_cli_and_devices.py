@@ -31,6 +31,9 @@ def test_preview_on_real_coco(tmp_path, train_bank, val_ann, coco_mini):
                "--out", out, "--n", "2", "--layout", "sos", "--sampling", "repeat_factor", "--t", "0.3")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size[0] > 500
+    # every phase says what it is doing: loading, opening and reading, then a bar image by image
+    said = proc.stderr
+    assert said.index("preview: loading torch") < said.index("preview: opening the bank") < said.index(" 1/2 ")
 
 
 def test_cli_errors_are_clear(tmp_path):

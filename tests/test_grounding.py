@@ -203,6 +203,40 @@ def test_refer_command_on_real_and_pasted_images(tmp_path, train_bank, val_ann, 
         grefs = json.loads((out / "grefs.json").read_text())
         assert grefs and any(g["no_target"] for g in grefs) and any(not g["no_target"] for g in grefs)
         assert (out / "images").is_dir() == bool(extra)
+        assert {g["split"] for g in grefs} == {"val"}  # from instances_val2017.json
+    proc = subprocess.run([sys.executable, "-m", "sos_aug.cli", "refer", "--coco", str(val_ann), "--images",
+                           str(coco_mini / "val2017"), "--out", str(tmp_path / "named"), "--limit", "1",
+                           "--split", "testA"], capture_output=True, text=True)
+    assert {r["split"] for r in json.loads((tmp_path / "named" / "refs.json").read_text())} == {"testA"}
+    assert proc.stderr.startswith("refer: loading torch and reading") and "refer: writing" in proc.stderr
+
+
+def test_people_are_never_described_by_a_colour(train_bank, val_ann, val_set):
+    """Over every coco-mini val2017 image with people, as it is and after pasting: no expression,
+    target or no-target, puts a colour term on a person (whole-mask colour reads as skin)."""
+    from sos_aug.grounding import COLOURS
+    from sos_aug.names import is_person
+
+    cp = CopyPaste(train_bank, num_pastes=(2, 6), label_map=label_map_from_coco(val_ann),
+                   referring=Referring(per_kind={k: 50 for k in KINDS}, vocabulary=VOCAB))
+    person = next(lab for lab, name in cp.label_names.items() if name == "person")
+    g = torch.Generator().manual_seed(0)
+    seen = 0
+    for image, target in val_set:
+        if not (target["labels"] == person).any():
+            continue
+        names = names_of(cp, target)
+        plain = cp.referring(image, target, names, None, g)
+        _, pasted = cp(image, target, generator=g)
+        for r in plain + pasted["referring"]:
+            words = r["text"].split()
+            people = [i for i, w in enumerate(words) if is_person(w)]
+            seen += bool(people)
+            for i in people:  # "the black person", "the person that is white"
+                assert not (i > 0 and words[i - 1] in COLOURS), r["text"]
+                assert not (words[i + 1: i + 3] == ["that", "is"] and words[i + 3: i + 4] and
+                            words[i + 3] in COLOURS), r["text"]
+    assert seen >= 40
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

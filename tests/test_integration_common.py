@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sos_aug.integrations.common import Instances, make_copy_paste, paste_instances
-from sos_aug.ops.masks import filled_boxes
-from sos_aug.ops.masks import tight_boxes
+from sos_aug.ops.masks import filled_boxes, tight_boxes
 
 CLASSES = ["person", "car", "chair", "cup", "dog", "bottle", "bowl", "book"]
 

@@ -6,6 +6,7 @@ built (its data handling, sos_aug.integrations.common, is tested in test_integra
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,7 +110,6 @@ def test_train_net_builds_a_pasting_loader_from_the_shipped_config(coco_mini, tr
     """examples/detectron2/train_net.py with configs/detectron2's yaml: its loader yields LSJ
     batches whose instances include pasted ones."""
     import importlib.util
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("d2_train_net", root / "examples" / "detectron2" / "train_net.py")
@@ -128,3 +128,109 @@ def test_train_net_builds_a_pasting_loader_from_the_shipped_config(coco_mini, tr
     batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
     assert len(batch) == 2 and all(d["image"].shape[-2:] == (256, 256) for d in batch)
     assert sum(int(d["instances"].is_pasted.sum()) for d in batch) > 0
+
+
+def test_no_paste_lands_in_fixed_size_crops_padding(cfg, dicts):
+    """LSJ zoomed out far enough that FixedSizeCrop pads: the valid region is where the transforms
+    put the original image (computed from them, not from the pixels), and outside it neither a
+    pasted mask nor a pixel changes."""
+    from detectron2.data import detection_utils as utils
+
+    augs = [T.ResizeScale(min_scale=0.2, max_scale=0.6, target_height=320, target_width=320),
+            T.FixedSizeCrop(crop_size=(320, 320)), T.RandomFlip(prob=0.0)]
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=augs, image_format="BGR", use_instance_mask=True,
+                           instance_mask_format="polygon", recompute_boxes=True)
+    sos = CopyPasteMapper(cfg, mapper=mapper)
+    pasted_total = 0
+    for seed in range(10):
+        d = dicts[seed % len(dicts)]
+        np.random.seed(seed)
+        image = utils.read_image(d["file_name"], format="BGR")
+        transforms = T.AugmentationList(augs)(T.AugInput(image))
+        x0, y0, x1, y1 = transforms.apply_box(np.array([[0, 0, image.shape[1], image.shape[0]]]))[0]
+        valid = torch.zeros(320, 320, dtype=torch.bool)
+        valid[max(0, round(y0)):round(y1), max(0, round(x0)):round(x1)] = True
+        assert not valid.all()  # this draw padded
+        np.random.seed(seed)
+        before = mapper(copy.deepcopy(d))
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        after = sos(copy.deepcopy(d))
+        inst = after["instances"]
+        pasted = inst.gt_masks.tensor[inst.is_pasted]
+        assert not pasted[:, ~valid].any()
+        assert torch.equal(after["image"][:, ~valid], before["image"][:, ~valid])
+        pasted_total += len(pasted)
+    assert pasted_total >= 10
+
+
+def test_enabled_without_a_bank_fails_and_disabled_says_pasting_is_off(cfg, caplog):
+    empty = cfg.clone()
+    empty.INPUT.SOS.BANK = ""
+    with pytest.raises(ValueError, match="BANK is empty"):
+        CopyPasteMapper(empty, mapper=lambda d: d)
+    off = cfg.clone()
+    off.INPUT.SOS.ENABLED = False
+    with caplog.at_level("INFO", logger="sos_aug.integrations.detectron2"):
+        mapper = CopyPasteMapper(off, mapper=lambda d: d)
+    assert mapper.cp is None and "copy-paste is off" in caplog.text
+
+
+def test_the_config_takes_the_options_mmdet_has(cfg, train_bank):
+    c = cfg.clone()
+    c.INPUT.SOS.DROP = "mmdet"
+    c.INPUT.SOS.FEATHER_SIGMA = 1.5
+    c.INPUT.SOS.RELIGHT = ["net"]
+    cp = copy_paste_from_config(c)
+    assert cp.drop.mode == "mmdet" and cp.feather_sigma == 1.5 and cp.relight is not None
+    merged = get_cfg()
+    add_sos_config(merged)
+    root = Path(__file__).resolve().parents[1]
+    merged.merge_from_file(str(root / "configs" / "detectron2" / "mask_rcnn_R_50_FPN_lsj_coco-1pct_sos.yaml"))
+    assert merged.INPUT.LSJ_SIZE == 1024 and merged.MODEL.BACKBONE.FREEZE_AT == 0
+
+
+def small_split(src: Path, out: Path, n: int) -> Path:
+    import json
+
+    data = json.loads(src.read_text())
+    ids = sorted({a["image_id"] for a in data["annotations"]})[:n]
+    data["images"] = [im for im in data["images"] if im["id"] in set(ids)]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in set(ids)]
+    out.write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.slow
+def test_the_example_trains_evaluates_and_evaluates_again_alone(tmp_path, coco_mini, train_bank):
+    """examples/detectron2/train_net.py end to end on a small COCO-format set: two iterations with
+    the shipped yaml, the evaluation after training, then --eval-only on the weights it wrote."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("d2_train_net_e2e", root / "examples" / "detectron2" / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    val = small_split(coco_mini / "annotations" / "instances_val2017.json", tmp_path / "val.json", 3)
+    common = ["--config-file", str(root / "configs" / "detectron2" / "mask_rcnn_R_50_FPN_lsj_coco-1pct_sos.yaml"),
+              "--train-json", str(coco_mini / "annotations" / "instances_train2017.json"),
+              "--train-images", str(coco_mini / "train2017"), "--val-json", str(val),
+              "--val-images", str(coco_mini / "val2017")]
+    opts = ["INPUT.SOS.BANK", str(train_bank.root), "INPUT.LSJ_SIZE", "192", "SOLVER.IMS_PER_BATCH", "2",
+            "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1", "SOLVER.BASE_LR", "0.001",
+            "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "192",
+            "INPUT.MAX_SIZE_TEST", "256", "OUTPUT_DIR", str(tmp_path / "run")]
+    for name in ("sos_train", "sos_val"):
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    train_net.main(train_net.parser().parse_args(common + opts))
+    assert (tmp_path / "run" / "model_final.pth").is_file()
+    assert (tmp_path / "run" / "coco_instances_results.json").is_file()  # COCOEvaluator ran after training
+    (tmp_path / "run" / "coco_instances_results.json").unlink()
+    for name in ("sos_train", "sos_val"):
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    again = train_net.main(train_net.parser().parse_args(
+        common + ["--eval-only"] + opts + ["MODEL.WEIGHTS", str(tmp_path / "run" / "model_final.pth")]))
+    assert set(again) == {"bbox", "segm"} and (tmp_path / "run" / "coco_instances_results.json").is_file()

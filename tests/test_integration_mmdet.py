@@ -23,6 +23,7 @@ from mmengine.dataset import ClassBalancedDataset, pseudo_collate, worker_init_f
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.utils import import_modules_from_strings  # noqa: E402
 
+from sos_aug.names import normalize_name  # noqa: E402
 from sos_aug.ops.masks import tight_boxes  # noqa: E402
 
 CLASSES = CocoDataset.METAINFO["classes"]
@@ -39,7 +40,7 @@ def dataset(coco_mini, pipeline, poly2mask=True, with_mask=True):
 
 
 def paste_cfg(bank, **kw):
-    return dict(type="SOSCopyPaste", bank=str(bank.root), classes=CLASSES, num_pastes=(2, 6), **kw)
+    return dict(type="SOSCopyPaste", bank=str(bank.root), classes=CLASSES, **{"num_pastes": (2, 6), **kw})
 
 
 def masks_of(results) -> torch.Tensor:
@@ -214,3 +215,189 @@ def test_shipped_configs_load_and_their_training_pipeline_runs(config, coco_mini
     out = Compose(pipeline)(ds[0])
     inst = out["data_samples"].gt_instances
     assert out["inputs"].shape[0] == 3 and len(inst.bboxes) == len(inst.labels) == len(inst.masks)
+
+
+def test_the_adapter_imports_with_the_mmdet_extra_alone(tmp_path, coco_mini, train_bank):
+    """A fresh process with nothing from tests/ or benchmarks/: a config's custom_imports loads the
+    adapter under mmcv-lite, its pipeline runs on COCO images, and a compiled op says what to install."""
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "cfg.py"
+    config.write_text(
+        "custom_imports = dict(imports=['sos_aug.integrations.mmdet'], allow_failed_imports=False)\n"
+        "train_pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, "
+        "with_mask=True),\n"
+        f"    dict(type='SOSCopyPaste', bank={str(train_bank.root)!r}, classes='CocoDataset', num_pastes=(2, 4)),\n"
+        "    dict(type='PackDetInputs')]\n")
+    script = f"""
+import json
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+cfg = Config.fromfile({str(config)!r})
+init_default_scope('mmdet')
+from mmdet.datasets import CocoDataset
+ds = CocoDataset(ann_file={str(coco_mini / "annotations" / "instances_train2017.json")!r},
+                 data_prefix=dict(img={str(coco_mini / "train2017")!r}), data_root='', pipeline=cfg.train_pipeline,
+                 filter_cfg=dict(filter_empty_gt=True), serialize_data=False)
+inst = ds[0]['data_samples'].gt_instances
+from sos_aug.integrations.mmcv_lite import MissingMMCVOp, allow_mmcv_lite
+try:
+    from mmcv.ops import nms
+    import torch
+    nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+    op = 'ran'
+except MissingMMCVOp as e:
+    op = str(e)
+print(json.dumps({{'rows': len(inst.labels), 'pasted': inst.is_pasted.tolist(), 'lite': allow_mmcv_lite(), 'op': op}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rows"] == len(out["pasted"]) and any(out["pasted"])
+    if out["lite"]:  # mmcv-lite here: the op stands in and names the fix
+        assert "mim install mmcv" in out["op"] and "nms" in out["op"]
+
+
+def test_is_pasted_reaches_the_model_row_for_row_beside_ignored_instances(coco_mini, train_bank):
+    """PackDetInputs splits instances by gt_ignore_flags; is_pasted follows the same rows."""
+    unpacked = dataset(coco_mini, [paste_cfg(train_bank)])
+    packed = dataset(coco_mini, [paste_cfg(train_bank), dict(type="PackDetInputs")])
+    crowded = [i for i in range(len(unpacked)) if unpacked.get_data_info(i)["instances"]
+               and any(x["ignore_flag"] for x in unpacked.get_data_info(i)["instances"])]
+    assert crowded, "coco-mini train2017 has crowd regions"
+    for i in crowded[:3] + [0, 1]:
+        torch.manual_seed(i)
+        raw = unpacked[i]
+        torch.manual_seed(i)
+        sample = packed[i]["data_samples"]
+        valid, ignored = ~raw["gt_ignore_flags"], raw["gt_ignore_flags"]
+        gt, ig = sample.gt_instances, sample.ignored_instances
+        assert gt.is_pasted.tolist() == raw["sos_is_pasted"][valid].tolist()
+        assert ig.is_pasted.tolist() == raw["sos_is_pasted"][ignored].tolist() == [False] * int(ignored.sum())
+        assert torch.equal(gt.bboxes.tensor[gt.is_pasted], raw["gt_bboxes"].tensor[valid][raw["sos_is_pasted"][valid]])
+
+
+def _in_padding(masks: torch.Tensor, h: int, w: int) -> bool:
+    return bool(masks[:, h:].any() or masks[:, :, w:].any())
+
+
+def test_a_pad_before_the_transform_keeps_pastes_out_of_the_padding(coco_mini, train_bank):
+    resize = dict(type="Resize", scale=(320, 320), keep_ratio=True)
+    unpadded = dataset(coco_mini, [resize])
+    padded = dataset(coco_mini, [resize, dict(type="Pad", size=(384, 384), pad_val=dict(img=114)),
+                                 paste_cfg(train_bank, num_pastes=(6, 10))])
+    pasted_any = 0
+    for i in range(8):
+        h, w = unpadded[i]["img_shape"]
+        torch.manual_seed(i)
+        after = padded[i]
+        assert after["img"].shape[:2] == (384, 384)
+        masks, pasted = masks_of(after), torch.from_numpy(after["sos_is_pasted"])
+        assert not _in_padding(masks[pasted], h, w)
+        pad = np.ones((384, 384), bool)
+        pad[:h, :w] = False
+        assert (after["img"][pad] == 114).all()  # the padding is untouched
+        pasted_any += int(pasted.sum())
+        if pasted.any():
+            assert masks[pasted][:, :h, :w].flatten(1).any(1).all()
+    assert pasted_any >= 16
+
+
+def test_the_batch_augment_keeps_pastes_out_of_a_pipeline_pad(coco_mini, train_bank):
+    """Pad in the pipeline after (or before) the worker's draw, then the batch's own padding: pastes
+    land only in the resized image, and no pixel of either padding changes."""
+    meta_keys = ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor", "sos_segments")
+    resize, pad = dict(type="Resize", scale=(300, 300), keep_ratio=True), dict(type="Pad", size=(320, 320))
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    unpadded = dataset(coco_mini, [resize])
+    for steps in ([paste_cfg(train_bank, defer=True), pad], [pad, paste_cfg(train_bank, defer=True)]):
+        ds = dataset(coco_mini, [resize, *steps, dict(type="PackDetInputs", meta_keys=meta_keys)])
+        torch.manual_seed(5)
+        batch = pseudo_collate([ds[i] for i in range(3)])
+        pre = DetDataPreprocessor(mean=mean, std=std, bgr_to_rgb=True, pad_size_divisor=64, pad_mask=True,
+                                  batch_augments=[dict(type="SOSBatchCopyPaste", bank=str(train_bank.root),
+                                                       classes=CLASSES, mean=mean, std=std)])
+        plain = DetDataPreprocessor(mean=mean, std=std, bgr_to_rgb=True, pad_size_divisor=64, pad_mask=True)
+        before, after = plain(copy.deepcopy(batch), training=True), pre(copy.deepcopy(batch), training=True)
+        for i, sample in enumerate(after["data_samples"]):
+            h, w = unpadded[i]["img_shape"]
+            inst = sample.gt_instances
+            masks = torch.from_numpy(inst.masks.masks).bool()
+            assert inst.is_pasted.any() and not _in_padding(masks[inst.is_pasted], h, w)
+            changed = (before["inputs"][i] - after["inputs"][i]).abs().amax(0) > 1e-3
+            assert not _in_padding(changed[None], h, w)
+
+
+def test_deferred_draws_fail_clearly_when_the_image_changes_or_the_key_is_missing(coco_mini, train_bank):
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    augment = [dict(type="SOSBatchCopyPaste", bank=str(train_bank.root), classes=CLASSES, mean=mean, std=std)]
+    pre = DetDataPreprocessor(mean=mean, std=std, bgr_to_rgb=True, pad_size_divisor=32, batch_augments=augment)
+    meta_keys = ("img_id", "img_path", "ori_shape", "img_shape", "scale_factor", "sos_segments")
+    resized_after = dataset(coco_mini, [paste_cfg(train_bank, defer=True), dict(type="Resize", scale=(200, 200)),
+                                        dict(type="PackDetInputs", meta_keys=meta_keys)])
+    with pytest.raises(ValueError, match="after every transform that resizes"):
+        pre(pseudo_collate([resized_after[0]]), training=True)
+    no_key = dataset(coco_mini, [paste_cfg(train_bank, defer=True), dict(type="PackDetInputs")])
+    with pytest.raises(ValueError, match="meta_keys"):
+        pre(pseudo_collate([no_key[0]]), training=True)
+    on_device = DetDataPreprocessor(mean=mean, std=std, bgr_to_rgb=True, pad_size_divisor=32,
+                                    batch_augments=[{**augment[0], "draw_on_device": True}])
+    out = on_device(pseudo_collate([no_key[0]]), training=True)
+    assert out["data_samples"][0].gt_instances.is_pasted.any()
+
+
+def lvis_like(coco_file: Path, out: Path) -> Path:
+    """coco-mini's annotations as an LVIS v1 file: LVIS's names for COCO's categories (with
+    synonyms and frequencies), images by coco_url."""
+    import json
+
+    from sos_aug.names import COCO_TO_LVIS
+
+    data = json.loads(coco_file.read_text())
+    for c in data["categories"]:
+        c["name"] = COCO_TO_LVIS.get(c["name"], c["name"].replace(" ", "_"))
+        c["synonyms"], c["frequency"] = [c["name"]], "f"
+    data["annotations"] = [a for a in data["annotations"] if not a.get("iscrowd")]
+    for im in data["images"]:
+        im["not_exhaustive_category_ids"], im["neg_category_ids"] = [], []
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_the_lvis_config_builds_its_dataset_and_pastes_coco_segments_under_lvis_names(tmp_path, coco_mini,
+                                                                                      train_bank):
+    from mmdet.datasets import LVISV1Dataset
+    from mmengine.config import Config
+    from mmengine.dataset import Compose
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = Config.fromfile(str(root / "configs" / "mmdet" / "mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1_sos.py"))
+    ann = lvis_like(coco_mini / "annotations" / "instances_train2017.json", tmp_path / "lvis_like.json")
+    inner = cfg.train_dataloader.dataset.dataset
+    ds = LVISV1Dataset(ann_file=str(ann), data_root=str(coco_mini), data_prefix=dict(img=""), pipeline=[],
+                       serialize_data=False, filter_cfg=inner.get("filter_cfg"))
+    assert len(ds) > 0
+    pipeline = [dict(step) for step in inner.pipeline]
+    for step in pipeline:
+        if step["type"] == "SOSCopyPaste":
+            step.update(bank=str(train_bank.root), reference=str(ann), num_pastes=(8, 8))
+    with pytest.warns(UserWarning, match=r"1 of 80 categories .* hot dog"):  # LVIS v1 has no hot dog
+        run = Compose(pipeline)
+    lvis_names = LVISV1Dataset.METAINFO["classes"]
+    bank_names = {normalize_name(c["name"]) for c in train_bank.categories.values()}
+    from sos_aug.names import name_forms
+
+    torch.manual_seed(0)
+    seen = set()
+    for i in range(4):
+        inst = run(ds[i])["data_samples"].gt_instances
+        for label in inst.labels[inst.is_pasted].tolist():
+            forms = set(name_forms([lvis_names[label]]))
+            assert forms & bank_names, lvis_names[label]  # an LVIS class that is one of the bank's categories
+            seen.add(lvis_names[label])
+    assert seen & {"bus_(vehicle)", "car_(automobile)", "doughnut", "sofa", "television_set", "cellular_telephone",
+                   "laptop_computer", "wineglass", "flowerpot", "orange_(fruit)", "train_(railroad_vehicle)"} or \
+        len(seen) >= 5

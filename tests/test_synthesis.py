@@ -128,6 +128,20 @@ def test_the_synthesize_command(tmp_path, train_bank):
     assert mask_utils.decode(rle).sum() > 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_bar_moves_image_by_image_and_the_start_is_announced(tmp_path, train_bank, workers):
+    """One shard of 4 images: the bar passes 1/4, 2/4 and 3/4 (it moved per shard before), and the
+    bank opening before it is said, not silent."""
+    proc = subprocess.run([sys.executable, "-m", "sos_aug.cli", "synthesize", "--bank", str(train_bank.root), "--out",
+                           str(tmp_path / f"w{workers}"), "--num-images", "8", "--shard-size", "4", "--size", "96",
+                           "--workers", str(workers)], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_MININTERVAL": "0"})  # draw the bar at every update
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("synthesize: loading torch and opening the bank")
+    assert all(f" {k}/8 " in proc.stderr for k in (1, 2, 3, 5, 6, 7)), proc.stderr[-1500:]
+
+
 def _ray_task_pids() -> list[int]:
     """Processes running a synthesis shard as a Ray task (their title is ray::_ray_shard)."""
     pids = []

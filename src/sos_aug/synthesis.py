@@ -245,17 +245,16 @@ def _run_in_processes(workers: int, syn: Synthesizer, todo: list[int], out: Path
     with ProcessPoolExecutor(workers, initializer=_init_worker,
                              initargs=(str(syn.bank.root), config, reference, made)) as pool:
         pending = {pool.submit(_run_shard, (k, str(out))) for k in todo}
-        while pending:
-            done, pending = wait(pending, timeout=0.2)
+        while pending or shown < finished:
+            done, pending = wait(pending, timeout=0.2) if pending else (set(), set())
             finished += sum(future.result() for future in done)  # a shard's error stops the run here, named
             while True:
-                try:
-                    made.get_nowait()
+                try:  # every image made was reported before its shard returned: the rest is on its way
+                    made.get(timeout=0.2) if not pending and shown < finished else made.get_nowait()
                 except queue.Empty:
                     break
                 shown += 1
                 bar.update(1)
-    bar.update(finished - shown)  # reports still in the queue when the last shard ended
 
 
 def _ray_shard(bank_path: str, config: SynthesisConfig, reference, k: int, out: str) -> int:
