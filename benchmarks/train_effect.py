@@ -675,7 +675,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.diagnose:
         work = out / s.key()
         data = load_data(s, work, args.arms, aug)
-        return report.diagnose(s, aug, data, args.arms, args.diagnose, results_dir)
+        batchers = {arm: arm_batcher(arm, s, aug, data, torch.Generator().manual_seed(0))
+                    for arm in args.arms if arm != "none"}
+        return report.diagnose(batchers, s.batch, data, args.diagnose, results_dir)
     if not args.summary_only:
         run_grid(s, aug, args.arms, args.seeds, out, args.ckpt_every, results_dir=results_dir, test=test)
     results = finished_results(s, [results_dir, out / s.key()])

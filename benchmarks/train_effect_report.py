@@ -204,18 +204,14 @@ def instance_stats(targets: list[dict], pasted: bool) -> dict[str, np.ndarray]:
     return {"label": arr[:, 0].astype(int), "size": arr[:, 1], "y": arr[:, 2], "x": arr[:, 3]}
 
 
-def diagnose(s, aug, data: dict, arms: list[str], batches: int, results_dir: Path) -> dict:
-    """Draw ``batches`` batches of every pasting arm (no training) and compare what it pastes with
-    the labelled set's real instances, per class: sizes, vertical and horizontal positions, and
-    how many pasted objects survive in a pasted image. Writes diagnosis.png and diagnosis.json."""
-    import train_effect as te
-
+def diagnose(batchers: dict, batch: int, data: dict, batches: int, results_dir: Path) -> dict:
+    """Draw ``batches`` batches of ``batch`` images from every pasting arm's batcher (no training)
+    and compare what it pastes with the labelled set's real instances, per class: sizes, vertical
+    and horizontal positions, and how many pasted objects survive in a pasted image. Writes
+    diagnosis.png and diagnosis.json."""
     real = instance_stats([t for _, t in data["samples"]], pasted=False)
     per_arm = {}
-    for arm in arms:
-        if arm == "none":
-            continue
-        batcher = te.arm_batcher(arm, s, aug, data, torch.Generator().manual_seed(0))
+    for arm, batcher in batchers.items():
         stats, counts = [], []
         for _ in range(batches):
             _, targets = batcher.next()
@@ -225,10 +221,10 @@ def diagnose(s, aug, data: dict, arms: list[str], batches: int, results_dir: Pat
     categories = {c["id"]: c["name"] for c in data["categories"]}
     report = {"batches": batches, "real": _describe(real, categories),
               "arms": {arm: {**_describe(st, categories), "pasted_per_pasted_image": round(float(c.mean()), 2)
-                             if len(c) else 0.0, "images_pasted_into": round(len(c) / (batches * s.batch), 3)}
+                             if len(c) else 0.0, "images_pasted_into": round(len(c) / (batches * batch), 3)}
                        for arm, (st, c) in per_arm.items()}}
-    _plot_diagnosis(real, per_arm, categories, results_dir / "diagnosis.png")
     results_dir.mkdir(parents=True, exist_ok=True)
+    _plot_diagnosis(real, per_arm, categories, results_dir / "diagnosis.png")
     (results_dir / "diagnosis.json").write_text(json.dumps(report, indent=1))
     return report
 
