@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sos_aug import DatasetStatsLayout, ExistingBoxesLayout, RandomLayout, SOSLayout, label_map_from_coco
 from sos_aug.layout import Scene, grid_step
+from sos_aug.ops.masks import tight_boxes
 
 
 def _scene(h=480, w=640, k=40, existing=None):
@@ -75,11 +76,34 @@ def test_sos_layout_keeps_every_instance_visible_on_its_grid(val_set, seed, imag
 
 def test_dataset_stats_layout_sizes_like_the_category(train_ann):
     layout = DatasetStatsLayout(train_ann)
-    person = layout.stats["person"]
+    person = layout.stats["person"][:, 0]
     scene = _scene(h=400, w=600, k=2000)
     sizes = layout.sizes(scene, torch.Generator().manual_seed(0))
     fracs = sizes.prod(1) / (400 * 600)
     assert abs(fracs.median() - person.median()) / person.median() < 0.15
+
+
+def test_dataset_stats_layout_places_like_the_category_and_keeps_instances_visible():
+    """Two categories, one always in the top fifth of its images, one in the bottom fifth: pasted
+    centres follow them (within half a segment's jitter), and the existing instance keeps at least
+    min_visible of itself on the occupancy grid."""
+    stats = {"sky": [(0.002, x / 10, 0.1) for x in range(1, 10)], "grass": [(0.002, x / 10, 0.9) for x in range(1, 10)]}
+    layout = DatasetStatsLayout(stats=stats, min_visible=0.5, flip=0)
+    h, w = 300, 400
+    existing = torch.zeros(1, h, w, dtype=torch.bool)
+    existing[0, :60, :] = True  # the whole top band is taken
+    step = grid_step(h, w)
+    scene = Scene(h, w, torch.tensor([[10, 10]] * 40), ["sky"] * 20 + ["grass"] * 20,
+                  tight_boxes(existing), existing[:, ::step, ::step], step)
+    placement = layout(scene, torch.Generator().manual_seed(0))
+    centre_y = (placement.boxes[:, 1] + placement.boxes[:, 3]) / 2
+    is_sky = placement.segment < 20
+    assert ((centre_y[~is_sky] > 0.85 * h) & (centre_y[~is_sky] < 0.95 * h)).all() and (~is_sky).sum() >= 15
+    # the sky band is the existing instance's: a few may cover it, never more than half of it
+    covered = torch.zeros(h, w, dtype=torch.bool)
+    for x0, y0, x1, y1 in placement.boxes[is_sky].long().tolist():
+        covered[y0:y1, x0:x1] = True
+    assert (existing[0] & covered).sum() <= 0.5 * existing[0].sum()
 
 
 def test_existing_boxes_layout_uses_the_pool():

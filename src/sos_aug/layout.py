@@ -155,42 +155,52 @@ class SOSLayout(Layout):
         return _size_from_area(area, scene.segment_hw)
 
     def positions(self, scene: Scene, sizes: torch.Tensor, g) -> tuple[torch.Tensor, torch.Tensor]:
-        k, r = len(sizes), self.candidates
-        step = scene.grid_step
-        grid = scene.existing_grid if scene.existing_grid is not None else torch.zeros(0, 1, 1, dtype=torch.bool)
-        visible = grid.float()  # (n, gh, gw) 0/1: the cells each instance still shows
-        full = visible.flatten(1).sum(1).double()  # (n,) its cells before any pasting
-        shown = full.clone()  # (n,) its cells still visible
-        ys = torch.arange(grid.shape[1], dtype=torch.float64) * step
-        xs = torch.arange(grid.shape[2], dtype=torch.float64) * step
         room = torch.tensor([scene.height, scene.width], dtype=torch.float64) - sizes + 1
-        cand = (torch.rand(k, r, 2, generator=g, dtype=torch.float64) * room[:, None]).floor()
-        tops = torch.zeros(k, 2, dtype=torch.float64)
-        accepted = []
-        for j in torch.argsort(sizes.prod(1), descending=True, stable=True).tolist():  # large first
-            c = cand[j]
-            rows = ((ys[None] >= c[:, :1]) & (ys[None] < c[:, :1] + sizes[j, 0])).float()  # (r, gh)
-            cols = ((xs[None] >= c[:, 1:]) & (xs[None] < c[:, 1:] + sizes[j, 1])).float()  # (r, gw)
-            # cells of each instance each candidate would cover: rows^T . visible . cols, one matmul
-            # (exact: sums of 0/1 below 2^24) instead of a (r, n, gh, gw) boolean reduction
-            hidden = (torch.matmul(rows, visible) * cols).sum(-1).T.double()  # (r, n)
-            after = shown - hidden
-            counted = full > 0
-            frac = torch.where(counted, after / full.clamp(min=1), torch.ones_like(after))
-            n_counted = counted.sum()
-            ok = (frac >= self.min_visible).all(1)
-            ok &= (frac[:, counted].sum(1) + 1) / (n_counted + 1) >= self.mean_visible
-            if not ok.any():
-                continue  # bounded retries used up: this segment is not pasted
-            pick = int(ok.to(torch.uint8).argmax())
-            tops[j] = c[pick]
-            cover = rows[pick, :, None] * cols[pick, None, :]
-            cells = cover.sum().double()[None]
-            visible = torch.cat([visible * (1 - cover), cover[None]])
-            shown = torch.cat([after[pick], cells])
-            full = torch.cat([full, cells])
-            accepted.append(j)
-        return tops, torch.tensor(accepted, dtype=torch.long)
+        cand = (torch.rand(len(sizes), self.candidates, 2, generator=g, dtype=torch.float64) * room[:, None]).floor()
+        return keep_visible(scene, sizes, cand, self.min_visible, self.mean_visible)
+
+
+def keep_visible(scene: Scene, sizes: torch.Tensor, cand: torch.Tensor, min_visible: float,
+                 mean_visible: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SOS's acceptance: segments are placed large first, each at its first candidate top-left
+    corner (``cand``, (k, r, 2) as (y, x)) that leaves every instance (existing and placed) at least
+    ``min_visible`` of itself and their mean at least ``mean_visible``, checked on the scene's coarse
+    occupancy grid for all candidates at once; a segment with no such candidate is not pasted.
+    Returns the corners (k, 2) and the accepted segments in paste order."""
+    k = len(sizes)
+    step = scene.grid_step
+    grid = scene.existing_grid if scene.existing_grid is not None else torch.zeros(0, 1, 1, dtype=torch.bool)
+    visible = grid.float()  # (n, gh, gw) 0/1: the cells each instance still shows
+    full = visible.flatten(1).sum(1).double()  # (n,) its cells before any pasting
+    shown = full.clone()  # (n,) its cells still visible
+    ys = torch.arange(grid.shape[1], dtype=torch.float64) * step
+    xs = torch.arange(grid.shape[2], dtype=torch.float64) * step
+    tops = torch.zeros(k, 2, dtype=torch.float64)
+    accepted = []
+    for j in torch.argsort(sizes.prod(1), descending=True, stable=True).tolist():  # large first
+        c = cand[j]
+        rows = ((ys[None] >= c[:, :1]) & (ys[None] < c[:, :1] + sizes[j, 0])).float()  # (r, gh)
+        cols = ((xs[None] >= c[:, 1:]) & (xs[None] < c[:, 1:] + sizes[j, 1])).float()  # (r, gw)
+        # cells of each instance each candidate would cover: rows^T . visible . cols, one matmul
+        # (exact: sums of 0/1 below 2^24) instead of a (r, n, gh, gw) boolean reduction
+        hidden = (torch.matmul(rows, visible) * cols).sum(-1).T.double()  # (r, n)
+        after = shown - hidden
+        counted = full > 0
+        frac = torch.where(counted, after / full.clamp(min=1), torch.ones_like(after))
+        n_counted = counted.sum()
+        ok = (frac >= min_visible).all(1)
+        ok &= (frac[:, counted].sum(1) + 1) / (n_counted + 1) >= mean_visible
+        if not ok.any():
+            continue  # bounded retries used up: this segment is not pasted
+        pick = int(ok.to(torch.uint8).argmax())
+        tops[j] = c[pick]
+        cover = rows[pick, :, None] * cols[pick, None, :]
+        cells = cover.sum().double()[None]
+        visible = torch.cat([visible * (1 - cover), cover[None]])
+        shown = torch.cat([after[pick], cells])
+        full = torch.cat([full, cells])
+        accepted.append(j)
+    return tops, torch.tensor(accepted, dtype=torch.long)
 
 
 def _size_from_area(area: torch.Tensor, segment_hw: torch.Tensor) -> torch.Tensor:
@@ -201,39 +211,78 @@ def _size_from_area(area: torch.Tensor, segment_hw: torch.Tensor) -> torch.Tenso
 
 
 class DatasetStatsLayout(Layout):
-    """X-Paste's prior: each segment gets the area of a random real instance of its category
-    (relative to the image), from a COCO/LVIS annotation file; the segment's aspect is kept."""
+    """Segments sized and placed as the dataset's own instances are: each segment takes a random
+    real instance of its category (from a COCO/LVIS annotation file: your training set) and gets
+    its area relative to the image (X-Paste's prior; the segment's aspect is kept) and, with
+    ``positions="dataset"`` (default), a place near where such instances are: candidate centres
+    are other real instances' of the category, jittered by up to half the segment's size. Placement
+    is SOS's: large first, accepted only while every instance keeps ``min_visible`` of itself and
+    their mean stays at ``mean_visible`` (:func:`keep_visible`). ``positions="uniform"``: candidates
+    anywhere. A category the file lacks draws from all its instances.
 
-    def __init__(self, ann_file: str | Path | None = None, stats: dict[str, list[float]] | None = None, **kwargs):
+    ``stats``: instead of a file, per category name an (N, 3) list of (area fraction, centre x,
+    centre y), centres as fractions of the image (:func:`instance_stats_from_coco`)."""
+
+    def __init__(self, ann_file: str | Path | None = None, stats: dict[str, list] | None = None,
+                 positions: str = "dataset", min_visible: float = 0.5, mean_visible: float = 0.8,
+                 candidates: int = 32, **kwargs):
         super().__init__(**kwargs)
+        if positions not in ("dataset", "uniform"):
+            raise ValueError(f"positions must be 'dataset' or 'uniform', got {positions!r}")
         if stats is None:
             if ann_file is None:
                 raise ValueError("DatasetStatsLayout needs ann_file or stats")
-            stats = area_fractions_from_coco(ann_file)
-        self.stats = {normalize_name(k): torch.tensor(v, dtype=torch.float64) for k, v in stats.items() if v}
+            stats = instance_stats_from_coco(ann_file)
+        self.stats = {normalize_name(k): torch.tensor(v, dtype=torch.float64).reshape(-1, 3)
+                      for k, v in stats.items() if len(v)}
         if not self.stats:
             raise ValueError("DatasetStatsLayout: the statistics hold no instance")
         self.pooled = torch.cat(list(self.stats.values()))
+        self.where, self.candidates = positions, candidates
+        self.min_visible, self.mean_visible = min_visible, mean_visible
+
+    def _rows(self, name: str) -> torch.Tensor:
+        return self.stats.get(normalize_name(name), self.pooled)
 
     def sizes(self, scene: Scene, g) -> torch.Tensor:
         picks = torch.rand(len(scene.segment_hw), generator=g, dtype=torch.float64)
         fracs = []
         for name, u in zip(scene.categories, picks):
-            values = self.stats.get(normalize_name(name), self.pooled)
-            fracs.append(values[min(int(u * len(values)), len(values) - 1)])
+            rows = self._rows(name)
+            fracs.append(rows[min(int(u * len(rows)), len(rows) - 1), 0])
         area = torch.stack(fracs) * scene.height * scene.width if fracs else torch.zeros(0, dtype=torch.float64)
         return _size_from_area(area, scene.segment_hw)
 
+    def positions(self, scene: Scene, sizes: torch.Tensor, g) -> tuple[torch.Tensor, torch.Tensor]:
+        k, r = len(sizes), self.candidates
+        hw = torch.tensor([scene.height, scene.width], dtype=torch.float64)
+        room = hw - sizes + 1
+        if self.where == "uniform":
+            cand = (torch.rand(k, r, 2, generator=g, dtype=torch.float64) * room[:, None]).floor()
+        else:
+            picks = torch.rand(k, r, generator=g, dtype=torch.float64)
+            jitter = torch.rand(k, r, 2, generator=g, dtype=torch.float64) - 0.5  # +-half the segment's size
+            centres = torch.zeros(k, r, 2, dtype=torch.float64)
+            for j, name in enumerate(scene.categories):  # (y, x) of real instances of the category
+                rows = self._rows(name)
+                centres[j] = rows[(picks[j] * len(rows)).long().clamp(max=len(rows) - 1)][:, [2, 1]]
+            cand = centres * hw + jitter * sizes[:, None] - sizes[:, None] / 2
+            cand = torch.minimum(cand.floor().clamp(min=0), room[:, None] - 1)
+        return keep_visible(scene, sizes, cand, self.min_visible, self.mean_visible)
 
-def area_fractions_from_coco(ann_file: str | Path) -> dict[str, list[float]]:
-    """Per category name, the areas of its non-crowd instances as fractions of their image's area."""
+
+def instance_stats_from_coco(ann_file: str | Path) -> dict[str, list[tuple[float, float, float]]]:
+    """Per category name, its non-crowd instances as (area / image area, centre x / width, centre y /
+    height), centres of their boxes."""
     data = load_coco(ann_file)
-    image_area = {im["id"]: im["height"] * im["width"] for im in data["images"]}
+    image_hw = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
     names = {c["id"]: c["name"] for c in data["categories"]}
-    stats: dict[str, list[float]] = {n: [] for n in names.values()}
+    stats: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names.values()}
     for a in data["annotations"]:
-        if not a.get("iscrowd") and a.get("area", 0) > 0 and a["image_id"] in image_area:
-            stats[names[a["category_id"]]].append(a["area"] / image_area[a["image_id"]])
+        if not a.get("iscrowd") and a.get("area", 0) > 0 and a["image_id"] in image_hw:
+            h, w = image_hw[a["image_id"]]
+            x, y, bw, bh = a["bbox"]
+            stats[names[a["category_id"]]].append((a["area"] / (h * w), (x + bw / 2) / w, (y + bh / 2) / h))
     return stats
 
 
