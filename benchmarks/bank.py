@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import coco_mini, machine  # noqa: E402
 
 from sos_aug.bank import SegmentBank, build_bank, coco_source, rgba_tree_source  # noqa: E402
-from sos_aug.bank.format import FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, atomic_write_json  # noqa: E402
+from sos_aug.bank.format import FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE  # noqa: E402
+from sos_aug.ops.files import atomic_write_json  # noqa: E402
 
 
 def png_pool(bank: SegmentBank, folder: Path) -> list[Path]:

@@ -59,11 +59,12 @@ from _common import machine, portable, shared_data  # noqa: E402
 from detectors import BACKBONES, build_model  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, RandomLayout, SegmentBank, SOSLayout, build_bank, coco_source  # noqa: E402
-from sos_aug.bank.sources import load_coco  # noqa: E402
+from sos_aug.coco import load_coco  # noqa: E402
 from sos_aug.integrations.torchvision import coco_detections, coco_evaluate  # noqa: E402
 from sos_aug.layout import DatasetStatsLayout  # noqa: E402
+from sos_aug.ops.files import atomic_write_json  # noqa: E402
 from sos_aug.ops.masks import tight_boxes  # noqa: E402
-from sos_aug.split import split_coco, write_json_atomic  # noqa: E402
+from sos_aug.split import split_coco  # noqa: E402
 
 ARMS = ("none", "mmdet", "random", "sos", "stats", "sos_relight", "external", "mmdet_external")
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def prepare_data(s: Settings, work: Path) -> dict[str, Path]:
         if s.val_limit:
             val = {**val, "images": sorted(val["images"], key=lambda im: im["id"])[: s.val_limit]}
         for name, data in (("train", part), ("external", rest), ("val", val)):
-            write_json_atomic(files[name], restrict_classes(data, s.classes))
+            atomic_write_json(files[name], restrict_classes(data, s.classes))
     return files
 
 
@@ -445,7 +446,7 @@ def train_run(arm: str, seed: int, s: Settings, aug: Augment, data: dict, run_di
               "eval_seconds": round(time.monotonic() - t_eval, 1), "machine": machine()}
     if data.get("test"):
         result["test"] = score_test(model, data["test"])
-    write_json_atomic(run_dir / "result.json", result)
+    atomic_write_json(run_dir / "result.json", result)
     ckpt.unlink(missing_ok=True)
     return result
 
@@ -522,7 +523,7 @@ def prepare_test(s: Settings, work: Path, test: dict) -> dict:
     """The test file restricted to the grid's classes (written once, named by its digest)."""
     path = work / f"test-{_digest(portable(test['ann']))}.json"
     if not path.exists():
-        write_json_atomic(path, restrict_classes(load_coco(test["ann"]), s.classes))
+        atomic_write_json(path, restrict_classes(load_coco(test["ann"]), s.classes))
     return {"file": path, "images": test["images"], "source": test["ann"]}
 
 
@@ -534,7 +535,7 @@ def run_grid(s: Settings, aug: Augment, arms: list[str], seeds: list[int], out: 
     match records are copied there."""
     work = out / s.key()
     work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work / "settings.json", s.portable())
+    atomic_write_json(work / "settings.json", s.portable())
     data = None
     results = []
     for seed in seeds:
@@ -550,10 +551,10 @@ def run_grid(s: Settings, aug: Augment, arms: list[str], seeds: list[int], out: 
             if test and "test" not in done and (run_dir / "final.pt").exists():
                 data = data or load_data(s, work, arms, aug, test)
                 done["test"] = score_test(_final_model(s, data, run_dir), data["test"])
-                write_json_atomic(run_dir / "result.json", done)
+                atomic_write_json(run_dir / "result.json", done)
             if results_dir is not None:
                 results_dir.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(results_dir / f"{arm}-s{seed}.json", done)
+                atomic_write_json(results_dir / f"{arm}-s{seed}.json", done)
                 if (run_dir / "matches.npz").exists():
                     (results_dir / f"{arm}-s{seed}.matches.npz").write_bytes((run_dir / "matches.npz").read_bytes())
             results.append(done)

@@ -1,4 +1,4 @@
-"""Colour conversions (relight/color.py) against kornia's."""
+"""Colour conversions (ops/color.py) against kornia's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ def test_colour_conversions_match_kornia():
     """The Lab conversions written for the compiler (elementwise) and for eager runs (matrix
     products, the cube root's knee as a minimum, uint8 linearised by lookup) against kornia's, knees
     and extremes included."""
-    from sos_aug.relight.color import (
+    from sos_aug.ops.color import (
         lab_to_rgb,
         lab_to_rgb_eager,
         lab_to_rgb_fused,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sos_aug.bank.sources import load_coco
+from sos_aug.coco import load_coco
 from sos_aug.ops.masks import tight_boxes
 from sos_aug.split import split_coco, split_file_names, write_splits
 

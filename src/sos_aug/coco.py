@@ -1,22 +1,88 @@
-"""COCO/LVIS instances: a dataset in torchvision's detection format with dense masks, and the
-photo-by-photo reader that relighting's training and evaluation use. Unreadable images and bad
-segmentations are counted skips, never a crash mid-epoch."""
+"""COCO/LVIS files and their images: reading and checking them, rasterising segmentations, a
+dataset in torchvision's detection format with dense masks, and the photo-by-photo reader that
+relighting's training and evaluation use. Unreadable images and bad segmentations are counted
+skips, never a crash mid-epoch."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .bank.sources import image_path, load_coco, read_rgb, segmentation_to_mask
 from .ops.masks import tight_boxes
+
+
+def image_path(images: Path, info: dict) -> Path:
+    """Where an image entry's file is: ``file_name``, or the last part of LVIS's ``coco_url``."""
+    return images / (info.get("file_name") or Path(info.get("coco_url", "")).name)
+
+
+def load_coco(path: str | Path, fields: tuple[str, ...] = ("images", "annotations", "categories")) -> dict:
+    """A COCO/LVIS instances file, read and checked: a missing file, bad JSON or a missing ``fields``
+    list is an error that names the file (and the field)."""
+    data = load_json(Path(path))
+    for key in fields:
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise ValueError(f"{path}: no {key!r} list; is this a COCO/LVIS instances file?")
+    return data
+
+
+def read_rgb(path: str | Path) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+    """An image's (H, W, 3) uint8 pixels, or None and (skip reason, what) where the file is
+    missing or unreadable: bad input is skipped and counted, never fatal."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")), None
+    except FileNotFoundError:
+        return None, ("missing_image", str(path))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        return None, ("corrupt_image", f"{path}: {err}")
+
+
+def segmentation_to_mask(seg: Any, h: int, w: int) -> np.ndarray:
+    """Rasterise a COCO segmentation (polygons, compressed or uncompressed RLE) to an (h, w) uint8 mask.
+
+    Raises ``ValueError`` with a skip reason (``empty_mask``, ``degenerate_mask``, ``bad_segmentation``).
+    """
+    if isinstance(seg, list):
+        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not seg:
+            raise ValueError("empty_mask")
+        if not polys:
+            raise ValueError("degenerate_mask")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        if list(seg["size"]) != [h, w]:
+            raise ValueError("bad_segmentation")
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        if isinstance(rle.get("counts"), str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    else:
+        raise ValueError("bad_segmentation")
+    return mask_utils.decode(rle)
+
+
+def load_json(path: Path) -> Any:
+    """A JSON file; a missing file or bad JSON is an error that names the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: file not found") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from err
+
 
 
 @dataclass

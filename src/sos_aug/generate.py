@@ -21,7 +21,7 @@ from PIL import Image
 from scipy import ndimage  # the generate extra: pip install sos-aug[diffusers]
 from tqdm import tqdm
 
-from .bank.format import atomic_write_bytes, atomic_write_json
+from .ops.files import atomic_write_bytes, atomic_write_json
 
 TEMPLATES = (
     "a photo of a {category}, isolated on a plain white background, studio lighting",

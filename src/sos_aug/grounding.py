@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from .names import is_person
+from .ops.color import rgb_to_lab_eager
 from .ops.masks import count_pixels, tight_boxes
-from .relight.color import rgb_to_lab_eager
 
 KINDS = ("attribute", "position", "relation", "ordinal", "multi", "no_target")
 

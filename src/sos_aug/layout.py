@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .bank.sources import load_coco
+from .coco import load_coco
 from .names import normalize_name
 
 

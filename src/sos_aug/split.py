@@ -3,13 +3,12 @@ draws them, so a split made here holds the same images as the published semi-sup
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .bank.sources import load_coco
+from .coco import load_coco
+from .ops.files import atomic_write_json
 
 
 def percent_name(percent: float) -> str:
@@ -51,13 +50,6 @@ def split_file_names(stem: str, percent: float, fold: int) -> tuple[str, str]:
     return f"{base}.json", f"{base}-unlabeled.json"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to ``path`` through a temporary file, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def write_splits(ann_file: str | Path, out: str | Path, percents: list[float], folds: list[int],
                  stem: str = "instances_train2017") -> list[Path]:
     """Every (percent, fold) split of ``ann_file`` written under ``out``; returns the labelled files."""
@@ -69,7 +61,7 @@ def write_splits(ann_file: str | Path, out: str | Path, percents: list[float], f
         for percent in percents:
             part, rest = split_coco(data, percent, fold)
             labelled_name, rest_name = split_file_names(stem, percent, fold)
-            write_json_atomic(out / labelled_name, part)
-            write_json_atomic(out / rest_name, rest)
+            atomic_write_json(out / labelled_name, part)
+            atomic_write_json(out / rest_name, rest)
             written.append(out / labelled_name)
     return written

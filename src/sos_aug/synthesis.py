@@ -27,12 +27,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from .bank.format import atomic_write_bytes, atomic_write_json
 from .bank.store import SegmentBank
 from .composite import DropRule
 from .grounding import KINDS, Referring
 from .grounding_export import Sample, write_grounding
 from .layout import LAYOUTS
+from .ops.files import atomic_write_bytes, atomic_write_json
 from .ops.masks import tight_boxes
 from .relight.named import make_relighter
 from .transforms import CopyPaste

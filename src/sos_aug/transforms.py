@@ -25,8 +25,8 @@ from torchvision.ops import box_convert
 
 from . import allocator
 from .bank.format import BankFormatError
-from .bank.sources import load_coco
 from .bank.store import SegmentBank
+from .coco import load_coco
 from .composite import DropRule, Instances, PasteResult, check_backend, paste
 from .grounding import Referring
 from .layout import Layout, Placement, RandomLayout, Scene, grid_step

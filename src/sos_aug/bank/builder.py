@@ -22,16 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..names import normalize_name
-from .format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX_DTYPE,
-    META_FILE,
-    atomic_write_bytes,
-    atomic_write_json,
-    check_files,
-    read_meta,
-)
+from ..ops.files import atomic_write_bytes, atomic_write_json
+from .format import FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, META_FILE, check_files, read_meta
 from .sources import Item, Source, UnitResult
 
 PARTIAL = ".partial"

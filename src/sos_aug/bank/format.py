@@ -15,10 +15,8 @@ sees a half-written bank.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zstandard
@@ -96,20 +94,6 @@ def decode_segment(blob: bytes | memoryview, where: str = "") -> tuple[np.ndarra
     except (ValueError, struct.error, zstandard.ZstdError) as err:
         raise BankFormatError(f"corrupt segment in {where}: {err}") from err
     return pixels, source
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=False).encode("utf-8"))
 
 
 def read_meta(root: Path) -> dict:

@@ -7,7 +7,6 @@ processes and writes their results in unit order, so a resumed build equals an u
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pycocotools import mask as mask_utils
 
+from ..coco import image_path, load_coco, load_json, read_rgb, segmentation_to_mask
 from .format import FLAG_NAMES, FLAG_UNKNOWN, encode_segment
 
 
@@ -141,56 +140,6 @@ def _lost(anns: list) -> str:
     return f"{len(anns)} annotation{'s' if len(anns) != 1 else ''} not used"
 
 
-def image_path(images: Path, info: dict) -> Path:
-    """Where an image entry's file is: ``file_name``, or the last part of LVIS's ``coco_url``."""
-    return images / (info.get("file_name") or Path(info.get("coco_url", "")).name)
-
-
-def load_coco(path: str | Path, fields: tuple[str, ...] = ("images", "annotations", "categories")) -> dict:
-    """A COCO/LVIS instances file, read and checked: a missing file, bad JSON or a missing ``fields``
-    list is an error that names the file (and the field)."""
-    data = _load_json(Path(path))
-    for key in fields:
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise ValueError(f"{path}: no {key!r} list; is this a COCO/LVIS instances file?")
-    return data
-
-
-def read_rgb(path: str | Path) -> tuple[np.ndarray | None, tuple[str, str] | None]:
-    """An image's (H, W, 3) uint8 pixels, or None and (skip reason, what) where the file is
-    missing or unreadable: bad input is skipped and counted, never fatal."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB")), None
-    except FileNotFoundError:
-        return None, ("missing_image", str(path))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        return None, ("corrupt_image", f"{path}: {err}")
-
-
-def segmentation_to_mask(seg: Any, h: int, w: int) -> np.ndarray:
-    """Rasterise a COCO segmentation (polygons, compressed or uncompressed RLE) to an (h, w) uint8 mask.
-
-    Raises ``ValueError`` with a skip reason (``empty_mask``, ``degenerate_mask``, ``bad_segmentation``).
-    """
-    if isinstance(seg, list):
-        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-        if not seg:
-            raise ValueError("empty_mask")
-        if not polys:
-            raise ValueError("degenerate_mask")
-        rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [h, w]:
-            raise ValueError("bad_segmentation")
-        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
-        if isinstance(rle.get("counts"), str):
-            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    else:
-        raise ValueError("bad_segmentation")
-    return mask_utils.decode(rle)
-
-
 def crop_with_margin(rgb: np.ndarray, mask: np.ndarray, margin: float) -> np.ndarray:
     """Tight crop of the mask's box grown by ``margin`` of its size, as planar (4, h, w) RGBA."""
     ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
@@ -221,10 +170,10 @@ def rgba_tree_source(
     cats = [{"id": i + 1, "name": n, "synonyms": [], "frequency": None} for i, n in enumerate(names)]
     texts = {}
     if metadata:
-        meta = _load_json(Path(metadata))
+        meta = load_json(Path(metadata))
         texts = {k: {f: v[f] for f in ("description", "short_phrase", "features") if f in v}
                  for k, v in meta.items() if isinstance(v, dict)}
-    flag_map = _load_json(Path(flags)) if flags else {}
+    flag_map = load_json(Path(flags)) if flags else {}
     cat_ids = {c["name"]: c["id"] for c in cats}
     units = []
     for i in range(0, len(files), chunk):
@@ -274,7 +223,7 @@ def xpaste_source(pool: str | Path, categories_from: str | Path | None = None, c
     the ids; otherwise they are named ``class_<id>``.
     """
     pool = Path(pool)
-    data = _load_json(pool)
+    data = load_json(pool)
     if not isinstance(data, dict):
         raise ValueError(f"{pool}: expected an object {{category_id: [paths]}}")
     if categories_from:
@@ -371,16 +320,6 @@ def _read_image_and_mask(image: str, mask: str) -> tuple[np.ndarray | None, str 
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: file not found") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-
-
 def _category_record(c: dict) -> dict:
     return {"id": int(c["id"]), "name": c["name"], "synonyms": list(c.get("synonyms", [])),
             "frequency": c.get("frequency")}

@@ -12,9 +12,9 @@ import warnings
 import torch
 
 from ..ops import backends
+from ..ops.color import lab_to_rgb_eager, lab_to_rgb_fused, lightness_eager, rgb_to_lab_eager, rgb_to_lab_fused
 from ..ops.masks import count_pixels, row_owners, stacked_boxes, tight_boxes
 from .batch import RelightBatch, Relighter, by_device, relight_one, to_unit
-from .color import lab_to_rgb_eager, lab_to_rgb_fused, lightness_eager, rgb_to_lab_eager, rgb_to_lab_fused
 
 
 def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as nnf
 
 from ..coco import Skips, annotated_photos
-from .color import rgb_to_lab
+from ..ops.color import rgb_to_lab
 from .perturb import masked_stats
 
 

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ..ops import backends
+from ..ops.color import lab_matrices
 from ..ops.triton_ops import launch_shape, load_unit, segment_box, store_unit
-from .color import lab_matrices
 
 
 @triton.jit

@@ -23,10 +23,10 @@ from torchvision.ops import roi_align
 from ..ops import backends
 from ..ops.backends import compile_off, compiled, once_with_fallback, with_fallback
 from ..ops.buffers import same_size_groups
+from ..ops.color import rgb_to_lab_eager, rgb_to_lab_fused
 from ..ops.masks import mask_01, row_owners, stacked_boxes, tight_boxes
 from ..ops.resize import resize_aa
 from .batch import to_unit
-from .color import rgb_to_lab_eager, rgb_to_lab_fused
 from .family import (
     GRID,
     KNOTS,

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .color import lab_to_rgb, rgb_to_lab
+from ..ops.color import lab_to_rgb, rgb_to_lab
 
 
 def _rand(n: int, g: torch.Generator | None, device) -> torch.Tensor:

@@ -20,8 +20,7 @@ import torch.nn.functional as nnf
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..bank.sources import load_coco
-from ..coco import Skips
+from ..coco import Skips, load_coco
 from .data import InstancePool, training_batch
 from .evaluate import NoInstancesError, evaluate
 from .family import apply_family, fit_family
