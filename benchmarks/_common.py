@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -84,6 +85,24 @@ def set_allocator(args) -> str:
     from sos_aug.allocator import keep_freed_memory
 
     return "keep_freed_memory" if keep_freed_memory() else "default (keep_freed_memory not available here)"
+
+
+@contextlib.contextmanager
+def piece_by_piece():
+    """Within it, CopyPaste's batched backends go piece by piece (the internal path rotated and
+    feathered pieces take), so benchmarks can time it against the others on the same draws."""
+    from sos_aug.paste import front
+
+    chosen = front.choose_backend
+
+    def loop(backend, device, placements, feather_sigma=0.0):
+        return "loop" if chosen(backend, device, placements, feather_sigma) != "window" else "window"
+
+    front.choose_backend = loop
+    try:
+        yield
+    finally:
+        front.choose_backend = chosen
 
 
 def print_and_save(report: dict, json_path: str | None) -> dict:

@@ -4,7 +4,8 @@ On a GPU the batched paste is bound by the host, not the device: every dispatche
 host time (argument parsing, dispatch, a kernel launch for those that compute) whether it touches
 ten pixels or a million. Counting them needs no GPU, so this runs anywhere: B=16 real images at
 1024x1024 with 10 segments each (the GPU benchmark's batch), pasted by ``CopyPaste.paste`` with
-``batched=True`` and each ``backend``, operations counted with a ``TorchDispatchMode``.
+the batched backend (size groups, and piece by piece as rotated pieces go), operations counted with a
+``TorchDispatchMode``.
 
 Both paths run as they would on an accelerator: ``groups`` is grouped with the accelerator's
 group cost, and ``loop`` warps each piece with the accelerator's float kernel call (on the CPU it
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import sys
@@ -32,10 +34,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import coco_mini, machine, train_bank  # noqa: E402
+from _common import coco_mini, machine, piece_by_piece, train_bank  # noqa: E402
 from copypaste import load_images  # noqa: E402
 
-from sos_aug import CopyPaste, RandomLayout, SOSLayout, batched_warp, composite  # noqa: E402
+from sos_aug import CopyPaste, RandomLayout, SOSLayout  # noqa: E402
+from sos_aug.ops.resize import warp_segment  # noqa: E402
+from sos_aug.paste import batched, groups  # noqa: E402
+from sos_aug.paste.geometry import piece_table  # noqa: E402
 from sos_aug.relight import RelightNet  # noqa: E402
 from sos_aug.relight import net as net_module  # noqa: E402
 
@@ -107,8 +112,8 @@ def main(argv=None) -> int:
     data = load_images(root, args.batch, args.size)
     images = torch.stack([im for im, _ in data])
     targets = [t for _, t in data]
-    batched_warp.GROUP_COST_FLOPS["cpu"] = batched_warp.GROUP_COST_FLOPS["accelerator"]  # group as on a GPU
-    composite._warp_float = composite.warp_segment  # loop: the accelerator's float warp, not the uint8 round trip
+    groups.GROUP_COST_FLOPS["cpu"] = groups.GROUP_COST_FLOPS["accelerator"]  # group as on a GPU
+    batched._warp_float = warp_segment  # loop: the accelerator's float warp, not the uint8 round trip
     rows = {}
     for name, layout in (("random", RandomLayout(scale=(0.5, 2.0))), ("sos", SOSLayout())):
         probe = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes))
@@ -116,14 +121,14 @@ def main(argv=None) -> int:
         segments = probe.fetch(args.batch, g)
         params = probe.draw_placements([(args.size, args.size)] * args.batch, targets, segments, g)
         pieces = sum(len(pl) for pl in params)
-        table, _ = batched_warp.piece_table(segments.rgba, params, args.size, args.size, args.pastes)
-        groups = batched_warp.group_rows(table, batched_warp.GROUP_COST_FLOPS["accelerator"])
+        table = piece_table(segments.rgba, params, args.size, args.size, args.pastes)
+        grouped = groups.group_rows(table.ints, groups.GROUP_COST_FLOPS["accelerator"])
+        cp = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes), backend="groups")
         for warp in ("loop", "groups"):
-            cp = CopyPaste(bank, layout=layout, num_pastes=(args.pastes, args.pastes), batched=True, backend=warp)
-            with CountOps() as counter:
+            with CountOps() as counter, (piece_by_piece() if warp == "loop" else contextlib.nullcontext()):
                 cp.paste(images, targets, segments, params)
             rows[f"{name}, backend={warp}"] = {**counter.split(), "pieces": pieces,
-                                             "groups": len(groups) if warp == "groups" else pieces}
+                                             "groups": len(grouped) if warp == "groups" else pieces}
         if name == "random":
             rows.update(relight_rows(cp, images, targets, segments, params))
     info = {"machine": machine(), "batch": args.batch, "size": args.size, "pastes": args.pastes, "rows": rows}

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import coco_mini, machine, print_and_save, train_bank  # noqa: E402
 
 from sos_aug import CocoInstances, CopyPaste, label_map_from_coco  # noqa: E402
-from sos_aug.grounding import KINDS, Referring  # noqa: E402
+from sos_aug.referring import KINDS, Referring  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

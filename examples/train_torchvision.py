@@ -33,9 +33,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from tqdm import tqdm
 
-from sos_aug import CocoInstances, CopyPaste, CopyPasteCollate, SegmentBank, SOSLayout, build_bank, coco_source
+from sos_aug import CocoInstances, CopyPaste, CopyPasteCollate, build_bank, coco_source
 from sos_aug.integrations.torchvision import coco_detections, coco_evaluate, large_scale_jitter, summary
-from sos_aug.relight.named import make_relighter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,11 +86,8 @@ def make_copy_paste(args: argparse.Namespace) -> CopyPaste | None:
     if not (Path(args.bank) / "meta.json").exists() and rank() == 0:
         build_bank(args.bank, coco_source(args.coco, args.images), workers=max(args.workers, 1))
     barrier()
-    bank = SegmentBank(args.bank, sampling="category_balanced")
-    relight = make_relighter(args.relight)
-    return CopyPaste(bank, layout=SOSLayout(), num_pastes=tuple(args.num_pastes),
-                     label_map={c["name"]: c["id"] for c in CocoInstances(args.coco, args.images).categories},
-                     relight=relight)
+    return CopyPaste.from_names(bank=args.bank, sampling="category_balanced", layout="sos",
+                                num_pastes=args.num_pastes, label_map=args.coco, relight=args.relight)
 
 
 def make_loader(args: argparse.Namespace, cp: CopyPaste | None = None) -> tuple[CopyPaste | None, DataLoader]:

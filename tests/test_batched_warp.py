@@ -7,25 +7,12 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sos_aug.batched_warp import (
-    DENSE_LIMIT,
-    GROUP_BYTES,
-    HC,
-    HS,
-    SLOT1,
-    TOP_AT,
-    WC,
-    WS,
-    _group_bytes,
-    _group_flops,
-    group_rows,
-    piece_table,
-    warp_groups,
-)
-from sos_aug.layout import Placement, clip_window
+from sos_aug.layout import Placement
 from sos_aug.ops.buffers import flat_base
 from sos_aug.ops.resize import warp_segment
-from sos_aug.transforms import PasteSegments
+from sos_aug.paste.geometry import Col, clip_window, piece_table
+from sos_aug.paste.groups import DENSE_LIMIT, GROUP_BYTES, _group_bytes, _group_flops, group_rows, warp_groups
+from sos_aug.segments import PasteSegments
 
 
 def draw_pieces(bank, seed: int, count: int, height: int, width: int) -> tuple[list[torch.Tensor], Placement]:
@@ -73,14 +60,14 @@ def test_grouped_warp_equals_torch_resize_piece_by_piece(train_bank, seed, count
     seen = set()
     for t, pieces in groups:
         for row, piece in zip(t.tolist(), pieces):
-            assert row[TOP_AT] == 0
-            k = row[SLOT1] - 1
+            assert row[Col.TOP_AT] == 0
+            k = row[Col.SLOT1] - 1
             seen.add(k)
             x0, y0, x1, y1 = (int(v) for v in placement.boxes[k])
             want = warp_segment(segments[k].float(), y1 - y0, x1 - x0, bool(placement.flip[k]), 0.0)
             crop, _ = clip_window(placement.boxes[k].tolist(), y1 - y0, x1 - x0, height, width)
             want = want[(slice(None), *crop)]
-            got = piece[:, : row[HC], : row[WC]].cpu()
+            got = piece[:, : row[Col.HC], : row[Col.WC]].cpu()
             assert got.shape == want.shape
             # 0..255 scale: float rounding only (torch's CUDA kernel, used alone over dense_limit,
             # differs from its CPU kernel by up to 3e-3; its CUDA and CPU kernels themselves by up to
@@ -95,15 +82,16 @@ def test_grouped_warp_equals_torch_resize_piece_by_piece(train_bank, seed, count
 
 def test_groups_cover_every_piece_once_within_the_memory_cap(train_bank):
     segments, placement = draw_pieces(train_bank, 3, 40, 1024, 1024)
-    rows, _ = piece_table(segments, [placement], 1024, 1024, 40)
+    rows = piece_table(segments, [placement], 1024, 1024, 40).ints
     for cost in (0.0, 1e10, float("inf")):
         groups = group_rows(rows, cost)
         assert sorted(r for grp in groups for r in grp) == list(range(len(rows)))
         for grp in groups:
-            sizes = [max(rows[r][c] for r in grp) for c in (HS, WS, HC, WC)]
+            sizes = [max(rows[r][c] for r in grp) for c in (Col.HS, Col.WS, Col.HC, Col.WC)]
             assert len(grp) == 1 or _group_bytes(len(grp), *sizes) <= GROUP_BYTES
     assert len(group_rows(rows, 0.0)) > len(group_rows(rows, float("inf")))
-    big = [r for r in range(len(rows)) if _group_flops(1, *(rows[r][c] for c in (HS, WS, HC, WC))) > 1e8]
+    sizes_of = [[row[c] for c in (Col.HS, Col.WS, Col.HC, Col.WC)] for row in rows]
+    big = [r for r in range(len(rows)) if _group_flops(1, *sizes_of[r]) > 1e8]
     assert big and all(len(grp) == 1 for grp in group_rows(rows, float("inf"), 1e8) if set(grp) & set(big))
 
 

@@ -21,9 +21,9 @@ def test_same_seed_same_output_and_different_seed_differs(train_bank, val_set):
     assert not all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[1], c[1]))
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_stacked_batch_float_images_and_empty_targets(train_bank, val_set, batched):
-    cp = CopyPaste(train_bank, num_pastes=(2, 4), batched=batched)
+@pytest.mark.parametrize("backend", ["window", "groups"])
+def test_stacked_batch_float_images_and_empty_targets(train_bank, val_set, backend):
+    cp = CopyPaste(train_bank, num_pastes=(2, 4), backend=backend)
     resize = v2.Resize((256, 256), antialias=True)
     images, targets = zip(*[resize(*val_set[i]) for i in range(2)])
     batch = torch.stack([im.as_subclass(torch.Tensor).float() / 255 for im in images])
@@ -33,30 +33,40 @@ def test_stacked_batch_float_images_and_empty_targets(train_bank, val_set, batch
     assert out.shape == batch.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     assert out_targets[1]["is_pasted"].all() and len(out_targets[1]["labels"]) >= 2
-    # the other path on the same draws gives the same result
-    other = CopyPaste(train_bank, num_pastes=(2, 4), batched=not batched)
+    # the other path on the same draws gives the same result: the same instances, masks that differ
+    # at most on a piece's border pixels (the grouped warp resizes in float, the window one in uint8)
+    other = CopyPaste(train_bank, num_pastes=(2, 4), backend="groups" if backend == "window" else "window")
     again, again_targets = other(batch, [targets[0], empty], generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, again)
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(out_targets, again_targets)
-               for k in ("masks", "boxes", "labels", "area", "iscrowd", "is_pasted"))
+    for a, b in zip(out_targets, again_targets):
+        assert all(torch.equal(a[k], b[k]) for k in ("labels", "iscrowd", "is_pasted"))
+        differ = (a["masks"] ^ b["masks"]).flatten(1).sum(1)
+        assert (differ <= 0.02 * a["masks"].flatten(1).sum(1) + 4).all()
+        assert (a["boxes"] - b["boxes"]).abs().max() <= 1
+    assert (out - again).abs().gt(2 / 255).float().mean() < 0.002
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_images_on_every_path(train_bank, val_set, dtype):
-    """Half-precision batches (what an AMP pipeline may hold) paste on every path and keep their
-    dtype and range; the two CPU-kernel paths agree exactly (the grouped one resizes in float, so
-    border pixels may differ from them)."""
+    """Half-precision batches (what an AMP pipeline may hold) paste on every CPU path and keep their
+    dtype and range; image by image and rotated (piece by piece, batched) agree exactly, the grouped
+    warp up to border pixels."""
+    from sos_aug import RandomLayout
+
     resize = v2.Resize((128, 160), antialias=True)
     images, targets = zip(*[resize(*val_set[i]) for i in range(3)])
     batch = torch.stack([im.as_subclass(torch.Tensor) for im in images]).to(dtype) / 255
-    outs = []
-    for batched, warp in ((False, "auto"), (True, "loop"), (True, "groups")):
-        cp = CopyPaste(train_bank, num_pastes=(2, 5), batched=batched, backend=warp)
+    outs = {}
+    for name, backend, rotation in (("window", "window", 0.0), ("groups", "groups", 0.0),
+                                    ("window_turned", "window", 20.0), ("loop_turned", "groups", 20.0)):
+        cp = CopyPaste(train_bank, layout=RandomLayout(rotation=rotation), num_pastes=(2, 5), backend=backend)
         out, out_targets = cp(batch, list(targets), generator=torch.Generator().manual_seed(3))
         assert out.dtype == dtype and out.min() >= 0 and out.max() <= 1
-        outs.append(out_targets)
+        outs[name] = out_targets
     assert all(torch.equal(a["masks"], b["masks"]) and torch.equal(a["labels"], b["labels"])
-               for a, b in zip(outs[0], outs[1]))
+               for a, b in zip(outs["window_turned"], outs["loop_turned"]))
+    for a, b in zip(outs["window"], outs["groups"]):
+        assert torch.equal(a["labels"], b["labels"])
+        assert ((a["masks"] ^ b["masks"]).flatten(1).sum(1) <= 0.02 * a["masks"].flatten(1).sum(1) + 4).all()
 
 
 def test_tv_tensors_in_and_out_with_other_box_formats(train_bank, val_set):
@@ -194,31 +204,40 @@ def test_every_box_is_tight_by_default_and_input_boxes_stay_only_when_asked(trai
         CopyPaste(train_bank, boxes="loose")
 
 
-def test_the_old_method_names_still_work_with_a_warning_and_paste_draws_nothing(train_bank, val_set):
-    """``make_params``/``apply`` (earlier names) give what ``draw_placements``/``paste`` give, and
-    ``paste`` is deterministic: pasting the same draws twice gives the same outputs."""
+def test_paste_draws_nothing_and_draw_is_fetch_then_placements(train_bank, val_set):
+    """``draw`` is ``fetch`` then ``draw_placements`` on the same generator, and ``paste`` is
+    deterministic: pasting the same draws twice gives the same outputs."""
     cp = CopyPaste(train_bank, num_pastes=(2, 4))
     images, targets = zip(*[val_set[i] for i in (0, 1)])
     sizes = [tuple(im.shape[-2:]) for im in images]
-    segments = cp.fetch(2, torch.Generator().manual_seed(3))
-    params = cp.draw_placements(sizes, targets, segments, torch.Generator().manual_seed(4))
-    with pytest.warns(DeprecationWarning, match="draw_placements"):
-        old_params = cp.make_params(sizes, targets, segments, torch.Generator().manual_seed(4))
-    assert all(torch.equal(a.boxes, b.boxes) and torch.equal(a.segment, b.segment) for a, b in zip(params, old_params))
+    g = torch.Generator().manual_seed(3)
+    segments = cp.fetch(2, g)
+    params = cp.draw_placements(sizes, targets, segments, g)
+    drawn = cp.draw(sizes, targets, torch.Generator().manual_seed(3))
+    assert drawn.sizes == sizes and all(torch.equal(a.boxes, b.boxes) and torch.equal(a.segment, b.segment)
+                                        for a, b in zip(params, drawn.placements))
     first = cp.paste(images, targets, segments, params)
-    with pytest.warns(DeprecationWarning, match="paste"):
-        second = cp.apply(images, targets, segments, params)
+    second = cp.paste(images, targets, drawn, drawn.placements)
     for (im1, t1), (im2, t2) in zip(zip(*first), zip(*second)):
         assert torch.equal(im1, im2)
         assert all(torch.equal(torch.as_tensor(t1[k]), torch.as_tensor(t2[k])) for k in ("boxes", "masks", "labels"))
-
-
-def test_the_old_warp_keyword_still_works_with_a_warning(train_bank):
-    with pytest.warns(DeprecationWarning, match="backend"):
-        cp = CopyPaste(train_bank, warp="groups")
-    assert cp.backend == "groups"
     with pytest.raises(ValueError, match="unknown compositing backend"):
-        CopyPaste(train_bank, backend="fast")
+        CopyPaste(train_bank, backend="loop")  # internal: rotated or feathered pieces on a batched backend
+
+
+def test_from_names_builds_what_configs_name(train_bank, train_ann):
+    cp = CopyPaste.from_names(bank=str(train_bank.root), classes=["person", "dog"], layout="sos", relight=["lab"],
+                              sampling="category_balanced", num_pastes=[2, 3], drop="mmdet", feather_sigma=1.0)
+    assert cp.label_of[train_bank.category_id("dog")] == 1 and cp.bank.sampling == "category_balanced"
+    assert type(cp.layout).__name__ == "SOSLayout" and cp.num_pastes == (2, 3) and cp.drop.mode == "mmdet"
+    stats = CopyPaste.from_names(bank=train_bank, label_map=train_ann, layout="stats", layout_file=train_ann)
+    assert type(stats.layout).__name__ == "DatasetStatsLayout" and stats.bank.sampling == train_bank.sampling
+    assert stats.label_of[train_bank.category_id("dog")] == 18  # COCO's id, from the file
+    for bad, match in (({"layout": "grid"}, "unknown layout"), ({"relight": "ic-light"}, "unknown relighter"),
+                       ({"layout": "stats"}, "annotation file"),
+                       ({"classes": ["a"], "label_map": {"a": 0}}, "not both")):
+        with pytest.raises(ValueError, match=match):
+            CopyPaste.from_names(bank=train_bank, **bad)
 
 
 def test_usable_per_sample_inside_a_torchvision_v2_compose(train_bank, val_set):

@@ -13,10 +13,9 @@ from hypothesis import strategies as st
 from torchvision.ops import masks_to_boxes
 
 from sos_aug import CopyPaste, DropRule, ExistingBoxesLayout, RandomLayout, SOSLayout, label_map_from_coco
-from sos_aug.composite import PastedPiece
-from sos_aug.layout import clip_window
 from sos_aug.ops.masks import ALPHA_CUT
 from sos_aug.ops.resize import warp_segment
+from sos_aug.paste.geometry import PastedPiece, clip_window
 
 LAYOUTS = {
     "random": lambda: RandomLayout(scale=(0.3, 2.5), rotation=0.0),
@@ -26,11 +25,12 @@ LAYOUTS = {
 }
 
 
-# every path on the CPU; with a CUDA device also the batched paths there (the Triton kernels are its
-# default), whose pieces are warped by float kernels and rounded once, like the grouped path on the CPU
-PATHS = ["per_image", "batched_loop", "batched_groups"] + (
-    ["cuda_batched_loop", "cuda_batched_groups", "cuda_batched_kernel"] if torch.cuda.is_available() else [])
-WARPS = {"groups": "groups", "kernel": "kernel"}  # by the path's last word; others loop
+# every path on the CPU (the batched one goes piece by piece for rotated layouts); with a CUDA device
+# also the batched paths there (the Triton kernels are its default), whose pieces are warped by float
+# kernels and rounded once, like the grouped path on the CPU
+PATHS = ["per_image", "batched_groups"] + (["cuda_batched_groups", "cuda_batched_kernel"]
+                                           if torch.cuda.is_available() else [])
+BACKENDS = {"per_image": "window", "groups": "groups", "kernel": "kernel"}  # by the path's last word
 
 
 def on(device, images, targets, segments):
@@ -94,14 +94,14 @@ def tight(masks):
 )
 def test_copypaste_targets_are_exact(train_bank, val_set, val_ann, seed, picks, layout, num, drop, min_visible,
                                      path):
-    """Every path: image by image (the CPU default), batched piece by piece, and batched with all
-    pieces warped in size groups (the accelerator default; it loops for rotated layouts); on a
-    CUDA device too when there is one (layouts drawn on the CPU, results checked there)."""
+    """Every path: image by image (the CPU default) and batched with all pieces warped in size
+    groups (the accelerator default; piece by piece for rotated layouts); on a CUDA device too when
+    there is one (layouts drawn on the CPU, results checked there)."""
     rule = DropRule(drop, min_visible=min_visible)
     label_map = label_map_from_coco(val_ann)
     device = "cuda" if path.startswith("cuda_") else "cpu"
     cp = CopyPaste(train_bank, layout=LAYOUTS[layout](), num_pastes=num, drop=rule, label_map=label_map,
-                   batched=path != "per_image", backend=WARPS.get(path.rsplit("_", 1)[-1], "loop"))
+                   backend=BACKENDS[path if path == "per_image" else path.rsplit("_", 1)[-1]])
     grouped = device != "cpu" or (path == "batched_groups" and layout != "random_rotated")
     images, targets = zip(*[val_set[i % len(val_set)] for i in picks])
     g = torch.Generator().manual_seed(seed)

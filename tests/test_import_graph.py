@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sos_aug"
-OPTIONAL = {"sos_aug.paste_kernel", "sos_aug.relight.pixel_kernel", "sos_aug.relight.lab_kernel"}
+OPTIONAL = {"sos_aug.paste.kernel", "sos_aug.relight.pixel_kernel", "sos_aug.relight.lab_kernel"}
 
 
 def module_name(path: Path) -> str:
@@ -121,7 +121,7 @@ def test_lower_rooms_do_not_reach_up(room):
             if n not in seen:
                 seen.add(n)
                 todo.append(n)
-    upper = {"sos_aug.composite", "sos_aug.transforms", "sos_aug.relight", "sos_aug.cli"}
+    upper = {"sos_aug.paste", "sos_aug.copy_paste", "sos_aug.relight", "sos_aug.cli"}
     assert not (seen & upper), f"{room} reaches {sorted(seen & upper)}"
 
 

@@ -25,9 +25,9 @@ CUT_BAND = 1e-3  # alpha this close to the cut is decided by float rounding orde
 def reference(segments, placement, image, k0: int = 0):
     """One image pasted piece by piece with torch's float resize (the CPU kernel): topmost slot map,
     undecidable pixels, the composite's pixels and each slot's (full mask, full rgb)."""
-    from sos_aug.composite import warp_segment
-    from sos_aug.layout import clip_window
     from sos_aug.ops.masks import ALPHA_CUT
+    from sos_aug.ops.resize import warp_segment
+    from sos_aug.paste.geometry import clip_window
 
     _, height, width = image.shape
     top = torch.zeros(height, width, dtype=torch.int32)
@@ -64,7 +64,7 @@ def check_kernels(bank, image: torch.Tensor, seed: int, count: int, device: str,
     from test_batched_warp import draw_pieces
 
     from sos_aug.ops.buffers import flat_base
-    from sos_aug.paste_kernel import paste_kernels
+    from sos_aug.paste.kernel import paste_kernels
 
     height, width = image.shape[-2:]
     drawn = [draw_pieces(bank, seed + i, count, height, width) for i in range(2)]
@@ -109,7 +109,7 @@ def check_nothing_lands(image: torch.Tensor, segments: list[torch.Tensor], devic
     with an empty topmost map and zero statistics."""
     from sos_aug.layout import Placement
     from sos_aug.ops.buffers import flat_base
-    from sos_aug.paste_kernel import paste_kernels
+    from sos_aug.paste.kernel import paste_kernels
 
     height, width = image.shape[-2:]
     off = torch.tensor([[-50.0, -50.0, -10.0, -10.0], [width + 5.0, 0.0, width + 40.0, 30.0]])
@@ -206,7 +206,7 @@ def run_checks(bank_dir: str, data_root: str, device: str) -> dict:
     pixels = 0
     for seed, size, as_float in ((0, (96, 128), False), (7, (120, 80), False), (11, (96, 128), True)):
         pixels += check_kernels(bank, resize(image, list(size), antialias=True), seed, 6, device, as_float)
-    from sos_aug.transforms import PasteSegments
+    from sos_aug.segments import PasteSegments
 
     check_nothing_lands(resize(image, [64, 80], antialias=True),
                         PasteSegments.pack([bank.read_rgba(r)[0] for r in (0, 1)]), device)

@@ -52,8 +52,9 @@ def test_relighting_changes_only_pasted_pixels_and_no_target(train_bank, val_set
     from sos_aug import RandomLayout, SOSLayout
 
     layout = SOSLayout() if sos else RandomLayout(scale=(0.3, 2.0))
-    plain_cp = CopyPaste(train_bank, layout=layout, num_pastes=(1, 8), batched=batched)
-    relit_cp = CopyPaste(train_bank, layout=layout, num_pastes=(1, 8), batched=batched,
+    backend = "groups" if batched else "window"
+    plain_cp = CopyPaste(train_bank, layout=layout, num_pastes=(1, 8), backend=backend)
+    relit_cp = CopyPaste(train_bank, layout=layout, num_pastes=(1, 8), backend=backend,
                          relight=RELIGHTERS[relighter]())
     images, targets = zip(*[val_set[i % len(val_set)] for i in picks])
     if as_float:

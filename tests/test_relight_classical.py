@@ -84,13 +84,6 @@ def test_classical_cpu_paths_read_and_write_channels_last_images(pasted, relight
         assert (b[:, covered] != before[:, covered]).float().mean() > 0.1
 
 
-def test_lab_blend_compile_cpu_is_a_deprecated_no_op():
-    """Its compiled CPU path was no faster than the eager one (docs/performance.md) and is gone."""
-    with pytest.warns(DeprecationWarning, match="no effect"):
-        blend = LabBlend(compile_cpu=True)
-    assert not getattr(blend, "compile_cpu", False)
-
-
 def test_lab_blend_weights_follow_the_area_rank():
     w = LabBlend.weights(torch.tensor([500, 10, 2000, 90]))
     order = torch.argsort(torch.tensor([500, 10, 2000, 90]))

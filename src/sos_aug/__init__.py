@@ -14,13 +14,12 @@ __version__ = "0.1.0"
 _HOMES = {
     "SegmentBank": "bank", "build_bank": "bank", "coco_source": "bank", "merge_banks": "bank",
     "rgba_tree_source": "bank", "xpaste_source": "bank",
-    "CocoInstances": "coco",
-    "DropRule": "composite",
-    "Referring": "grounding",
+    "CocoInstances": "coco", "label_map_from_coco": "coco",
+    "DropRule": "paste",
+    "Referring": "referring",
     "DatasetStatsLayout": "layout", "ExistingBoxesLayout": "layout", "Layout": "layout", "Placement": "layout",
     "RandomLayout": "layout", "SOSLayout": "layout", "Scene": "layout",
-    "CopyPaste": "transforms", "CopyPasteCollate": "transforms", "PasteSegments": "transforms",
-    "label_map_from_coco": "transforms",
+    "CopyPaste": "copy_paste", "CopyPasteCollate": "copy_paste", "PasteSegments": "segments",
 }
 __all__ = [
     "CocoInstances", "CopyPaste", "CopyPasteCollate", "DatasetStatsLayout", "DropRule", "ExistingBoxesLayout",
@@ -44,8 +43,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .bank import SegmentBank, build_bank, coco_source, merge_banks, rgba_tree_source, xpaste_source
-    from .coco import CocoInstances
-    from .composite import DropRule
-    from .grounding import Referring
+    from .coco import CocoInstances, label_map_from_coco
+    from .copy_paste import CopyPaste, CopyPasteCollate
     from .layout import DatasetStatsLayout, ExistingBoxesLayout, Layout, Placement, RandomLayout, Scene, SOSLayout
-    from .transforms import CopyPaste, CopyPasteCollate, PasteSegments, label_map_from_coco
+    from .paste import DropRule
+    from .referring import Referring
+    from .segments import PasteSegments

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -76,73 +74,13 @@ def _bank_show(args) -> int:
     return 0
 
 
-def _make_copy_paste(bank, layout: str, ann_file: str | None, num: tuple[int, int], feather: float):
-    from .layout import LAYOUTS, DatasetStatsLayout
-    from .transforms import CopyPaste, label_map_from_coco
-
-    chosen = DatasetStatsLayout(ann_file) if layout == "stats" else LAYOUTS[layout]()
-    label_map = label_map_from_coco(ann_file) if ann_file else None
-    return CopyPaste(bank, layout=chosen, num_pastes=num, feather_sigma=feather, label_map=label_map,
-                     open_vocabulary=label_map is None)
-
-
-def preview(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num=(4, 10), feather=0.0,
-            relight: str | None = None, weights: str | None = None, sampling: str = "uniform",
-            reference: str | None = None, t: float = 0.001, referring: bool = False, progress: bool = True) -> Path:
-    """Augment ``n`` images of a COCO set and save each beside its original; with ``relight``, the
-    same augmented images are shown without and with relighting instead. ``sampling`` draws the
-    bank's segments (``repeat_factor`` measures f_c on ``reference``, by default the COCO file itself)."""
-    say("preview: loading torch ...", progress)
-    import torch
-    from tqdm import tqdm
-
-    from .bank import SegmentBank
-    from .coco import CocoInstances
-    from .preview import draw_instances, draw_referring, save_grid
-
-    if sampling == "repeat_factor" and reference is None:
-        reference = ann_file
-    say(f"preview: opening the bank {bank_path} and reading {ann_file} ...", progress)
-    bank = SegmentBank(bank_path, sampling=sampling, t=t, reference=reference if sampling == "repeat_factor" else None)
-    ds = CocoInstances(ann_file, images_dir)
-    if len(ds) == 0:
-        raise SystemExit(f"{ann_file}: no annotated image to preview")
-    names = {c["id"]: c["name"] for c in ds.categories}
-    cp = _make_copy_paste(bank, layout, str(ann_file), num, feather)
-    relit_cp = None
-    if relight not in (None, "none"):
-        from .relight.named import make_relighter
-
-        say(f"preview: loading the {relight} relighting ...", progress)
-        relit_cp = copy.copy(cp)
-        relit_cp.relight = make_relighter(relight, weights)
-    if referring:
-        from .grounding import Referring
-
-        cp.referring = Referring(vocabulary=sorted(names.values()))
-    g = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(ds), generator=g)[:n].tolist()
-    tiles = []
-    for i in tqdm(picks, desc="preview", unit="img", disable=not progress):
-        image, target = ds[i]
-        state = g.get_state()
-        pasted, pasted_target = cp(image, target, generator=g)
-        if referring:
-            tiles.append(draw_referring(pasted, pasted_target))
-        elif relit_cp is not None:
-            g.set_state(state)  # the same draws, relit
-            relit, _ = relit_cp(image, target, generator=g)
-            tiles += [draw_instances(pasted, pasted_target, names, outlines=False),
-                      draw_instances(relit, pasted_target, names, outlines=False)]
-        else:
-            tiles += [draw_instances(image, target, names), draw_instances(pasted, pasted_target, names)]
-    return save_grid(tiles, out, cols=4)
-
-
 def _preview(args) -> int:
-    path = preview(args.bank, args.coco, args.images, args.out, n=args.n, seed=args.seed, layout=args.layout,
-                   feather=args.feather, relight=args.relight, weights=args.weights, sampling=args.sampling,
-                   reference=args.reference, t=args.t, referring=args.referring, progress=not args.quiet)
+    say("preview: loading torch ...", not args.quiet)
+    from .preview import preview_coco
+
+    path = preview_coco(args.bank, args.coco, args.images, args.out, n=args.n, seed=args.seed, layout=args.layout,
+                        feather=args.feather, relight=args.relight, weights=args.weights, sampling=args.sampling,
+                        reference=args.reference, t=args.t, referring=args.referring, progress=not args.quiet)
     what = ("each augmented image without (left) and with relighting (right)" if args.relight not in (None, "none")
             else "augmented images with referring expressions and their targets' boxes" if args.referring
             else "each original left of its augmented copy")
@@ -154,6 +92,7 @@ def _demo(args) -> int:
     say("demo: starting (loading torch) ...", not args.quiet)
     from .bank import build_bank, coco_source
     from .demo import make_synthetic_coco
+    from .preview import preview_coco
 
     out = Path(args.out)
     if args.coco:
@@ -167,7 +106,7 @@ def _demo(args) -> int:
         print(f"drew a synthetic COCO-format set of {args.images_n} images in {ann.parent} (embedded default)")
     report = build_bank(out / "bank", coco_source(ann, images), workers=args.workers, progress=not args.quiet)
     print(f"bank: {out / 'bank'} (+{report['added']} segments)")
-    path = preview(out / "bank", ann, images, out / "preview.png", n=args.n, seed=args.seed, layout=args.layout,
+    path = preview_coco(out / "bank", ann, images, out / "preview.png", n=args.n, seed=args.seed, layout=args.layout,
                    progress=not args.quiet)
     print(f"preview: {path}")
     return 0
@@ -231,65 +170,12 @@ def _split(args) -> int:
     return 0
 
 
-def split_of(ann_file) -> str:
-    """The split a COCO file holds, as gRefCOCO and RefCOCO record it: ``train``, ``val`` or
-    ``test`` where its name says so (``instances_val2017.json``), else the file's stem."""
-    stem = Path(ann_file).stem
-    found = re.search(r"(?<![a-z])(train|val|test)", stem.lower())
-    return found.group(1) if found else stem
-
-
-def refer(ann_file, images_dir, out, bank_path=None, paste=False, per_kind=2, limit=0, seed=0,
-          layout="sos", num=(2, 8), progress=True, split: str | None = None) -> dict:
-    """Referring expressions for a COCO-format set as it is (real images only) or after pasting
-    (the pasted images written to ``out/images``), exported with :func:`grounding_export.write_grounding`
-    under ``split`` (by default :func:`split_of` the file)."""
-    say(f"refer: loading torch and reading {ann_file} ...", progress)
-    import torch
-    from PIL import Image
-    from tqdm import tqdm
-
-    from .bank import SegmentBank
-    from .coco import CocoInstances
-    from .grounding import KINDS, Referring
-    from .grounding_export import Sample, write_grounding
-
-    ds = CocoInstances(ann_file, images_dir, only_annotated=True)
-    names = {c["id"]: c["name"] for c in ds.categories}
-    referring = Referring(per_kind={k: per_kind for k in KINDS}, vocabulary=sorted(names.values()))
-    cp = None
-    if paste:
-        if not bank_path:
-            raise ValueError("refer --paste needs --bank")
-        cp = _make_copy_paste(SegmentBank(bank_path), layout, str(ann_file), num, 0.0)
-        cp.referring = referring
-        (Path(out) / "images").mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    n = min(len(ds), limit) if limit else len(ds)
-    samples, counts = [], dict.fromkeys(KINDS, 0)
-    for i in tqdm(range(n), desc="refer", disable=not progress):
-        image, target = ds[i]
-        info = ds.infos[i]
-        if cp is not None:
-            image, target = cp(image, target, generator=g)
-            file_name = f"images/{Path(info['file_name']).stem}.png"
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(Path(out) / file_name)
-        else:
-            target = dict(target)
-            labels = target["labels"].tolist()
-            target["referring"] = referring(image, target, [names[int(lab)] for lab in labels], None, g)
-            file_name = info["file_name"]
-        for r in target["referring"]:
-            counts[r["kind"]] += 1
-        samples.append(Sample(file_name, int(info["id"]), target))
-    say(f"refer: writing the grounding files to {out} ...", progress)
-    paths = write_grounding(out, samples, ds.categories, split=split or split_of(ann_file))
-    return {"images": len(samples), "expressions": counts, "files": {k: str(v) for k, v in paths.items()}}
-
-
 def _refer(args) -> int:
-    result = refer(args.coco, args.images, args.out, args.bank, args.paste, args.per_kind, args.limit, args.seed,
-                   args.layout, tuple(args.num), progress=not args.quiet, split=args.split)
+    say(f"refer: loading torch and reading {args.coco} ...", not args.quiet)
+    from .referring.dataset import refer_coco
+
+    result = refer_coco(args.coco, args.images, args.out, args.bank, args.paste, args.per_kind, args.limit,
+                        args.seed, args.layout, tuple(args.num), progress=not args.quiet, split=args.split)
     print(f"{result['images']} images, expressions by kind: " +
           ", ".join(f"{k}={v}" for k, v in result["expressions"].items()))
     for path in result["files"].values():

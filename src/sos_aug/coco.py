@@ -85,6 +85,16 @@ def load_json(path: Path) -> Any:
 
 
 
+def label_map_from_coco(ann_file: str | Path) -> dict[str, int]:
+    """Category name (and LVIS synonyms) -> category id, from a COCO/LVIS instances file."""
+    cats = load_coco(ann_file, ("categories",))["categories"]
+    out = {}
+    for c in cats:
+        for name in [c["name"], *c.get("synonyms", [])]:
+            out.setdefault(name, int(c["id"]))
+    return out
+
+
 @dataclass
 class Skips:
     """Bad inputs left out, counted by reason, with the first example of each."""
@@ -217,8 +227,3 @@ class CocoInstances(Dataset):
             "image_id": info["id"],
         }
         return tv_tensors.Image(image), target
-
-
-def collate_detection(batch):
-    """torchvision detection references' collate: a tuple of images and a tuple of targets."""
-    return tuple(zip(*batch))

@@ -288,7 +288,7 @@ def instance_stats_from_coco(ann_file: str | Path) -> dict[str, list[tuple[float
 
 class ExistingBoxesLayout(Layout):
     """Each segment fills (aspect kept, centred) a box taken from another real annotation: from
-    ``pool`` (normalised XYXY boxes, e.g. from :func:`boxes_from_coco`) or, without one, from the
+    ``pool`` (normalised XYXY boxes in [0, 1]) or, without one, from the
     other images of the batch. Falls back to a random layout where no box is available."""
 
     def __init__(self, pool: torch.Tensor | None = None, **kwargs):
@@ -313,39 +313,22 @@ class ExistingBoxesLayout(Layout):
         return self.placement(top, sizes, torch.arange(k), generator)
 
 
-def boxes_from_coco(ann_file: str | Path) -> torch.Tensor:
-    """Every non-crowd box of an annotation file, normalised XYXY in [0, 1], as a pool."""
-    data = load_coco(ann_file, ("images", "annotations"))
-    size = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
-    rows = []
-    for a in data["annotations"]:
-        if a.get("iscrowd") or a["image_id"] not in size:
-            continue
-        w, h = size[a["image_id"]]
-        x, y, bw, bh = a["bbox"]
-        if bw > 0 and bh > 0:
-            rows.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
-    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
+LAYOUT_NAMES = ("random", "sos", "stats", "existing")
 
 
-LAYOUTS = {"random": RandomLayout, "sos": SOSLayout, "existing": ExistingBoxesLayout}
-"""Layouts by the names configs and the command line use (``stats`` needs an annotation file:
-:class:`DatasetStatsLayout`)."""
+def make_layout(name: str, ann_file: str | Path | None = None) -> Layout:
+    """A layout by the name configs and command lines use, with its defaults: ``random``, ``sos``,
+    ``existing``, or ``stats`` (:class:`DatasetStatsLayout`, sized and placed from ``ann_file``)."""
+    if name not in LAYOUT_NAMES:
+        raise ValueError(f"unknown layout {name!r}; choose from {', '.join(LAYOUT_NAMES)}")
+    if name == "stats":
+        if ann_file is None:
+            raise ValueError("layout 'stats' sizes and places segments as a dataset's instances are: give the "
+                             "annotation file (layout_file=..., --coco)")
+        return DatasetStatsLayout(ann_file)
+    return {"random": RandomLayout, "sos": SOSLayout, "existing": ExistingBoxesLayout}[name]()
 
 
 def grid_step(height: int, width: int, cells: int = 64) -> int:
     """Pixel step of the coarse occupancy grid layouts check visibility on."""
     return max(1, math.ceil(max(height, width) / cells))
-
-
-def clip_window(box: list[float], ph: int, pw: int, height: int, width: int):
-    """Where a (ph, pw) patch centred on ``box`` lands: (patch crop, canvas window), or None if off-canvas."""
-    bx0, by0, bx1, by1 = (int(v) for v in box)
-    y0 = by0 + ((by1 - by0) - ph) // 2
-    x0 = bx0 + ((bx1 - bx0) - pw) // 2
-    cy0, cx0 = max(0, -y0), max(0, -x0)
-    cy1, cx1 = min(ph, height - y0), min(pw, width - x0)
-    if cy1 <= cy0 or cx1 <= cx0:
-        return None
-    crop = (slice(cy0, cy1), slice(cx0, cx1))
-    return crop, (slice(y0 + cy0, y0 + cy1), slice(x0 + cx0, x0 + cx1))

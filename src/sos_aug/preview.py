@@ -1,8 +1,11 @@
-"""Pictures a person checks by eye: augmented images with outlines, boxes and labels; bank sheets."""
+"""Pictures a person checks by eye: augmented images with outlines, boxes and labels (and a whole
+preview of CopyPaste on a COCO set, what ``sos-aug preview`` draws); bank contact sheets."""
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,6 +14,12 @@ import torch.nn.functional as nnf
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+from tqdm import tqdm
+
+from .coco import CocoInstances
+from .copy_paste import CopyPaste
+from .referring.expressions import Referring
+from .relight.named import make_relighter
 
 PASTED_COLOR = (255, 0, 255)
 REAL_COLOR = (0, 255, 255)
@@ -117,3 +126,50 @@ def contact_sheet(bank, out: str | Path, n: int = 48, seed: int = 0, tile: int =
         box = draw_bounding_boxes(box, torch.tensor([[0, 0, 1, 1]]), labels=[seg.category], colors="black", width=0)
         tiles.append(box)
     return save_grid(tiles, out, tile=tile)
+
+
+def preview_coco(bank_path, ann_file, images_dir, out, n=8, seed=0, layout="sos", num=(4, 10), feather=0.0,
+                 relight: str | None = None, weights: str | None = None, sampling: str = "uniform",
+                 reference: str | None = None, t: float = 0.001, referring: bool = False,
+                 progress: bool = True) -> Path:
+    """Augment ``n`` images of a COCO set and save each beside its original; with ``relight``, the
+    same augmented images are shown without and with relighting instead. ``sampling`` draws the
+    bank's segments (``repeat_factor`` measures f_c on ``reference``, by default the COCO file itself)."""
+    if sampling == "repeat_factor" and reference is None:
+        reference = ann_file
+    _say(f"preview: opening the bank {bank_path} and reading {ann_file} ...", progress)
+    ds = CocoInstances(ann_file, images_dir)
+    if len(ds) == 0:
+        raise SystemExit(f"{ann_file}: no annotated image to preview")
+    names = {c["id"]: c["name"] for c in ds.categories}
+    cp = CopyPaste.from_names(bank=bank_path, label_map=ann_file, layout=layout, layout_file=ann_file, num_pastes=num,
+                              feather_sigma=feather, sampling=sampling, t=t,
+                              reference=reference if sampling == "repeat_factor" else None,
+                              referring=Referring(vocabulary=sorted(names.values())) if referring else None)
+    relit_cp = None
+    if relight not in (None, "none"):
+        _say(f"preview: loading the {relight} relighting ...", progress)
+        relit_cp = copy.copy(cp)
+        relit_cp.relight = make_relighter(relight, weights)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(ds), generator=g)[:n].tolist()
+    tiles = []
+    for i in tqdm(picks, desc="preview", unit="img", disable=not progress):
+        image, target = ds[i]
+        state = g.get_state()
+        pasted, pasted_target = cp(image, target, generator=g)
+        if referring:
+            tiles.append(draw_referring(pasted, pasted_target))
+        elif relit_cp is not None:
+            g.set_state(state)  # the same draws, relit
+            relit, _ = relit_cp(image, target, generator=g)
+            tiles += [draw_instances(pasted, pasted_target, names, outlines=False),
+                      draw_instances(relit, pasted_target, names, outlines=False)]
+        else:
+            tiles += [draw_instances(image, target, names), draw_instances(pasted, pasted_target, names)]
+    return save_grid(tiles, out, cols=4)
+
+
+def _say(text: str, enabled: bool) -> None:
+    if enabled:
+        print(text, file=sys.stderr, flush=True)

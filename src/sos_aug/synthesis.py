@@ -28,14 +28,14 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from .bank.store import SegmentBank
-from .composite import DropRule
-from .grounding import KINDS, Referring
-from .grounding_export import Sample, write_grounding
-from .layout import LAYOUTS
+from .copy_paste import CopyPaste
+from .layout import LAYOUT_NAMES
 from .ops.files import atomic_write_bytes, atomic_write_json
 from .ops.masks import tight_boxes
+from .paste import DropRule
+from .referring.export import Sample, write_grounding
+from .referring.expressions import KINDS, Referring
 from .relight.named import make_relighter
-from .transforms import CopyPaste
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -62,8 +62,8 @@ class SynthesisConfig:
 
     def __post_init__(self):
         self.pastes = tuple(self.pastes)
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
+        if self.layout not in LAYOUT_NAMES or self.layout == "stats":
+            raise ValueError(f"unknown layout {self.layout!r}; choose from random, sos, existing")
         if self.image_format not in ("jpg", "png"):
             raise ValueError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
         if self.num_images < 1 or self.shard_size < 1:
@@ -126,8 +126,8 @@ class Synthesizer:
         c = self.config
         referring = Referring(per_kind={k: 3 for k in KINDS}, vocabulary=sorted(self.names.values())) \
             if c.referring else None
-        return CopyPaste(bank, layout=LAYOUTS[c.layout](), num_pastes=c.pastes,
-                         drop=DropRule(min_visible=c.min_visible), relight=self.relight, referring=referring)
+        return CopyPaste.from_names(bank=bank, layout=c.layout, num_pastes=c.pastes,
+                                    drop=DropRule(min_visible=c.min_visible), relight=self.relight, referring=referring)
 
     def _for_image(self, g: torch.Generator) -> CopyPaste:
         if not self.config.single_category:

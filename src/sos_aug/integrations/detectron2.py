@@ -30,8 +30,9 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.structures import BitMasks, Boxes, PolygonMasks
 from detectron2.structures import Instances as D2Instances
 
-from ..transforms import CopyPaste, PasteSegments
-from .common import Instances, Pasted, make_copy_paste, paste_instances, unpadded_extent
+from ..copy_paste import CopyPaste
+from ..segments import PasteSegments
+from .padding import unpadded_extent
 
 SEGMENTS_KEY = "sos_segments"
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ def add_sos_config(cfg: CfgNode) -> None:
     cfg.INPUT.SOS = CfgNode()
     cfg.INPUT.SOS.ENABLED = False
     cfg.INPUT.SOS.BANK = ""
-    cfg.INPUT.SOS.LAYOUT = "random"
+    cfg.INPUT.SOS.LAYOUT = "random"  # random | sos | stats | existing
+    cfg.INPUT.SOS.LAYOUT_FILE = ""  # stats: the annotation file whose instances give sizes and places
     cfg.INPUT.SOS.NUM_PASTES = (1, 10)
     cfg.INPUT.SOS.PROB = 1.0
     cfg.INPUT.SOS.RELIGHT = []
@@ -69,10 +71,11 @@ def copy_paste_from_config(cfg: CfgNode) -> CopyPaste:
     if not hasattr(MetadataCatalog.get(name), "thing_classes"):
         DatasetCatalog.get(name)  # a COCO-format dataset sets its thing_classes when first loaded
     classes = MetadataCatalog.get(name).thing_classes
-    return make_copy_paste(sos.BANK, classes, sos.LAYOUT, tuple(sos.NUM_PASTES), sos.PROB, list(sos.RELIGHT) or None,
-                           drop=sos.DROP, feather_sigma=sos.FEATHER_SIGMA, sampling=sos.SAMPLING,
-                           reference=sos.REFERENCE or None, t=sos.REPEAT_THRESH,
-                           relight_weights=sos.RELIGHT_WEIGHTS or None)
+    return CopyPaste.from_names(bank=sos.BANK, classes=classes, layout=sos.LAYOUT, layout_file=sos.LAYOUT_FILE or None,
+                                num_pastes=tuple(sos.NUM_PASTES), prob=sos.PROB, relight=list(sos.RELIGHT) or None,
+                                relight_weights=sos.RELIGHT_WEIGHTS or None, drop=sos.DROP,
+                                feather_sigma=sos.FEATHER_SIGMA, sampling=sos.SAMPLING,
+                                reference=sos.REFERENCE or None, t=sos.REPEAT_THRESH)
 
 
 class CopyPasteMapper:
@@ -96,27 +99,14 @@ class CopyPasteMapper:
         out = self.mapper(dataset_dict)
         if self.cp is None or "instances" not in out:
             return out
-        image, inst = to_instances(out["image"], out["instances"], self.bgr)
+        image, target = to_target(out["image"], out["instances"], self.bgr)
         extent = unpadded_extent(image)  # FixedSizeCrop pads bottom and right
-        if self.defer:
-            out[SEGMENTS_KEY] = draw_segments(self.cp, inst, extent)
+        if self.defer:  # the worker's share: every draw, for the image before padding
+            out[SEGMENTS_KEY] = self.cp.draw([extent], [target])
             return out
-        (pasted_image,), (pasted,) = paste_instances(self.cp, [image], [inst], extents=[extent])
-        out["image"], out["instances"] = from_pasted(pasted_image, pasted, out["instances"], self.bgr)
+        pasted_image, pasted = self.cp(image, target, extents=[extent])
+        out["image"], out["instances"] = from_target(pasted_image, pasted, out["instances"], self.bgr)
         return out
-
-
-def draw_segments(cp: CopyPaste, inst: Instances, extent: tuple[int, int]) -> PasteSegments:
-    """One image's segments and layout for its ``extent`` (its size before padding), drawn where
-    the data is loaded (a worker)."""
-    h, w = extent
-    segments = cp.fetch(1)
-    target = {"boxes": inst.boxes, "labels": inst.labels, "iscrowd": inst.ignore.long()}
-    if inst.masks is not None:
-        target["masks"] = inst.masks[:, :h, :w]
-    segments.placements = cp.draw_placements([extent], [target], segments)
-    segments.sizes = [extent]
-    return segments
 
 
 class DevicePasteLoader:
@@ -140,42 +130,38 @@ def paste_on_device(cp: CopyPaste, batch: list[dict], device: torch.device, bgr:
     """Composite the segments each dict carries (``sos_segments``) on ``device``."""
     if not batch or any(SEGMENTS_KEY not in d for d in batch):
         return batch
-    images, insts = zip(*[to_instances(d["image"].to(device, non_blocking=True), d["instances"].to(device), bgr)
-                          for d in batch])
-    parts = [d.pop(SEGMENTS_KEY) for d in batch]
-    segments = PasteSegments.concat(parts).to(device)
-    out_images, pasted = paste_instances(cp, list(images), list(insts), segments=segments,
-                                         extents=[p.sizes[0] for p in parts])
-    for d, image, p in zip(batch, out_images, pasted):
-        d["image"], d["instances"] = from_pasted(image, p, d["instances"], bgr)
+    images, targets = zip(*[to_target(d["image"].to(device, non_blocking=True), d["instances"].to(device), bgr)
+                            for d in batch])
+    segments = PasteSegments.concat([d.pop(SEGMENTS_KEY) for d in batch]).to(device)
+    out_images, pasted = cp(list(images), list(targets), segments=segments)  # into each drawn extent
+    for d, image, target in zip(batch, out_images, pasted):
+        d["image"], d["instances"] = from_target(image, target, d["instances"], bgr)
     return batch
 
 
-def to_instances(image: torch.Tensor, instances: D2Instances, bgr: bool = True) -> tuple[torch.Tensor, Instances]:
-    """A mapper's (C, H, W) image and ``Instances`` -> an RGB image and :class:`Instances`."""
+def to_target(image: torch.Tensor, instances: D2Instances, bgr: bool = True) -> tuple[torch.Tensor, dict]:
+    """A mapper's (C, H, W) image and ``Instances`` -> an RGB image and its target (no ``masks``
+    where the mapper gave none)."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"CopyPasteMapper needs a (3, H, W) image, got shape {tuple(image.shape)}")
     h, w = image.shape[-2:]
     rgb = image.flip(0) if bgr else image
-    boxes = instances.gt_boxes.tensor.float()
-    masks = None
+    target = {"boxes": instances.gt_boxes.tensor.float(), "labels": instances.gt_classes.long()}
     if instances.has("gt_masks"):
         m = instances.gt_masks
         if isinstance(m, PolygonMasks):
             m = BitMasks.from_polygon_masks(m, h, w)
-        masks = m.tensor.to(image.device).bool()
-    labels = instances.gt_classes.long()
-    return rgb, Instances(boxes, labels, masks, torch.zeros(len(labels), dtype=torch.bool, device=labels.device))
+        target["masks"] = m.tensor.to(image.device).bool()
+    return rgb, target
 
 
-def from_pasted(image: torch.Tensor, pasted: Pasted, like: D2Instances, bgr: bool = True) -> tuple[torch.Tensor, Any]:
+def from_target(image: torch.Tensor, target: dict, like: D2Instances, bgr: bool = True) -> tuple[torch.Tensor, Any]:
     """Back to detectron2: the image in the mapper's channel order, ``Instances`` with ``gt_boxes``,
     ``gt_classes``, ``gt_masks`` as ``BitMasks`` (where the input had masks) and ``is_pasted``."""
     out = D2Instances(like.image_size)
-    out.gt_boxes = Boxes(pasted.boxes)
-    out.gt_classes = pasted.labels.to(like.gt_classes.dtype)
-    if pasted.masks is not None:
-        out.gt_masks = BitMasks(pasted.masks)
-    out.is_pasted = pasted.is_pasted
+    out.gt_boxes = Boxes(torch.as_tensor(target["boxes"]).float())
+    out.gt_classes = target["labels"].to(like.gt_classes.dtype)
+    if "masks" in target:
+        out.gt_masks = BitMasks(target["masks"])
+    out.is_pasted = target["is_pasted"]
     return (image.flip(0) if bgr else image).contiguous(), out
-

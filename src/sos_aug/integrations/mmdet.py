@@ -38,8 +38,9 @@ from mmdet.structures.bbox import HorizontalBoxes  # noqa: E402
 from mmdet.structures.mask import BitmapMasks, PolygonMasks  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
-from ..transforms import PasteSegments  # noqa: E402
-from .common import Instances, Pasted, make_copy_paste, paste_instances, unpadded_extent  # noqa: E402
+from ..copy_paste import CopyPaste  # noqa: E402
+from ..segments import PasteSegments  # noqa: E402
+from .padding import unpadded_extent  # noqa: E402
 
 SEGMENTS_KEY = "sos_segments"  # where SOSCopyPaste(defer=True) leaves the fetched segments
 IS_PASTED_KEY = "sos_is_pasted"  # which rows of the results' instances are pasted
@@ -74,46 +75,45 @@ class SOSCopyPaste(BaseTransform):
 
     Args:
         bank: the bank's folder. classes: class names in label order, or a registered dataset's
-        name (default ``CocoDataset``). layout: ``random``, ``sos`` or ``existing``. num_pastes:
-        (low, high) per image. prob: chance an image is pasted into. relight: relighter names
-        (``'net'``, ``'lab'``, ``'net+lab'`` or a list). sampling: ``uniform``,
+        name (default ``CocoDataset``). layout: ``random``, ``sos``, ``stats`` (with
+        ``layout_file``: your training annotations) or ``existing``. num_pastes: (low, high) per
+        image. prob: chance an image is pasted into. relight: relighter names (``'net'``, ``'lab'``,
+        ``'net+lab'`` or a list), ``relight_weights`` for the net. sampling: ``uniform``,
         ``category_balanced`` or ``repeat_factor`` (with ``reference``: the training set's
-        annotation file, and ``t``). drop: the drop rule's name. channel_order: of ``img``.
+        annotation file, and ``t``). drop: the drop rule's name. feather_sigma: alpha feathering in
+        pixels. channel_order: of ``img``.
     """
 
     def __init__(self, bank: str, classes: Sequence[str] | str | None = None, layout: str = "random",
                  num_pastes: Sequence[int] = (1, 10), prob: float = 1.0, relight: Any = None,
                  sampling: str = "uniform", reference: str | None = None, t: float = 0.001,
                  drop: str = "visible_fraction", feather_sigma: float = 0.0, channel_order: str = "bgr",
-                 defer: bool = False, relight_weights: str | None = None):
+                 defer: bool = False, relight_weights: str | None = None, layout_file: str | None = None):
         if channel_order not in ("bgr", "rgb"):
             raise ValueError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
-        self.cp = make_copy_paste(bank, _classes(classes), layout, tuple(num_pastes), prob, relight, drop,
-                                  feather_sigma, sampling, reference, t, relight_weights)
+        self.cp = CopyPaste.from_names(bank=bank, classes=_classes(classes), layout=layout, layout_file=layout_file,
+                                       num_pastes=num_pastes, prob=prob, relight=relight,
+                                       relight_weights=relight_weights, drop=drop, feather_sigma=feather_sigma,
+                                       sampling=sampling, reference=reference, t=t)
         self.bgr, self.defer = channel_order == "bgr", defer
 
     def transform(self, results: dict) -> dict:
-        image, inst = to_instances(results, self.bgr)
+        image, target = to_target(results, self.bgr)
         extent = unpadded_extent(image) if "pad_shape" in results else tuple(image.shape[-2:])
         if self.defer:
-            h, w = extent
-            segments = self.cp.fetch(1)
-            target = {"boxes": inst.boxes, "labels": inst.labels, "iscrowd": inst.ignore.long(),
-                      **({"masks": inst.masks[:, :h, :w]} if inst.masks is not None else {})}
-            segments.placements = self.cp.draw_placements([extent], [target], segments)
-            segments.sizes = [extent]
-            results[SEGMENTS_KEY] = segments
+            results[SEGMENTS_KEY] = self.cp.draw([extent], [target])
             return results
-        (out,), (pasted,) = paste_instances(self.cp, [image], [inst], extents=[extent])
-        return from_pasted(results, out, pasted, self.bgr)
+        out, pasted = self.cp(image, target, extents=[extent])
+        return from_target(results, out, pasted, self.bgr)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(bank={str(self.cp.bank.root)!r}, layout={type(self.cp.layout).__name__}, "
                 f"num_pastes={self.cp.num_pastes}, prob={self.cp.p}, defer={self.defer})")
 
 
-def to_instances(results: dict, bgr: bool = True) -> tuple[torch.Tensor, Instances]:
-    """mmdet's results dict -> a (3, H, W) RGB image (uint8, or float in [0, 1]) and its instances."""
+def to_target(results: dict, bgr: bool = True) -> tuple[torch.Tensor, dict]:
+    """mmdet's results dict -> a (3, H, W) RGB image (uint8, or float in [0, 1]) and its target
+    (``iscrowd``: mmdet's ignore flags; no ``masks`` for a box-only dataset)."""
     img = results["img"]
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"SOSCopyPaste needs results['img'] as an (H, W, 3) array, got shape {img.shape}")
@@ -128,31 +128,32 @@ def to_instances(results: dict, bgr: bool = True) -> tuple[torch.Tensor, Instanc
     n = len(boxes)
     labels = torch.as_tensor(np.asarray(results.get("gt_bboxes_labels", np.zeros(n, np.int64)))).long()
     ignore = torch.as_tensor(np.asarray(results.get("gt_ignore_flags", np.zeros(n, bool)))).bool()
+    target = {"boxes": boxes.float().reshape(-1, 4), "labels": labels, "iscrowd": ignore.long()}
     masks = results.get("gt_masks")
     if masks is not None:
         if isinstance(masks, PolygonMasks):
             masks = masks.to_bitmap()
-        masks = torch.from_numpy(np.asarray(masks.masks)).bool().reshape(len(masks), h, w)
-    if not (len(labels) == len(ignore) == n and (masks is None or len(masks) == n)):
+        target["masks"] = torch.from_numpy(np.asarray(masks.masks)).bool().reshape(len(masks), h, w)
+    if not (len(labels) == len(ignore) == n and (masks is None or len(target["masks"]) == n)):
         raise ValueError(f"results hold {n} gt_bboxes, {len(labels)} gt_bboxes_labels, {len(ignore)} "
                          f"gt_ignore_flags and {None if masks is None else len(masks)} gt_masks")
-    return image, Instances(boxes.float().reshape(-1, 4), labels, masks, ignore)
+    return image, target
 
 
-def from_pasted(results: dict, image: torch.Tensor, pasted: Pasted, bgr: bool = True) -> dict:
-    """Write a pasted image and its instances back into mmdet's results dict, in its types."""
+def from_target(results: dict, image: torch.Tensor, target: dict, bgr: bool = True) -> dict:
+    """Write a pasted image and its target back into mmdet's results dict, in its types."""
     old = results["img"]
     pixels = image.permute(1, 2, 0)
     if old.dtype != np.uint8:
         pixels = pixels.float() * 255 if image.is_floating_point() else pixels.float()
     arr = pixels.numpy()
     results["img"] = np.ascontiguousarray(arr[..., ::-1] if bgr else arr).astype(old.dtype, copy=False)
-    results["gt_bboxes"] = HorizontalBoxes(pasted.boxes.float())
-    results["gt_bboxes_labels"] = pasted.labels.numpy().astype(np.int64)
-    results["gt_ignore_flags"] = pasted.ignore.numpy().astype(bool)
-    if pasted.masks is not None:
-        results["gt_masks"] = bitmap_masks(pasted.masks.view(torch.uint8).numpy())
-    results[IS_PASTED_KEY] = pasted.is_pasted.numpy()
+    results["gt_bboxes"] = HorizontalBoxes(torch.as_tensor(target["boxes"]).float())
+    results["gt_bboxes_labels"] = target["labels"].numpy().astype(np.int64)
+    results["gt_ignore_flags"] = target["iscrowd"].bool().numpy()
+    if "masks" in target:
+        results["gt_masks"] = bitmap_masks(target["masks"].view(torch.uint8).numpy())
+    results[IS_PASTED_KEY] = target["is_pasted"].numpy()
     return results
 
 
@@ -193,21 +194,23 @@ class SOSBatchCopyPaste(torch.nn.Module):
         if not self.training:
             return inputs, data_samples
         parts = None if self.draw_on_device else _drawn_segments(data_samples)
-        crops, insts, hows, extents = [], [], [], []
+        crops, targets, hows = [], [], []
         for i, sample in enumerate(data_samples):
             h, w = sample.img_shape[:2]
+            if parts:
+                _check_drawn(parts[i], h, w)
             crops.append(((inputs[i, :, :h, :w] * self.std + self.mean) / 255).clamp(0, 1))
-            inst, how = _sample_instances(sample, h, w, inputs.device)
-            insts.append(inst)
+            target, how = _sample_target(sample, h, w, inputs.device)
+            targets.append(target)
             hows.append(how)
-            extents.append(_drawn_extent(parts[i], h, w) if parts else unpadded_extent(crops[-1]))
         segments = PasteSegments.concat(parts).to(inputs.device) if parts else None
-        out, pasted = paste_instances(self.paste.cp, crops, insts, segments=segments, extents=extents)
+        extents = None if parts else [unpadded_extent(c) for c in crops]
+        out, pasted = self.paste.cp(crops, targets, segments=segments, extents=extents)
         inputs = inputs.clone()
-        for i, (sample, image, p, how) in enumerate(zip(data_samples, out, pasted, hows)):
+        for i, (sample, image, target, how) in enumerate(zip(data_samples, out, pasted, hows)):
             h, w = image.shape[-2:]
             inputs[i, :, :h, :w] = (image.float() * 255 - self.mean) / self.std
-            _write_instances(sample, p, how)
+            _write_instances(sample, target, how)
         return inputs, data_samples
 
 
@@ -222,20 +225,19 @@ def _drawn_segments(data_samples: list) -> list[PasteSegments]:
     return parts
 
 
-def _drawn_extent(segments: PasteSegments, h: int, w: int) -> tuple[int, int]:
-    """The image size a worker drew the layout for: the image before any later ``Pad``."""
+def _check_drawn(segments: PasteSegments, h: int, w: int) -> None:
+    """The worker drew for the image before any later ``Pad``: never for a larger one."""
     dh, dw = segments.sizes[0]
     if dh > h or dw > w:
         raise ValueError(f"SOSBatchCopyPaste: the layout was drawn in the worker for a {dh}x{dw} image but the "
                          f"sample is {h}x{w}: put SOSCopyPaste(..., defer=True) after every transform that "
                          "resizes, crops or flips (just before PackDetInputs; a Pad may follow it)")
-    return dh, dw
 
 
-def _sample_instances(sample, h: int, w: int, device: torch.device) -> tuple[Instances, dict]:
-    """A data sample's ground truth as :class:`Instances` (its ignored instances appended as
-    ignored), cropped to the image, and how each part came in (box type, mask size) to write it
-    back alike."""
+def _sample_target(sample, h: int, w: int, device: torch.device) -> tuple[dict, dict]:
+    """A data sample's ground truth as one target (its ignored instances appended with ``iscrowd``
+    set), cropped to the image, and how each part came in (box type, mask size) to write it back
+    alike."""
     parts = [("gt_instances", False)]
     if "ignored_instances" in sample and len(sample.ignored_instances):
         parts.append(("ignored_instances", True))
@@ -245,7 +247,7 @@ def _sample_instances(sample, h: int, w: int, device: torch.device) -> tuple[Ins
         b = inst.bboxes.tensor if isinstance(inst.bboxes, HorizontalBoxes) else torch.as_tensor(inst.bboxes)
         boxes.append(b.float().to(device).reshape(-1, 4))
         labels.append(torch.as_tensor(inst.labels).long().to(device))
-        ignore.append(torch.full((len(b),), ignored, dtype=torch.bool, device=device))
+        ignore.append(torch.full((len(b),), ignored, dtype=torch.long, device=device))
         size = None
         if "masks" in inst:
             m = inst.masks.to_bitmap() if isinstance(inst.masks, PolygonMasks) else inst.masks
@@ -253,24 +255,29 @@ def _sample_instances(sample, h: int, w: int, device: torch.device) -> tuple[Ins
             size = tuple(m.shape[-2:])
             masks.append(m.to(device).bool()[:, :h, :w])
         how[key] = (isinstance(inst.bboxes, HorizontalBoxes), size)
-    mask = torch.cat(masks) if len(masks) == len(parts) else None
-    return Instances(torch.cat(boxes), torch.cat(labels), mask, torch.cat(ignore)), how
+    target = {"boxes": torch.cat(boxes), "labels": torch.cat(labels), "iscrowd": torch.cat(ignore)}
+    if len(masks) == len(parts):
+        target["masks"] = torch.cat(masks)
+    return target, how
 
 
-def _write_instances(sample, p: Pasted, how: dict) -> None:
-    """Split pasted instances back into ``gt_instances`` and ``ignored_instances``, boxes in the type
+def _write_instances(sample, target: dict, how: dict) -> None:
+    """Split a pasted target back into ``gt_instances`` and ``ignored_instances``, boxes in the type
     and masks at the size they came in (padded to the batch where the preprocessor padded them)."""
-    for key, rows in (("gt_instances", ~p.ignore), ("ignored_instances", p.ignore)):
+    ignore = target["iscrowd"].bool()
+    for key, rows in (("gt_instances", ~ignore), ("ignored_instances", ignore)):
         if key not in how and not rows.any():
             continue
         boxed, size = how.get(key, how["gt_instances"])
         inst = InstanceData()
-        inst.bboxes = HorizontalBoxes(p.boxes[rows]) if boxed else p.boxes[rows]
-        inst.labels = p.labels[rows]
-        if p.masks is not None:
-            mask_h, mask_w = size or p.masks.shape[-2:]
-            m = torch.zeros((int(rows.sum()), mask_h, mask_w), dtype=torch.uint8, device=p.masks.device)
-            m[:, : p.masks.shape[-2], : p.masks.shape[-1]] = p.masks[rows]
+        boxes = torch.as_tensor(target["boxes"]).float()[rows]
+        inst.bboxes = HorizontalBoxes(boxes) if boxed else boxes
+        inst.labels = target["labels"][rows]
+        if "masks" in target:
+            masks = target["masks"]
+            mask_h, mask_w = size or masks.shape[-2:]
+            m = torch.zeros((int(rows.sum()), mask_h, mask_w), dtype=torch.uint8, device=masks.device)
+            m[:, : masks.shape[-2], : masks.shape[-1]] = masks[rows]
             inst.masks = bitmap_masks(m.cpu().numpy())
-        inst.is_pasted = p.is_pasted[rows]
+        inst.is_pasted = target["is_pasted"][rows]
         setattr(sample, key, inst)

@@ -7,8 +7,6 @@ pixels under pasted masks may change; :func:`relight` enforces that after each s
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..ops import backends
@@ -195,12 +193,9 @@ class LabBlend:
     Used alone (nothing relit yet), the relit image is :class:`ReinhardTransfer`'s.
     """
 
-    def __init__(self, ab: str = "plain", fallback: Relighter | None = None, compile_cpu: bool | None = None):
+    def __init__(self, ab: str = "plain", fallback: Relighter | None = None):
         if ab not in ("relit", "plain"):
             raise ValueError(f"ab must be 'relit' or 'plain', got {ab!r}")
-        if compile_cpu is not None:  # its compiled CPU path was no faster than the eager one (docs/performance.md)
-            warnings.warn("LabBlend(compile_cpu=...) has no effect any more: the eager CPU path is as fast",
-                          DeprecationWarning, stacklevel=2)
         self.ab = ab
         self.fallback = fallback or ReinhardTransfer()
 

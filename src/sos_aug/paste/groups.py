@@ -1,4 +1,5 @@
-"""Warp and paste every hard-alpha piece of a batch at once: the accelerator path of compositing.
+"""The ``"groups"`` backend: warp and paste every hard-alpha piece of a batch at once, pieces of
+similar size together (the accelerator path where the Triton kernels do not run).
 
 Pasting piece by piece costs a few kernel launches and ~100 us of host time per piece; at B=16
 with 10 pieces per image that host time, not the device, bounded the GPU paste. Here torch's
@@ -13,46 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from .layout import Placement, clip_window
-from .ops.masks import ALPHA_CUT
-from .ops.resize import aa_weights, full_fp32_matmul, warp_segment
+from ..layout import Placement
+from ..ops.masks import ALPHA_CUT
+from ..ops.resize import aa_weights, full_fp32_matmul, warp_segment
+from .geometry import Col, piece_table
 
-# a piece's host numbers, one row each in the table that goes to the device in one copy
-(FULL_AT, TOP_AT, OUT_AT, SLOT1, OFFSET, PLANE, HS, WS, HS1, WS1, CY0, CA, CS, Y0, X0, HC, WC, HO, WO) = range(19)
 # what one more group costs (its launches and host time), counted as matmul work it could pad
 GROUP_COST_FLOPS = {"cpu": 3e7, "accelerator": 1e10}
 GROUP_BYTES = 256 * 2**20  # most transient memory one group may take
 # a piece whose dense resize alone is more multiply-adds than this (a very large piece, e.g. on a 4K
 # canvas) is resized on its own by torch's kernel: its band matrices would be mostly zeros
 DENSE_LIMIT = 8e9
-
-
-def piece_table(segments: list[torch.Tensor], placements: list[Placement], height: int, width: int,
-                kmax: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Integer and float host numbers of every piece that lands on the canvas, one row each (columns:
-    the constants above; scale and inverse filter support per axis in the float rows)."""
-    offsets, start = [], 0
-    for seg in segments:
-        offsets.append(start)
-        start += seg.numel()
-    hw = height * width
-    rows, scales = [], []
-    for i, placement in enumerate(placements):
-        draws = zip(placement.boxes.tolist(), placement.segment.tolist(), placement.flip.tolist())
-        for k, (box, seg, flip) in enumerate(draws):
-            bx0, by0, bx1, by1 = (int(v) for v in box)
-            ho, wo = by1 - by0, bx1 - bx0
-            where = clip_window(box, ho, wo, height, width)
-            if where is None:
-                continue
-            (cy, cx), (wy, wx) = where
-            hs, ws = segments[seg].shape[-2:]
-            col_start, step = (wo - 1 - cx.start, -1) if flip else (cx.start, 1)  # crop after flip
-            rows.append([(i * kmax + k) * hw, i * hw, i * 3 * hw, k + 1, offsets[seg], hs * ws, hs, ws, hs - 1,
-                         ws - 1, cy.start, col_start, step, wy.start, wx.start, cy.stop - cy.start,
-                         cx.stop - cx.start, ho, wo])
-            scales.append([hs / ho, 1 / max(hs / ho, 1.0), ws / wo, 1 / max(ws / wo, 1.0)])
-    return rows, scales
 
 
 def _group_flops(n: int, hs: int, ws: int, hc: int, wc: int) -> int:
@@ -70,12 +42,13 @@ def group_rows(rows: list[list[int]], group_cost: float, dense_limit: float = DE
     the current group while padding the group to it costs less than a group of its own
     (``group_cost`` flops for the launches) and the group stays under ``GROUP_BYTES``. A piece over
     ``dense_limit`` on its own always gets a group of its own."""
-    order = sorted(range(len(rows)), key=lambda r: max(rows[r][HS], rows[r][HC]) * max(rows[r][WS], rows[r][WC]))
+    order = sorted(range(len(rows)),
+                   key=lambda r: max(rows[r][Col.HS], rows[r][Col.HC]) * max(rows[r][Col.WS], rows[r][Col.WC]))
     groups: list[list[int]] = []
     sizes = (0, 0, 0, 0)
     for r in order:
         row = rows[r]
-        own = (row[HS], row[WS], row[HC], row[WC])
+        own = (row[Col.HS], row[Col.WS], row[Col.HC], row[Col.WC])
         grown = tuple(max(a, b) for a, b in zip(sizes, own))
         n = len(groups[-1]) if groups else 0
         joined = _group_flops(n + 1, *grown)
@@ -99,15 +72,15 @@ def warp_group(flat: torch.Tensor, t: torch.Tensor, f: torch.Tensor, sizes: tupl
     hs_max, ws_max, hc_max, wc_max = sizes
     g = len(t)
     col = lambda c: t[:, c].view(g, 1, 1)  # noqa: E731 - one piece number, broadcast over pixels
-    pixel = (torch.minimum(ar[:hs_max].view(1, -1, 1), col(HS1)) * col(WS)
-             + torch.minimum(ar[:ws_max].view(1, 1, -1), col(WS1)) + col(OFFSET))  # padding repeats edges
-    channels = ar[:4].view(1, 1, 4, 1) * col(PLANE).unsqueeze(3)
+    pixel = (torch.minimum(ar[:hs_max].view(1, -1, 1), col(Col.HS1)) * col(Col.WS)
+             + torch.minimum(ar[:ws_max].view(1, 1, -1), col(Col.WS1)) + col(Col.OFFSET))  # padding repeats edges
+    channels = ar[:4].view(1, 1, 4, 1) * col(Col.PLANE).unsqueeze(3)
     src = flat[pixel.unsqueeze(2) + channels].float()  # (G, hs, 4, ws): both products are plain bmm
     arf = ar.float()
-    rows = t[:, CY0:CY0 + 1] + arf[:hc_max]
-    cols = t[:, CA:CA + 1] + t[:, CS:CS + 1] * arf[:wc_max]
-    wy = aa_weights(rows, f[:, 0:1], f[:, 1:2], t[:, HS:HS + 1], ar[:hs_max])  # (G, hc, hs)
-    wx = aa_weights(cols, f[:, 2:3], f[:, 3:4], t[:, WS:WS + 1], ar[:ws_max]).transpose(1, 2)  # (G, ws, wc)
+    rows = t[:, Col.CY0:Col.CY0 + 1] + arf[:hc_max]
+    cols = t[:, Col.CA:Col.CA + 1] + t[:, Col.CS:Col.CS + 1] * arf[:wc_max]
+    wy = aa_weights(rows, f[:, 0:1], f[:, 1:2], t[:, Col.HS:Col.HS + 1], ar[:hs_max])  # (G, hc, hs)
+    wx = aa_weights(cols, f[:, 2:3], f[:, 3:4], t[:, Col.WS:Col.WS + 1], ar[:ws_max]).transpose(1, 2)  # (G, ws, wc)
     with full_fp32_matmul():  # contract the cheaper axis first
         if hc_max * hs_max * ws_max + hc_max * ws_max * wc_max < hs_max * ws_max * wc_max + hc_max * hs_max * wc_max:
             out = torch.bmm(torch.bmm(wy, src.view(g, hs_max, 4 * ws_max)).view(g, hc_max * 4, ws_max), wx)
@@ -123,19 +96,20 @@ def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: li
     size: per group its piece-table rows on ``flat``'s device and its (G, 4, hc, wc) float pixels.
     ``group_cost`` and ``dense_limit``: see :func:`group_rows` (default group cost: that device's)."""
     dev = flat.device
-    rows, scales = piece_table(segments, placements, height, width, kmax)
+    table = piece_table(segments, placements, height, width, kmax)
+    rows, scales = table.ints, table.floats
     if group_cost is None:
         group_cost = GROUP_COST_FLOPS.get(dev.type, GROUP_COST_FLOPS["accelerator"])
     groups = group_rows(rows, group_cost, dense_limit)
     order = [r for grp in groups for r in grp]
-    table = torch.tensor([rows[r] for r in order] or [[0] * (WO + 1)], dtype=torch.long).to(dev, non_blocking=True)
+    table = torch.tensor([rows[r] for r in order] or [[0] * len(Col)], dtype=torch.long).to(dev, non_blocking=True)
     ftable = torch.tensor([scales[r] for r in order] or [[0.0] * 4]).to(dev, non_blocking=True)
-    ar = torch.arange(max([4, height, width] + [max(r[HS], r[WS]) for r in rows]), device=dev)
+    ar = torch.arange(max([4, height, width] + [max(r[Col.HS], r[Col.WS]) for r in rows]), device=dev)
     out, start = [], 0
     for grp in groups:
         t, f = table[start : start + len(grp)], ftable[start : start + len(grp)]
         start += len(grp)
-        sizes = tuple(max(rows[r][c] for r in grp) for c in (HS, WS, HC, WC))
+        sizes = tuple(max(rows[r][c] for r in grp) for c in (Col.HS, Col.WS, Col.HC, Col.WC))
         if len(grp) == 1 and _group_flops(1, *sizes) > dense_limit:
             out.append((t, _warp_alone(flat, rows[grp[0]])))
         else:
@@ -144,13 +118,13 @@ def warp_groups(flat: torch.Tensor, segments: list[torch.Tensor], placements: li
 
 
 def _warp_alone(flat: torch.Tensor, row: list[int]) -> torch.Tensor:
-    """One large piece warped by :func:`~sos_aug.composite.warp_segment` (torch's kernel) and
+    """One large piece warped by :func:`~sos_aug.ops.resize.warp_segment` (torch's kernel) and
     cropped, as a (1, 4, hc, wc) group."""
 
-    segment = flat[row[OFFSET] : row[OFFSET] + 4 * row[PLANE]].view(4, row[HS], row[WS]).float()
-    piece = warp_segment(segment, row[HO], row[WO], row[CS] < 0, 0.0)
-    col0 = row[CA] if row[CS] > 0 else row[WO] - 1 - row[CA]  # the crop's first column, after the flip
-    return piece[:, row[CY0] : row[CY0] + row[HC], col0 : col0 + row[WC]][None]
+    segment = flat[row[Col.OFFSET] : row[Col.OFFSET] + 4 * row[Col.PLANE]].view(4, row[Col.HS], row[Col.WS]).float()
+    piece = warp_segment(segment, row[Col.HO], row[Col.WO], row[Col.CS] < 0, 0.0)
+    col0 = row[Col.CA] if row[Col.CS] > 0 else row[Col.WO] - 1 - row[Col.CA]  # the crop's first column, after the flip
+    return piece[:, row[Col.CY0] : row[Col.CY0] + row[Col.HC], col0 : col0 + row[Col.WC]][None]
 
 
 def paste_groups(images: torch.Tensor, segments: list[torch.Tensor], flat: torch.Tensor,
@@ -169,12 +143,12 @@ def paste_groups(images: torch.Tensor, segments: list[torch.Tensor], flat: torch
     warped = []
     for t, pieces in groups:
         hc, wc = pieces.shape[-2:]
-        inside = (ar[:hc] < t[:, HC:HC + 1]).unsqueeze(2) & (ar[:wc] < t[:, WC:WC + 1]).unsqueeze(1)
+        inside = (ar[:hc] < t[:, Col.HC:Col.HC + 1]).unsqueeze(2) & (ar[:wc] < t[:, Col.WC:Col.WC + 1]).unsqueeze(1)
         mask = inside.logical_and_(pieces[:, 3] >= ALPHA_CUT)
-        ys = (t[:, Y0:Y0 + 1] + ar[:hc]).clamp_(max=height - 1)
-        xs = (t[:, X0:X0 + 1] + ar[:wc]).clamp_(max=width - 1)
+        ys = (t[:, Col.Y0:Col.Y0 + 1] + ar[:hc]).clamp_(max=height - 1)
+        xs = (t[:, Col.X0:Col.X0 + 1] + ar[:wc]).clamp_(max=width - 1)
         pixel = ys.unsqueeze(2) * width + xs.unsqueeze(1)  # (G, hc, wc) position on the canvas
-        full_flat[torch.where(mask, t[:, FULL_AT].view(-1, 1, 1) + pixel, len(full_flat) - 1)] = True
+        full_flat[torch.where(mask, t[:, Col.FULL_AT].view(-1, 1, 1) + pixel, len(full_flat) - 1)] = True
         warped.append((t, _as_image_values(pieces[:, :3], images.dtype), mask, pixel))  # drop alpha and floats
     full = full_flat[:-1].view(b, kmax, height, width)
     top = topmost(full)
@@ -183,8 +157,9 @@ def paste_groups(images: torch.Tensor, segments: list[torch.Tensor], flat: torch
     out.copy_(images)
     channel = (ar[:3] * (height * width)).view(1, 3, 1, 1)
     for t, values, mask, pixel in warped:  # each pixel written once, by its topmost piece
-        on_top = mask.logical_and_(top.view(-1)[t[:, TOP_AT].view(-1, 1, 1) + pixel] == t[:, SLOT1].view(-1, 1, 1))
-        where = (t[:, OUT_AT].view(-1, 1, 1) + pixel).unsqueeze(1) + channel
+        topmost_slot = top.view(-1)[t[:, Col.TOP_AT].view(-1, 1, 1) + pixel]
+        on_top = mask.logical_and_(topmost_slot == t[:, Col.SLOT1].view(-1, 1, 1))
+        where = (t[:, Col.OUT_AT].view(-1, 1, 1) + pixel).unsqueeze(1) + channel
         out_flat[torch.where(on_top.unsqueeze(1), where, len(out_flat) - 1)] = values
     return out, full, top
 

@@ -12,7 +12,7 @@ any expression about their category, so nothing that would need them told apart 
 instances, empty for a no-target expression; ``intra_class``: other instances of the targets'
 category are in the image, so only attributes, positions or relations tell them apart, SOS's SFC/SGC
 case; ``original`` beside ``text`` where a rewrite hook changed it). Exports:
-:mod:`sos_aug.grounding_export`.
+:mod:`sos_aug.referring.export`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .names import is_person
-from .ops.color import rgb_to_lab_eager
-from .ops.masks import count_pixels, tight_boxes
+from ..names import is_person
+from ..ops.color import rgb_to_lab_eager
+from ..ops.masks import count_pixels, tight_boxes
 
 KINDS = ("attribute", "position", "relation", "ordinal", "multi", "no_target")
 

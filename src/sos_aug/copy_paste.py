@@ -1,23 +1,23 @@
 """``CopyPaste``: paste bank segments into a batch of images and update their targets exactly.
 
 Like torchvision's v2 transforms, random parameters are drawn first and then applied:
-:meth:`CopyPaste.fetch` draws how many and which segments each image gets and decodes them (a
-DataLoader worker's job), :meth:`CopyPaste.draw_placements` draws the layout, and
-:meth:`CopyPaste.paste` composites on whatever device the images live on, without a random draw.
-(The names differ from v2's ``make_params``/``transform`` because the contract does: the draw
-needs a whole batch's sizes and targets, and pasting rewrites the image and its target together.
-Called on one ``(image, target)`` pair, ``CopyPaste`` works as a step of ``v2.Compose``.)
+:meth:`CopyPaste.draw` draws how many and which segments each image gets, decodes them and draws
+their layout (a DataLoader worker's job; :meth:`~CopyPaste.fetch` and
+:meth:`~CopyPaste.draw_placements` are its two halves), and :meth:`CopyPaste.paste` composites on
+whatever device the images live on, without a random draw. (The names differ from v2's
+``make_params``/``transform`` because the contract does: the draw needs a whole batch's sizes and
+targets, and pasting rewrites the image and its target together. Called on one ``(image, target)``
+pair, ``CopyPaste`` works as a step of ``v2.Compose``.) :meth:`CopyPaste.from_names` builds one
+from the names configs and command lines use.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 from torchvision import tv_tensors
@@ -26,115 +26,20 @@ from torchvision.ops import box_convert
 from . import allocator
 from .bank.format import BankFormatError
 from .bank.store import SegmentBank
-from .coco import load_coco
-from .composite import DropRule, Instances, PasteResult, check_backend, paste
-from .grounding import Referring
-from .layout import Layout, Placement, RandomLayout, Scene, grid_step
+from .coco import label_map_from_coco
+from .layout import Layout, Placement, RandomLayout, Scene, grid_step, make_layout
 from .names import name_forms, normalize_name
-from .ops.buffers import consecutive_base, flat_base
+from .ops.buffers import consecutive_base
 from .ops.masks import filled_boxes
+from .paste import DropRule, Instances, PasteResult, paste
+from .paste.front import check_backend
+from .referring.expressions import Referring
 from .relight.batch import RelightBatch, Relighter, relight
 from .relight.batch import warm_up as compile_relighters
+from .relight.named import make_relighter
+from .segments import PasteSegments
 
 Target = dict[str, Any]
-
-
-@dataclass
-class PasteSegments:
-    """Decoded segments for a batch: ``rgba[i]`` is a (4, h, w) uint8 tensor for image ``image[i]``.
-
-    The segments are views into one flat buffer, so moving them to a device (or pinning them) is one
-    copy, not one per segment.
-    """
-
-    rgba: list[torch.Tensor]
-    image: torch.Tensor  # (M,) which image each segment is for
-    labels: torch.Tensor  # (M,) dataset label (-1 for open-vocabulary names without one)
-    names: list[str]
-    bank_rows: torch.Tensor  # (M,) positions in the bank view, for provenance
-    placements: list[Placement] | None = None  # drawn ahead (in a worker) for the images they go with
-    sizes: list[tuple[int, int]] | None = None  # the (H, W) the placements were drawn for
-
-    @staticmethod
-    def pack(arrays: Sequence[Any]) -> list[torch.Tensor]:
-        """(4, h, w) uint8 arrays -> tensors that are views into one flat buffer."""
-        flat = torch.empty(sum(int(a.size) for a in arrays), dtype=torch.uint8)
-        return _views(flat, [tuple(a.shape) for a in arrays], arrays)
-
-    def _moved(self, move: Callable[[torch.Tensor], torch.Tensor]) -> PasteSegments:
-        """The same segments after ``move`` of their one flat buffer (a single copy)."""
-        shapes = [tuple(r.shape) for r in self.rgba]
-        rgba = _views(move(flat_base(self.rgba)), shapes)
-        return PasteSegments(rgba, self.image, self.labels, self.names, self.bank_rows, self.placements, self.sizes)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteSegments:
-        """The segments on ``device``: one copy of their buffer, or themselves when already there."""
-        if all(_on_device(r, torch.device(device)) for r in self.rgba[:1]):
-            return self
-        return self._moved(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> PasteSegments:
-        return self._moved(lambda t: t.pin_memory())
-
-    def for_image(self, b: int) -> list[int]:
-        return (self.image == b).nonzero().flatten().tolist()
-
-    @staticmethod
-    def concat(parts: Sequence[PasteSegments]) -> PasteSegments:
-        """One batch's segments from parts fetched for one image each (frameworks that collate the
-        samples themselves, as mmdet does): image ``b`` of the result is part ``b``'s image; layouts
-        drawn with the parts are kept, re-indexed into the joined segments."""
-        if not parts:
-            raise ValueError("PasteSegments.concat needs at least one part")
-        if any(len(p.placements or []) > 1 or bool((p.image != 0).any()) for p in parts):
-            raise ValueError("PasteSegments.concat joins parts fetched for one image each (fetch(1))")
-        starts = np.cumsum([0] + [len(p.rgba) for p in parts])
-        drawn = all(p.placements is not None for p in parts)
-        placements = [Placement(q.boxes, q.segment + int(start), q.flip, q.angle)
-                      for p, start in zip(parts, starts) for q in p.placements] if drawn else None
-        rgba = PasteSegments.pack([r.numpy() for p in parts for r in p.rgba])
-        image = torch.cat([torch.full((len(p.rgba),), b, dtype=torch.long) for b, p in enumerate(parts)])
-        return PasteSegments(rgba, image, torch.cat([p.labels for p in parts]), [n for p in parts for n in p.names],
-                             torch.cat([p.bank_rows for p in parts]), placements,
-                             [sz for p in parts for sz in p.sizes] if drawn else None)
-
-    def __reduce__(self):  # one buffer across processes, not a storage per view
-        shapes = [tuple(r.shape) for r in self.rgba]
-        flat = flat_base(self.rgba)
-        return _unpack, (flat, shapes, self.image, self.labels, self.names, self.bank_rows, self.placements,
-                         self.sizes)
-
-
-def _on_device(tensor: torch.Tensor, device: torch.device) -> bool:
-    """Whether ``tensor`` lives on ``device`` ("cuda" meaning the current CUDA device)."""
-    if device.index is None and device.type != "cpu":
-        device = torch.empty(0, device=device).device
-    return tensor.device == device
-
-
-def _unpack(flat, shapes, image, labels, names, bank_rows, placements, sizes) -> PasteSegments:
-    """Rebuild pickled :class:`PasteSegments` as views into the one buffer that travelled."""
-    return PasteSegments(_views(flat, shapes), image, labels, names, bank_rows, placements, sizes)
-
-
-def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]], fill: Sequence[Any] | None = None) -> list[torch.Tensor]:
-    """Consecutive views of ``flat`` with these shapes, optionally filled from NumPy arrays."""
-    out, start = [], 0
-    for k, shape in enumerate(shapes):
-        n = int(torch.Size(shape).numel())
-        view = flat[start : start + n].view(shape)
-        if fill is not None:
-            np.copyto(view.numpy(), fill[k])
-        out.append(view)
-        start += n
-    return out
-
-
-def _restack(images: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(images)``, without the copy when they already are the rows of one batch (as
-    the batched paste and the accelerator relighting return them)."""
-    base = consecutive_base(images) if all(im.shape == images[0].shape for im in images) else None
-    return torch.stack(images) if base is None else base.view(len(images), *images[0].shape)
 
 
 class CopyPaste:
@@ -146,7 +51,8 @@ class CopyPaste:
     with pasted instances appended and marked in ``is_pasted``. A single image and target work too.
     A target without ``masks`` is box-only: each instance counts as its filled box, is dropped when
     the pastes leave less of it visible than the drop rule allows and otherwise keeps its box as it
-    came; pasted instances add their tight boxes, and no mask is made up.
+    came; pasted instances add their tight boxes, and no mask is made up. ``extents`` (one (h, w) per
+    image) pastes into each image's top-left part only: the image before padding.
 
     Args:
         bank: where segments come from; sampled under the bank view's sampling mode.
@@ -160,16 +66,13 @@ class CopyPaste:
         relight: a relighter or a list of them (:mod:`sos_aug.relight`), run on the pasted segments
             after compositing, e.g. ``[RelightNet.pretrained(), LabBlend()]``; background pixels and
             targets are unchanged by it.
-        backend: how images are composited (:func:`sos_aug.composite.paste`): ``"window"`` image by
+        backend: how images are composited (:func:`sos_aug.paste.paste`): ``"window"`` image by
             image, touching only each piece's window (the fastest on the CPU); ``"kernel"`` same-size
             images at once in two Triton kernels (CUDA); ``"groups"`` same-size images at once, pieces
-            warped in a few batched matmuls by size; ``"loop"`` same-size images at once, piece by
-            piece; ``"auto"`` (default) ``"window"`` on the CPU, the kernels on CUDA where Triton
-            runs, else groups. Batched backends loop over rotated or feathered pieces. Results agree
-            up to float rounding (see :mod:`sos_aug.paste_kernel`, :mod:`sos_aug.batched_warp`).
-        batched: a shorthand: ``False`` is ``backend="window"``; ``True`` batches same-size images
-            (with ``backend="auto"``, piece by piece on the CPU).
-        referring: a :class:`~sos_aug.grounding.Referring` that adds ``target["referring"]``, verified
+            warped in a few batched matmuls by size; ``"auto"`` (default) ``"window"`` on the CPU, the
+            kernels on CUDA where Triton runs, else groups. Batched backends go piece by piece over
+            rotated or feathered pieces. Results agree up to float rounding (:mod:`sos_aug.paste`).
+        referring: a :class:`~sos_aug.referring.Referring` that adds ``target["referring"]``, verified
             referring expressions over existing and pasted instances, drawn from the same generator.
         boxes: ``"tight"`` (default): every output box is the tight pixel-edge box of its output
             mask, as mmdet does after pasting; ``"keep"``: instances no segment covers keep the
@@ -188,26 +91,21 @@ class CopyPaste:
         label_map: Mapping[str | int, int] | None = None,
         open_vocabulary: bool = False,
         relight: Relighter | Sequence[Relighter] | None = None,
-        batched: bool | None = None,
         backend: str = "auto",
         boxes: str = "tight",
         referring: Referring | None = None,
-        warp: str | None = None,
     ):
         if boxes not in ("tight", "keep"):
             raise ValueError(f"boxes must be 'tight' or 'keep', got {boxes!r}")
         if num_pastes[0] < 0 or num_pastes[1] < num_pastes[0]:
             raise ValueError(f"num_pastes must be (low, high) with 0 <= low <= high, got {num_pastes}")
-        if warp is not None:  # its name until this version
-            warnings.warn("CopyPaste(warp=...) is now CopyPaste(backend=...)", DeprecationWarning, stacklevel=2)
-            backend = warp
         check_backend(backend)
         self.layout = layout or RandomLayout()
-        self.num_pastes, self.p, self.feather_sigma = num_pastes, p, feather_sigma
+        self.num_pastes, self.p, self.feather_sigma = tuple(num_pastes), p, feather_sigma
         self.drop = drop if isinstance(drop, DropRule) else DropRule(drop)
         self.open_vocabulary = open_vocabulary
         self.relight = relight
-        self.batched, self.backend = batched, backend
+        self.backend = backend
         self.boxes = boxes
         self.referring = referring
         self.skipped = 0  # segments that could not be read (counted, warned about)
@@ -225,6 +123,57 @@ class CopyPaste:
             self._label_table[c] = lab
         self._cats = torch.from_numpy(self.bank.index["category"].astype("int64"))
         self.label_names = _label_names(bank, label_map)
+
+    @classmethod
+    def from_names(
+        cls,
+        *,
+        bank: str | Path | SegmentBank,
+        classes: Sequence[str] | None = None,
+        label_map: Mapping[str | int, int] | str | Path | None = None,
+        layout: str | Layout = "sos",
+        layout_file: str | Path | None = None,
+        num_pastes: Sequence[int] = (1, 10),
+        prob: float = 1.0,
+        relight: str | Sequence[Any] | None = None,
+        relight_weights: str | Path | None = None,
+        drop: str | DropRule = "visible_fraction",
+        feather_sigma: float = 0.0,
+        sampling: str | None = None,
+        reference: str | Path | None = None,
+        t: float = 0.001,
+        open_vocabulary: bool = False,
+        referring: Referring | None = None,
+        backend: str = "auto",
+        boxes: str = "tight",
+    ) -> CopyPaste:
+        """A :class:`CopyPaste` from the values a config or a command line holds, every framework's
+        one way in. ``bank``: a bank or its folder. Labels: ``classes`` (the dataset's class names
+        in label order: label = position), or ``label_map`` (a mapping, or a COCO/LVIS file whose
+        category names map to its ids), or neither (the bank's own category ids). ``layout``: a
+        layout or its name (``random``, ``sos``, ``stats``, ``existing``); ``stats`` sizes and
+        places segments from ``layout_file``, an annotation file (your training set). ``relight``:
+        relighter names (``"net"``, ``"lab"``, ``"net+lab"``, a list) with ``relight_weights`` for
+        the net (or relighters themselves). ``sampling``: how the bank is drawn (default: a bank's
+        own, ``uniform`` for a folder; ``repeat_factor`` measures f_c on ``reference``, LVIS's rule
+        with threshold ``t``). The rest as :class:`CopyPaste` takes them."""
+        if classes is not None and label_map is not None:
+            raise ValueError("give classes (label = position) or label_map, not both")
+        if isinstance(bank, SegmentBank):
+            if (sampling is not None and sampling != bank.sampling) or reference is not None:
+                bank = bank.with_sampling(sampling or bank.sampling, t, reference)
+        else:
+            bank = SegmentBank(bank, sampling=sampling or "uniform", t=t, reference=reference)
+        if classes is not None:
+            label_map = {name: i for i, name in enumerate(classes)}
+        elif isinstance(label_map, (str, Path)):
+            label_map = label_map_from_coco(label_map)
+        if isinstance(layout, str):
+            layout = make_layout(layout, layout_file)
+        return cls(bank, layout=layout, num_pastes=tuple(num_pastes), p=prob, feather_sigma=feather_sigma, drop=drop,
+                   label_map=label_map, open_vocabulary=open_vocabulary,
+                   relight=make_relighter(relight, None if relight_weights is None else str(relight_weights)),
+                   backend=backend, boxes=boxes, referring=referring)
 
     # -- draw --------------------------------------------------------------------------------------
     def fetch(self, num_images: int, generator: torch.Generator | None = None) -> PasteSegments:
@@ -274,9 +223,21 @@ class CopyPaste:
             placements.append(placement)
         return placements
 
+    def draw(self, sizes: Sequence[tuple[int, int]], targets: Sequence[Target],
+             generator: torch.Generator | None = None) -> PasteSegments:
+        """Every random draw for a batch, ahead of pasting (a worker's share when the paste runs
+        later, on the device): which segments each image gets, decoded, and their layout for images
+        of ``sizes`` (each image's size, or the part of it to paste into). :meth:`paste` or a call
+        with ``segments=`` applies them."""
+        segments = self.fetch(len(sizes), generator)
+        sizes = [tuple(int(v) for v in s) for s in sizes]
+        segments.placements = self.draw_placements(sizes, targets, segments, generator)
+        segments.sizes = sizes
+        return segments
+
     # -- apply -------------------------------------------------------------------------------------
     def __call__(self, images, targets, segments: PasteSegments | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, extents: Sequence[tuple[int, int]] | None = None):
         single = isinstance(images, torch.Tensor) and images.ndim == 3
         if single or isinstance(targets, Mapping):  # one sample (a non-tensor image is refused below)
             images, targets = [images], [targets]
@@ -286,17 +247,17 @@ class CopyPaste:
         for image, target in zip(batch, targets):
             _check_target(image, target)
         if segments is None:
-            segments = self.fetch(len(batch), generator)
-        sizes = [tuple(im.shape[-2:]) for im in batch]
-        params = segments.placements  # drawn in a worker (CopyPasteCollate(defer=True)), else now
-        if params is None:
-            params = self.draw_placements(sizes, targets, segments, generator)
-        elif segments.sizes is not None and [tuple(x) for x in segments.sizes] != sizes:
-            raise ValueError(f"the segments' layouts were drawn for images of sizes {segments.sizes}, but these "
-                             f"images are {sizes}: resize before CopyPasteCollate, or draw layouts here "
-                             "(segments.placements = None)")
-        stacked = isinstance(images, torch.Tensor) and not single
-        out_images, out_targets = self.paste(images if stacked else batch, targets, segments, params)
+            sizes = [tuple(im.shape[-2:]) for im in batch] if extents is None else [tuple(e) for e in extents]
+            segments = self.draw(sizes, [_cropped_target(t, *s) for t, s in zip(targets, sizes)], generator)
+        elif segments.placements is None:  # fetched without a layout: draw it here
+            sizes = [tuple(im.shape[-2:]) for im in batch] if extents is None else [tuple(e) for e in extents]
+            segments.placements = self.draw_placements(sizes, [_cropped_target(t, *s) for t, s in
+                                                               zip(targets, sizes)], segments, generator)
+            segments.sizes = sizes
+        extents = None if segments.sizes is None else _drawn_extents(segments.sizes, batch)
+        stacked = isinstance(images, torch.Tensor) and not single and extents is None
+        out_images, out_targets = self.paste(images if stacked else batch, targets, segments, segments.placements,
+                                             extents)
         if self.referring is not None:
             if any("masks" not in t for t in targets):
                 raise ValueError("referring expressions are measured on instance masks; these targets have "
@@ -305,25 +266,29 @@ class CopyPaste:
                 target["referring"] = self.refer(image, target, generator)
         if single:
             return out_images[0], out_targets[0]
-        if stacked:
+        if isinstance(images, torch.Tensor):
             return _restack(out_images), out_targets
         return out_images, out_targets
 
     def paste(self, images: Sequence[torch.Tensor], targets: Sequence[Target], segments: PasteSegments,
-              params: Sequence[Placement]) -> tuple[list[torch.Tensor], list[Target]]:
+              params: Sequence[Placement], extents: Sequence[tuple[int, int]] | None = None,
+              ) -> tuple[list[torch.Tensor], list[Target]]:
         """Composite every image with its placement and rewrite its target (no random draw: the
-        same inputs give the same outputs, on any device)."""
+        same inputs give the same outputs, on any device); with ``extents``, into each image's
+        top-left (h, w) only (the rest, padding, comes back as it was)."""
         if len(images) != len(targets) or len(images) != len(params):
             raise ValueError(f"{len(images)} images, {len(targets)} targets and {len(params)} placements")
         for image, target in zip(images, targets):
             _check_target(image, target)
+        if extents is not None:
+            return self._paste_into(images, targets, segments, params, extents)
         device = images[0].device if len(images) else torch.device("cpu")
         rgba = segments.to(device).rgba  # one transfer for all segments
         instances = [_instances(t, device, im.shape[-2:]) for t, im in zip(targets, images)]
         piece_labels = [segments.labels[p.segment] for p in params]
         results = paste(images if isinstance(images, torch.Tensor) else list(images),
-                        instances, rgba, params, piece_labels, self.drop, self.feather_sigma,
-                        self._backend(device), self.boxes)
+                        instances, rgba, params, piece_labels, self.drop, self.feather_sigma, self.backend,
+                        self.boxes)
         kept_src = [p.segment[r.pasted_kept] for p, r in zip(params, results)]
         out_images, out_targets = [], []
         for image, target, kept, res in zip(images, targets, kept_src, results):
@@ -334,15 +299,15 @@ class CopyPaste:
             out_images = self._relight(out_images, results)
         return out_images, out_targets
 
-    def make_params(self, *args, **kwargs) -> list[Placement]:
-        """Deprecated name of :meth:`draw_placements` (it did not follow torchvision v2's contract)."""
-        warnings.warn("CopyPaste.make_params is now CopyPaste.draw_placements", DeprecationWarning, stacklevel=2)
-        return self.draw_placements(*args, **kwargs)
-
-    def apply(self, *args, **kwargs) -> tuple[list[torch.Tensor], list[Target]]:
-        """Deprecated name of :meth:`paste`."""
-        warnings.warn("CopyPaste.apply is now CopyPaste.paste", DeprecationWarning, stacklevel=2)
-        return self.paste(*args, **kwargs)
+    def _paste_into(self, images, targets, segments, params, extents) -> tuple[list[torch.Tensor], list[Target]]:
+        """:meth:`paste` into each image's top-left extent, grown to cover every instance (so no
+        instance pixel is ever cut off), and the padding put back around the result."""
+        extents = [_covering(t, *e) for t, e in zip(targets, extents)]
+        crops = [im[:, :h, :w] for im, (h, w) in zip(images, extents)]
+        cut = [_cropped_target(t, h, w) for t, (h, w) in zip(targets, extents)]
+        out_images, out_targets = self.paste(crops, cut, segments, params)
+        return ([_uncropped_image(full, out) for full, out in zip(images, out_images)],
+                [_uncropped_target(t, *full.shape[-2:]) for t, full in zip(out_targets, images)])
 
     def refer(self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None) -> list[dict]:
         """Verified referring expressions for one output (``referring``), pasted segments named by
@@ -355,14 +320,6 @@ class CopyPaste:
         for row, pointer in zip(pasted, pointers):
             phrases[row] = self.bank.text(int(pointer)).get("short_phrase")
         return self.referring(image, target, names, phrases, generator)
-
-    def _backend(self, device: torch.device) -> str:
-        """The compositing backend for images on ``device`` (``backend``, with ``batched`` as a shorthand)."""
-        if self.batched is False:
-            return "window"
-        if self.batched and self.backend == "auto" and device.type == "cpu":
-            return "loop"  # batched on the CPU: the batched path piece by piece
-        return self.backend
 
     def _relight(self, images: list[torch.Tensor], results: list[PasteResult]) -> list[torch.Tensor]:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
@@ -521,14 +478,68 @@ def _resolve_labels(bank: SegmentBank, label_map, open_vocabulary: bool) -> dict
     return out
 
 
-def label_map_from_coco(ann_file: str | Path) -> dict[str, int]:
-    """Category name (and LVIS synonyms) -> category id, from a COCO/LVIS instances file."""
-    cats = load_coco(ann_file, ("categories",))["categories"]
-    out = {}
-    for c in cats:
-        for name in [c["name"], *c.get("synonyms", [])]:
-            out.setdefault(name, int(c["id"]))
-    return out
+def _restack(images: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(images)``, without the copy when they already are the rows of one batch (as
+    the batched paste and the accelerator relighting return them)."""
+    base = consecutive_base(images) if all(im.shape == images[0].shape for im in images) else None
+    return torch.stack(images) if base is None else base.view(len(images), *images[0].shape)
+
+
+def _drawn_extents(sizes, images: Sequence[torch.Tensor]) -> list[tuple[int, int]] | None:
+    """Where the drawn layouts go: ``None`` when they were drawn for the images' full sizes, else
+    each image's top-left part of the size drawn for (the image before padding)."""
+    full = [tuple(im.shape[-2:]) for im in images]
+    drawn = [tuple(int(v) for v in s) for s in sizes]
+    if drawn == full:
+        return None
+    if len(drawn) != len(full) or any(dh > h or dw > w for (dh, dw), (h, w) in zip(drawn, full)):
+        raise ValueError(f"the segments' layouts were drawn for images of sizes {drawn}, but these images are "
+                         f"{full}: draw them after every transform that resizes or crops (CopyPasteCollate(defer=True) "
+                         "draws after the dataset's transforms), or draw here (segments.placements = None)")
+    return drawn
+
+
+def _covering(target: Target, h: int, w: int) -> tuple[int, int]:
+    """``(h, w)`` grown to cover every instance of ``target`` (its masks' pixels, or its boxes)."""
+    if "masks" in target:
+        masks = target["masks"].as_subclass(torch.Tensor)
+        if masks.shape[-2] > h and masks[:, h:].any():
+            h = int(masks.any(0).any(1).nonzero()[-1]) + 1
+        if masks.shape[-1] > w and masks[:, :, w:].any():
+            w = int(masks.any(0).any(0).nonzero()[-1]) + 1
+    elif len(target["labels"]):
+        boxes = _xyxy(target)
+        h, w = max(h, int(boxes[:, 3].max().ceil())), max(w, int(boxes[:, 2].max().ceil()))
+    return h, w
+
+
+def _cropped_target(target: Target, h: int, w: int) -> Target:
+    """``target`` with its masks cut to the top-left (h, w) (views; boxes as they are)."""
+    if "masks" not in target or tuple(target["masks"].shape[-2:]) == (h, w):
+        return target
+    return {**target, "masks": target["masks"][..., :h, :w]}
+
+
+def _uncropped_image(full: torch.Tensor, pasted: torch.Tensor) -> torch.Tensor:
+    """The pasted top-left part back in a copy of the full (padded) image, in its type."""
+    if pasted.shape == full.shape:
+        return pasted
+    out = full.as_subclass(torch.Tensor).clone()
+    out[:, : pasted.shape[-2], : pasted.shape[-1]] = pasted
+    return tv_tensors.wrap(out, like=full) if isinstance(full, tv_tensors.Image) else out
+
+
+def _uncropped_target(target: Target, height: int, width: int) -> Target:
+    """Masks zero-padded back to the full image's size (nothing is ever in the padding)."""
+    if "masks" not in target or tuple(target["masks"].shape[-2:]) == (height, width):
+        return target
+    masks = target["masks"].as_subclass(torch.Tensor)
+    full = masks.new_zeros((len(masks), height, width))
+    full[:, : masks.shape[-2], : masks.shape[-1]] = masks
+    boxes = target["boxes"]
+    if isinstance(boxes, tv_tensors.BoundingBoxes):
+        boxes = tv_tensors.wrap(boxes, like=boxes, canvas_size=(height, width))
+    return {**target, "masks": _wrap_like(target["masks"], full), "boxes": boxes}
 
 
 class CopyPasteCollate:
@@ -572,10 +583,7 @@ class CopyPasteCollate:
             allocator.keep_freed_memory()  # the worker's process only, never the training process
         images, targets = [b[0] for b in batch], [b[1] for b in batch]
         if self.defer:  # draw everything here; the training step only composites
-            segments = self.cp.fetch(len(images), self.generator())
-            sizes = [tuple(im.shape[-2:]) for im in images]
-            segments.placements = self.cp.draw_placements(sizes, targets, segments, self.generator())
-            segments.sizes = sizes
+            segments = self.cp.draw([tuple(im.shape[-2:]) for im in images], targets, self.generator())
             return self._collate(images, targets) + (segments,)
         images, targets = self.cp(images, targets, generator=self.generator())
         return self._collate(images, targets)

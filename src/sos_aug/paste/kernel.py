@@ -1,6 +1,7 @@
-"""Paste every hard-alpha piece of a batch in two Triton kernels: the CUDA path of compositing.
+"""The ``"kernel"`` backend: paste every hard-alpha piece of a batch in two Triton kernels, the
+CUDA path of compositing.
 
-The grouped path (:mod:`.batched_warp`) still dispatches ~150 operations per size group, and their
+The grouped path (:mod:`.groups`) still dispatches ~150 operations per size group, and their
 host time, plus the (B, K, H, W) mask stack it writes and reduces, dominated a B=16 paste at 1024²
 on a GPU (docs/performance.md). Here every output pixel of every piece is computed straight from its segment with
 torch's antialiased bilinear resize (``F.interpolate(..., antialias=True)``: the same triangle
@@ -26,23 +27,21 @@ import torch
 import triton
 import triton.language as tl
 
-from . import batched_warp as bw
-from .batched_warp import piece_table
-from .layout import Placement
-from .ops import backends
-from .ops.masks import ALPHA_CUT
-from .ops.triton_ops import round_half_even
+from ..layout import Placement
+from ..ops import backends
+from ..ops.masks import ALPHA_CUT
+from ..ops.triton_ops import round_half_even
+from .geometry import Col, piece_table
 
 BLOCK = 256  # output pixels per program (the interpreter, on the CPU, takes 4096: fewer, wider programs)
-NCOL = bw.WO + 1  # integer columns of a piece row (batched_warp's table)
+NCOL = len(Col)  # integer columns of a piece row (the PieceTable's)
 NSTAT = 10  # per piece: full count, full box (x0, y0, x1, y1), visible count, visible box
 BIG = 2**30  # "no pixel yet" for the box minima
-# the table's columns as Triton compile-time constants
-_HS, _WS, _HC, _WC = tl.constexpr(bw.HS), tl.constexpr(bw.WS), tl.constexpr(bw.HC), tl.constexpr(bw.WC)
-_CY0, _CA, _CS, _Y0, _X0 = (tl.constexpr(bw.CY0), tl.constexpr(bw.CA), tl.constexpr(bw.CS), tl.constexpr(bw.Y0),
-                            tl.constexpr(bw.X0))
-_OFFSET, _PLANE, _TOP_AT, _OUT_AT, _SLOT1 = (tl.constexpr(bw.OFFSET), tl.constexpr(bw.PLANE), tl.constexpr(bw.TOP_AT),
-                                            tl.constexpr(bw.OUT_AT), tl.constexpr(bw.SLOT1))
+# the PieceTable's columns as Triton compile-time constants
+_HS, _WS, _HC, _WC = (tl.constexpr(int(c)) for c in (Col.HS, Col.WS, Col.HC, Col.WC))
+_CY0, _CA, _CS, _Y0, _X0 = (tl.constexpr(int(c)) for c in (Col.CY0, Col.CA, Col.CS, Col.Y0, Col.X0))
+_OFFSET, _PLANE, _TOP_AT, _OUT_AT, _SLOT1 = (tl.constexpr(int(c)) for c in (Col.OFFSET, Col.PLANE, Col.TOP_AT,
+                                                                            Col.OUT_AT, Col.SLOT1))
 _NCOL, _NSTAT, _BIG = tl.constexpr(NCOL), tl.constexpr(NSTAT), tl.constexpr(BIG)
 
 
@@ -182,7 +181,8 @@ def paste_kernels(images: torch.Tensor, segments: list[torch.Tensor], flat: torc
     """
     b, _, height, width = images.shape
     dev = images.device
-    rows, scales = piece_table(segments, placements, height, width, kmax)
+    table = piece_table(segments, placements, height, width, kmax)
+    rows, scales = table.ints, table.floats
     top = torch.zeros(b, height, width, dtype=torch.int32, device=dev)
     out = images.clone(memory_format=torch.contiguous_format)  # the kernels write planes of a contiguous batch
     per_slot = torch.zeros(b * kmax, NSTAT, dtype=torch.int32)
@@ -192,11 +192,11 @@ def paste_kernels(images: torch.Tensor, segments: list[torch.Tensor], flat: torc
         ftable = torch.tensor(floats, dtype=torch.float32).to(dev, non_blocking=True)
         stats = torch.tensor([[0, BIG, BIG, 0, 0] * 2] * len(rows), dtype=torch.int32).to(dev, non_blocking=True)
         block = BLOCK if dev.type != "cpu" else 4096
-        grid = (max(-(-row[bw.HC] * row[bw.WC] // block) for row in rows), len(rows))
+        grid = (max(-(-row[Col.HC] * row[Col.WC] // block) for row in rows), len(rows))
         with backends.on(dev):
             _mark[grid](flat, table, ftable, top, stats, width, CUT=ALPHA_CUT, BLOCK=block)
             _paint[grid](flat, table, ftable, top, stats, out, width, height * width, BLOCK=block)
-        slots = torch.tensor([row[bw.TOP_AT] // (height * width) * kmax + row[bw.SLOT1] - 1 for row in rows])
+        slots = torch.tensor([row[Col.TOP_AT] // (height * width) * kmax + row[Col.SLOT1] - 1 for row in rows])
         per_slot = per_slot.to(dev).index_copy_(0, slots.to(dev, non_blocking=True), stats)
     return out, top, _piece_stats(per_slot.to(dev))
 

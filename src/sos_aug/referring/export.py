@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from .ops.files import atomic_write_bytes, atomic_write_json
+from ..ops.files import atomic_write_bytes, atomic_write_json
 
 
 @dataclass

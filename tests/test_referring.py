@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sos_aug import CopyPaste, label_map_from_coco
-from sos_aug.grounding import COLOUR_SAYS, KINDS, ORDINALS, Referring, colour_shares, plural
-from sos_aug.grounding_export import Sample, write_grounding
 from sos_aug.ops.masks import tight_boxes
+from sos_aug.referring.export import Sample, write_grounding
+from sos_aug.referring.expressions import COLOUR_SAYS, KINDS, ORDINALS, Referring, colour_shares, plural
 
 VOCAB = ["zebra", "giraffe", "toaster", "hair drier"]
 
@@ -214,8 +214,8 @@ def test_refer_command_on_real_and_pasted_images(tmp_path, train_bank, val_ann, 
 def test_people_are_never_described_by_a_colour(train_bank, val_ann, val_set):
     """Over every coco-mini val2017 image with people, as it is and after pasting: no expression,
     target or no-target, puts a colour term on a person (whole-mask colour reads as skin)."""
-    from sos_aug.grounding import COLOURS
     from sos_aug.names import is_person
+    from sos_aug.referring.expressions import COLOURS
 
     cp = CopyPaste(train_bank, num_pastes=(2, 6), label_map=label_map_from_coco(val_ann),
                    referring=Referring(per_kind={k: 50 for k in KINDS}, vocabulary=VOCAB))
