@@ -12,8 +12,8 @@ import torch
 from sos_aug import CocoInstances, label_map_from_coco
 from sos_aug.cli import main
 from sos_aug.relight import RelightNet
-from sos_aug.relight.data import InstancePool
-from sos_aug.relight.evaluate import evaluate, load_instances
+from sos_aug.relight.training.data import InstancePool
+from sos_aug.relight.training.evaluate import evaluate, load_instances
 
 
 @pytest.fixture(scope="module")

@@ -100,29 +100,57 @@ def test_no_module_imports_a_private_name_from_another():
     assert not bad, "\n".join(bad)
 
 
-def test_the_ground_floor_imports_nothing_above_it():
-    graph = edges(imports())
-    floor = [m for m in graph if m.startswith("sos_aug.ops")]
-    assert floor, "sos_aug.ops (the shared operations) is missing"
-    for m in floor:
-        above = [t for t in graph[m] if not t.startswith("sos_aug.ops")]
-        assert not above, f"{m} imports {above} from above the ground floor"
-
-
-@pytest.mark.parametrize("room", ["sos_aug.layout", "sos_aug.bank.store", "sos_aug.coco"])
-def test_lower_rooms_do_not_reach_up(room):
-    """Data flows bank -> layout -> composite -> relight -> transforms: the lower rooms never import
-    compositing, relighting or the transform."""
-    adj = edges(imports())
-    seen, todo = set(), [room]
+def reach(adj: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
     while todo:
-        m = todo.pop()
-        for n in adj.get(m, ()):
+        for n in adj.get(todo.pop(), ()):
             if n not in seen:
                 seen.add(n)
                 todo.append(n)
-    upper = {"sos_aug.paste", "sos_aug.copy_paste", "sos_aug.relight", "sos_aug.cli"}
-    assert not (seen & upper), f"{room} reaches {sorted(seen & upper)}"
+    return seen
+
+
+def within(module: str, room: str) -> bool:
+    return module == room or module.startswith(room + ".")
+
+
+def test_the_ground_floor_imports_nothing_above_it():
+    graph = edges(imports())
+    floor = [m for m in graph if within(m, "sos_aug.ops") or m == "sos_aug.names"]
+    assert "sos_aug.ops.color" in floor and "sos_aug.ops.files" in floor, "the ground floor's rooms are missing"
+    for m in floor:
+        above = [t for t in graph[m] if not (within(t, "sos_aug.ops") or t == "sos_aug.names")]
+        assert not above, f"{m} imports {above} from above the ground floor"
+
+
+# data flows bank -> layout -> paste -> relight -> copy_paste -> referring expressions / adapters: each
+# room, and everything it imports, stays clear of the rooms above it
+ABOVE = {
+    "sos_aug.coco": ["sos_aug.bank", "sos_aug.layout", "sos_aug.paste", "sos_aug.relight", "sos_aug.copy_paste"],
+    "sos_aug.bank": ["sos_aug.layout", "sos_aug.paste", "sos_aug.relight", "sos_aug.copy_paste"],
+    "sos_aug.layout": ["sos_aug.paste", "sos_aug.relight", "sos_aug.copy_paste", "sos_aug.referring"],
+    "sos_aug.paste": ["sos_aug.relight", "sos_aug.copy_paste", "sos_aug.segments", "sos_aug.referring",
+                      "sos_aug.integrations", "sos_aug.cli"],
+    "sos_aug.relight": ["sos_aug.relight.training", "sos_aug.copy_paste", "sos_aug.paste", "sos_aug.referring",
+                        "sos_aug.integrations", "sos_aug.cli"],
+    "sos_aug.referring.expressions": ["sos_aug.copy_paste", "sos_aug.paste", "sos_aug.relight", "sos_aug.cli"],
+    "sos_aug.copy_paste": ["sos_aug.integrations", "sos_aug.synthesis", "sos_aug.preview", "sos_aug.cli",
+                           "sos_aug.relight.training"],
+}
+
+
+@pytest.mark.parametrize("room", sorted(ABOVE))
+def test_rooms_do_not_reach_up(room):
+    """A room's modules (a package's too, the relighting runtime without its training sub-package)
+    never import, even through others, what stands above it."""
+    adj = edges(imports())
+    modules = [m for m in adj if within(m, room) and not within(m, "sos_aug.relight.training")]
+    assert modules, f"{room} is missing"
+    for m in modules:
+        upper = sorted(n for n in reach(adj, m) for up in ABOVE[room]
+                       if within(n, up) and (within(up, room) or not within(n, room)))
+        assert not upper, f"{m} reaches {upper}"
 
 
 def test_the_public_names_resolve_and_the_package_imports_lazily():

@@ -1,7 +1,8 @@
 """CopyPasteMapper and DevicePasteLoader with detectron2's own DatasetMapper on coco-mini: polygon
 annotations, the LSJ augmentations (ResizeScale + FixedSizeCrop), the core's invariants on what the
 model would receive. detectron2 is not on the package index: these tests skip where it is not
-built (its data handling, sos_aug.integrations.common, is tested in test_integration_common.py)."""
+built (what it stands on, CopyPaste on box-only targets and into unpadded extents, is tested in
+test_copy_paste_extents.py)."""
 
 from __future__ import annotations
 

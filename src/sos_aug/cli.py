@@ -115,12 +115,12 @@ def _demo(args) -> int:
 def _relight_train(args) -> int:
     import torch
 
-    from .relight.train import train_relight_net
+    from .relight.training.train import train_relight_net
 
     torch.set_num_threads(args.threads)
     teacher = None
     if args.teacher:
-        from .relight.teacher import ICLightTeacher
+        from .relight.training.teacher import ICLightTeacher
 
         teacher = ICLightTeacher.from_local(args.teacher)
     try:
@@ -140,7 +140,7 @@ def _relight_train(args) -> int:
 
 
 def _relight_iclight(args) -> int:
-    from .relight.teacher import assemble_iclight
+    from .relight.training.teacher import assemble_iclight
 
     print(f"wrote {assemble_iclight(args.sd15, args.offsets, args.out)} (use it as --teacher)")
     return 0
@@ -149,8 +149,8 @@ def _relight_iclight(args) -> int:
 def _relight_eval(args) -> int:
     import torch
 
-    from .relight.evaluate import evaluate, format_table
     from .relight.net import RelightNet
+    from .relight.training.evaluate import evaluate, format_table
 
     torch.set_num_threads(args.threads)
     net = RelightNet.load(args.weights) if args.weights else RelightNet.pretrained()

@@ -121,3 +121,15 @@ def filled_boxes(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
         cy = ((b[empty, 1] + b[empty, 3]) / 2).long().clamp(0, h - 1)
         masks[empty.nonzero().flatten(), cy, cx] = True
     return masks
+
+
+def masked_stats(x: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample channel mean and std of x under alpha, shaped (S, C, 1, 1)."""
+    mean = masked_mean(x, alpha)
+    var = masked_mean((x - mean) ** 2, alpha)
+    return mean, var.clamp(min=1e-6).sqrt()
+
+
+def masked_mean(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Per-sample channel mean of (S, C, H, W) ``x`` weighted by (S, 1, H, W) ``alpha``, (S, C, 1, 1)."""
+    return (x * alpha).sum((2, 3), keepdim=True) / alpha.sum((2, 3), keepdim=True).clamp(min=1e-6)

@@ -24,7 +24,7 @@ from ..ops import backends
 from ..ops.backends import compile_off, compiled, once_with_fallback, with_fallback
 from ..ops.buffers import same_size_groups
 from ..ops.color import rgb_to_lab_eager, rgb_to_lab_fused
-from ..ops.masks import mask_01, row_owners, stacked_boxes, tight_boxes
+from ..ops.masks import mask_01, masked_stats, row_owners, stacked_boxes, tight_boxes
 from ..ops.resize import resize_aa
 from .batch import to_unit
 from .family import (
@@ -38,7 +38,6 @@ from .family import (
     family_tables,
     shading_weights,
 )
-from .perturb import masked_stats
 
 INPUT = 64  # the net sees each context window at INPUT x INPUT
 CONTEXT = 2.0  # the context window is the segment's box grown this much

@@ -30,8 +30,8 @@ def _tiny_iclight(path, in_channels: int = 8):
 
 @pytest.mark.slow
 def test_distillation_plumbing_with_a_tiny_random_teacher(tmp_path, train_ann, coco_mini):
-    from sos_aug.relight.teacher import ICLightTeacher
-    from sos_aug.relight.train import train_relight_net, training_targets
+    from sos_aug.relight.training.teacher import ICLightTeacher
+    from sos_aug.relight.training.train import train_relight_net, training_targets
 
     teacher = ICLightTeacher.from_local(_tiny_iclight(tmp_path / "iclight"), steps=3)
     images = torch.rand(2, 3, 32, 32)
@@ -49,7 +49,7 @@ def test_distillation_plumbing_with_a_tiny_random_teacher(tmp_path, train_ann, c
 
 
 def test_an_incomplete_teacher_directory_is_named_before_diffusers_looks_online(tmp_path):
-    from sos_aug.relight.teacher import ICLightTeacher
+    from sos_aug.relight.training.teacher import ICLightTeacher
 
     path = _tiny_iclight(tmp_path / "iclight")
     assert ICLightTeacher.from_local(path, steps=1).steps == 1
@@ -68,7 +68,7 @@ def test_iclight_directory_assembled_from_sd15_and_offsets(tmp_path):
     from safetensors.torch import save_file
 
     from sos_aug.cli import main
-    from sos_aug.relight.teacher import ICLightTeacher
+    from sos_aug.relight.training.teacher import ICLightTeacher
 
     sd15 = _tiny_iclight(tmp_path / "sd15", in_channels=4)
     import diffusers
@@ -109,7 +109,7 @@ def test_iclight_assembly_refuses_mismatched_offsets_and_leaves_nothing(tmp_path
 
 
 def test_teacher_runs_in_the_dtype_and_device_it_is_moved_to(tmp_path):
-    from sos_aug.relight.teacher import ICLightTeacher
+    from sos_aug.relight.training.teacher import ICLightTeacher
 
     teacher = ICLightTeacher.from_local(_tiny_iclight(tmp_path / "iclight"), steps=2)
     composite, alpha = torch.rand(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()

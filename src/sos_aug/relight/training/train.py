@@ -20,11 +20,11 @@ import torch.nn.functional as nnf
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..coco import Skips, load_coco
+from ...coco import Skips, load_coco
+from ..family import apply_family, fit_family
+from ..net import INPUT, RelightNet
 from .data import InstancePool, training_batch
 from .evaluate import NoInstancesError, evaluate
-from .family import apply_family, fit_family
-from .net import INPUT, RelightNet
 from .perturb import training_perturbation
 
 Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (composite, alpha) -> relit

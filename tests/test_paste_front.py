@@ -1,8 +1,8 @@
-"""The compositing front door (``sos_aug.composite.paste``): one complete, typed result from every
+"""The compositing front door (``sos_aug.paste.paste``): one complete, typed result from every
 backend, on real COCO images and segments, and the backend policy in ``choose_backend``.
 
 The exactness of each result against an independent oracle is checked through ``CopyPaste`` in
-``test_copypaste_properties.py``; here the backends are checked against each other and against
+``test_copy_paste_properties.py``; here the backends are checked against each other and against
 what the result type promises.
 """
 
@@ -19,7 +19,7 @@ from sos_aug.ops.masks import tight_boxes
 from sos_aug.paste import BACKENDS, DropRule, Instances, PasteResult, choose_backend, paste
 from sos_aug.paste.batched import paste_batch
 
-CPU_BACKENDS = ("window", "loop", "groups")  # "kernel" needs Triton on CUDA (tests/test_kernels.py)
+CPU_BACKENDS = ("window", "loop", "groups")  # "kernel" needs Triton on CUDA (tests/test_triton_kernels.py)
 
 
 def run(images, instances, rgba, placements, piece_labels, rule, backend, boxes="tight"):

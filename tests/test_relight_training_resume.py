@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sos_aug.relight import RelightNet
-from sos_aug.relight.train import train_relight_net
+from sos_aug.relight.training.train import train_relight_net
 
 SMALL = {"minutes": 5, "batch": 4, "size": 32, "progress": False}
 
@@ -42,7 +42,7 @@ def few_images(tmp_path, train_ann):
 @pytest.mark.slow
 def test_a_killed_training_run_resumes_from_its_saved_state(tmp_path, few_images, coco_mini):
     train_ann, images, out = few_images, coco_mini / "train2017", tmp_path / "w.pt"
-    script = (f"import itertools\nfrom sos_aug.relight.train import train_relight_net\n"
+    script = (f"import itertools\nfrom sos_aug.relight.training.train import train_relight_net\n"
               f"train_relight_net({str(train_ann)!r}, {str(images)!r}, {str(out)!r}, resume_every_s=0, "
               f"clock=itertools.count(step=0.001).__next__, **{SMALL!r})")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
@@ -123,7 +123,7 @@ def test_the_loss_curve_shows_a_single_held_out_point(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from sos_aug.relight.train import TrainReport, save_loss_curve
+    from sos_aug.relight.training.train import TrainReport, save_loss_curve
 
     report = TrainReport(steps=20, best_val_fmse=0.01, best_step=10, train_loss=[0.03 - 0.001 * i for i in range(20)],
                          val_loss=[(10, 0.01)])

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..coco import Skips, annotated_photos, describe_skips
-from ..ops.color import delta_e2000, rgb_to_lab
-from .batch import RelightBatch, relight
-from .classical import LabBlend, ReinhardTransfer
+from ...coco import Skips, annotated_photos, describe_skips
+from ...ops.color import delta_e2000, rgb_to_lab
+from ..batch import RelightBatch, relight
+from ..classical import LabBlend, ReinhardTransfer
+from ..family import apply_family, fit_family
+from ..net import RelightNet, context_boxes
 from .data import downsample_mask, lab_stats, resize_photo
-from .family import apply_family, fit_family
-from .net import RelightNet, context_boxes
 from .perturb import parametric, transfer
 
 SIZE = 256

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
-from ..coco import Skips, annotated_photos
-from ..ops.color import rgb_to_lab
-from .perturb import masked_stats
+from ...coco import Skips, annotated_photos
+from ...ops.color import rgb_to_lab
+from ...ops.masks import masked_stats
 
 
 def resize_photo(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

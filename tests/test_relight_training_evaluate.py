@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from sos_aug.relight.evaluate import metrics
 from sos_aug.relight.family import N_PARAMS, apply_family, fit_family
-from sos_aug.relight.perturb import parametric
+from sos_aug.relight.training.evaluate import metrics
+from sos_aug.relight.training.perturb import parametric
 
 
 def test_metrics_on_a_hand_computed_case():

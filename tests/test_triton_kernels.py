@@ -61,7 +61,7 @@ def tight(mask: torch.Tensor) -> list[float]:
 def check_kernels(bank, image: torch.Tensor, seed: int, count: int, device: str, as_float: bool) -> int:
     """Two images, each with ``count`` pieces (one-pixel strips, pieces hanging off the canvas,
     flips): the kernels' results against :func:`reference`. Returns how many pixels were checked."""
-    from test_batched_warp import draw_pieces
+    from test_paste_groups import draw_pieces
 
     from sos_aug.ops.buffers import flat_base
     from sos_aug.paste.kernel import paste_kernels

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from ..ops.color import lab_to_rgb, rgb_to_lab
+from ...ops.color import lab_to_rgb, rgb_to_lab
+from ...ops.masks import masked_mean, masked_stats
 
 
 def _rand(n: int, g: torch.Generator | None, device) -> torch.Tensor:
@@ -36,7 +37,7 @@ def parametric(rgb: torch.Tensor, alpha: torch.Tensor, g: torch.Generator | None
     ramp = 0.4 * strength * _rand(s, g, dev).view(s, 1, 1, 1)
     theta = 2 * math.pi * _rand(s, g, dev).view(s, 1, 1, 1)
     x = (x * wb * exposure).clamp(0, 1) ** gamma
-    mean = _masked_mean(x, alpha)
+    mean = masked_mean(x, alpha)
     x = (x - mean) * contrast + mean
     grey = x.mean(1, keepdim=True)
     x = (x - grey) * saturation + grey
@@ -58,17 +59,6 @@ def transfer(rgb: torch.Tensor, alpha: torch.Tensor, ref_stats: torch.Tensor, am
     moved = (lab - mean) / std.clamp(min=1e-3) * new_std + new_mean
     out = lab_to_rgb(moved)
     return rgb * (1 - alpha) + out * alpha
-
-
-def masked_stats(x: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample channel mean and std of x under alpha, shaped (S, C, 1, 1)."""
-    mean = _masked_mean(x, alpha)
-    var = _masked_mean((x - mean) ** 2, alpha)
-    return mean, var.clamp(min=1e-6).sqrt()
-
-
-def _masked_mean(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return (x * alpha).sum((2, 3), keepdim=True) / alpha.sum((2, 3), keepdim=True).clamp(min=1e-6)
 
 
 def training_perturbation(rgb: torch.Tensor, alpha: torch.Tensor, ref_stats: torch.Tensor,
