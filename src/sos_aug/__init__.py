@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _HOMES = {
     "SegmentBank": "bank", "build_bank": "bank", "coco_source": "bank", "merge_banks": "bank",
