@@ -219,7 +219,7 @@ def test_the_example_trains_evaluates_and_evaluates_again_alone(tmp_path, coco_m
               "--val-images", str(coco_mini / "val2017")]
     opts = ["INPUT.SOS.BANK", str(train_bank.root), "INPUT.LSJ_SIZE", "192", "SOLVER.IMS_PER_BATCH", "2",
             "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1", "SOLVER.BASE_LR", "0.001",
-            "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "192",
+            "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "SEED", "0", "INPUT.MIN_SIZE_TEST", "192",
             "INPUT.MAX_SIZE_TEST", "256", "OUTPUT_DIR", str(tmp_path / "run")]
     for name in ("sos_train", "sos_val"):
         if name in DatasetCatalog.list():

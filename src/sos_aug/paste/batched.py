@@ -183,7 +183,8 @@ def _occlusion(shape: tuple[int, int, int, int], masks: list[torch.Tensor], boxe
     old_boxes = torch.cat([bx.float() for bx in boxes]) if some else torch.zeros(0, 4, device=device)
     new_boxes = torch.where(touched[:, None], visible_old_boxes, old_boxes)
     old_crowd = torch.cat(crowd).bool() if some else torch.zeros(0, dtype=torch.bool, device=device)
-    keep_old = drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched
+    # an empty mask is no instance: dropped, never returned with a zero box
+    keep_old = (drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched) & (after > 0)
     if stats is None:
         pasted_full, full_boxes = counts_and_boxes(full.flatten(0, 1))
         pasted_visible, visible_boxes = counts_and_boxes(visible.flatten(0, 1))
