@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sos_aug import CopyPaste, SOSLayout
+from sos_aug.ops.masks import tight_boxes
 
 
 def cli(*args, cwd=None):
@@ -20,9 +23,16 @@ def cli(*args, cwd=None):
 def test_demo_on_embedded_data_builds_a_bank_and_a_preview(tmp_path):
     proc = cli("demo", "--out", tmp_path / "demo", "--images-n", "8", "--n", "4", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(tmp_path / "demo" / "preview.png").size[0] > 500
-    info = cli("bank", "info", tmp_path / "demo" / "bank", "--json")
-    assert '"num_segments"' in info.stdout
+    info = json.loads(cli("bank", "info", tmp_path / "demo" / "bank", "--json").stdout)
+    data = json.loads((tmp_path / "demo" / "data" / "annotations.json").read_text())
+    assert info["num_segments"] == len(data["annotations"]) > 0  # every drawn shape is in the bank
+    assert {c["name"] for c in info["categories"]} == {c["name"] for c in data["categories"]}
+    assert f"+{info['num_segments']} segments" in proc.stdout
+    # the preview: 4 images, each original beside its copy; the copies show pasted instances in magenta
+    grid = np.asarray(Image.open(tmp_path / "demo" / "preview.png").convert("RGB"))
+    tiles = [grid[:, c * grid.shape[1] // 4:(c + 1) * grid.shape[1] // 4] for c in range(4)]
+    magenta = [int(((t == (255, 0, 255)).all(-1)).sum()) for t in tiles]
+    assert magenta[0] == magenta[2] == 0 and magenta[1] > 50 and magenta[3] > 50, magenta
 
 
 def test_preview_on_real_coco(tmp_path, train_bank, val_ann, coco_mini):
@@ -58,6 +68,13 @@ def test_gpu_matches_cpu(train_bank, val_set):
     for a, b, ta, tb in zip(cpu_images, gpu_images, cpu_targets, gpu_targets):
         assert (a.int() - b.cpu().int()).abs().float().mean() < 1.0
         assert ta["labels"].tolist() == tb["labels"].cpu().tolist()
+        assert ta["is_pasted"].tolist() == tb["is_pasted"].cpu().tolist()
+        # masks differ only on a few border pixels (float warp on the GPU, uint8 on the CPU); every
+        # box is its own mask's tight box on both, so boxes agree to a pixel
+        masks_cpu, masks_gpu = ta["masks"], tb["masks"].cpu()
+        assert ((masks_cpu ^ masks_gpu).flatten(1).sum(1) <= 0.01 * masks_cpu.flatten(1).sum(1) + 8).all()
+        assert torch.equal(tb["boxes"].cpu(), tight_boxes(masks_gpu))
+        assert (ta["boxes"] - tb["boxes"].cpu()).abs().max() <= 1
     # the same seed draws the same layout from GPU targets as from CPU ones
     gpu_params = cp.draw_placements(sizes, gpu_targets_in, segments, torch.Generator().manual_seed(1))
     assert all(torch.equal(p.boxes, q.boxes) for p, q in zip(params, gpu_params))

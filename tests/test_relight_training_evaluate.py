@@ -35,9 +35,16 @@ def test_oracle_fit_recovers_a_perturbation_of_its_own_family():
     assert ((apply_family(fitted, x) - target) ** 2).mean() < 1e-4 * ((x - target) ** 2).mean() + 1e-6
 
 
-def test_parametric_perturbation_leaves_background(pasted):
+def test_parametric_perturbation_changes_the_segment_and_leaves_the_background(pasted):
+    """The perturbation moves the segment's pixels (an identity would fail here), by different
+    amounts for different draws, and leaves every background pixel as it was."""
     x = torch.rand(2, 3, 16, 16)
     alpha = torch.zeros(2, 1, 16, 16)
     alpha[:, :, 4:10, 4:10] = 1
+    inside, outside = alpha[0, 0] == 1, alpha[0, 0] == 0
     y = parametric(x, alpha, torch.Generator().manual_seed(0))
-    assert torch.equal(y[:, :, alpha[0, 0] == 0], x[:, :, alpha[0, 0] == 0])
+    assert torch.equal(y[:, :, outside], x[:, :, outside])
+    moved = (y - x)[:, :, inside].abs().mean((1, 2))  # per sample
+    assert (moved > 0.01).all(), moved
+    z = parametric(x, alpha, torch.Generator().manual_seed(1))
+    assert not torch.allclose(y[:, :, inside], z[:, :, inside])
