@@ -45,10 +45,13 @@ def torchvision_pipelines(root: Path, bank) -> dict:
 
 
 def mmdet_pipelines(root: Path, bank) -> dict:
+    from sos_aug.integrations.mmcv_lite import allow_mmcv_lite
+
+    allow_mmcv_lite()  # as importing the adapter does first: mmdet's mask module imports under mmcv-lite
     from mmdet.datasets import CocoDataset
     from mmengine.registry import init_default_scope
 
-    import sos_aug.integrations.mmdet  # noqa: F401  (registers SOSCopyPaste; lets mmdet import under mmcv-lite)
+    import sos_aug.integrations.mmdet  # noqa: F401  (registers SOSCopyPaste)
 
     init_default_scope("mmdet")
     head = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True, with_mask=True),

@@ -175,20 +175,26 @@ def test_without_given_areas_untouched_instances_get_their_pixel_counts(train_ba
 def test_an_instance_whose_mask_is_empty_is_dropped_not_given_a_zero_box(train_bank, val_set):
     """A polygon too small to rasterise (after a crop or a downscale) leaves an empty mask under a
     real box: on every backend and box mode it is dropped, never returned with a (0, 0, 0, 0) box
-    (which a detector's box regression turns into an infinite loss)."""
+    (which a detector's box regression turns into an infinite loss); a crowd region with an empty
+    mask (mmdet's polygons make those) is kept, with the box it came with."""
     images, instances, rgba, placements, piece_labels = draw(train_bank, val_set, [2], seed=4, size=(256, 256))
     inst = instances[0]
     empty = torch.zeros(1, *inst.masks.shape[-2:], dtype=torch.bool)
     box = torch.tensor([[3.0, 4.0, 9.0, 8.0]])
-    with_empty = Instances(torch.cat([empty, inst.masks]), torch.cat([box, inst.boxes]),
-                           torch.cat([inst.labels[:1], inst.labels]), torch.cat([inst.crowd[:1], inst.crowd]),
-                           torch.cat([torch.tensor([24.0]), inst.area]))  # the polygon's area, as COCO gives it
-    for backend in CPU_BACKENDS:
-        for boxes in ("tight", "keep"):
-            res = run(images, [with_empty], rgba, placements, piece_labels, DropRule(), backend, boxes=boxes)[0]
-            assert not res.keep_existing[0], (backend, boxes)
-            assert ((res.boxes[:, 2] > res.boxes[:, 0]) & (res.boxes[:, 3] > res.boxes[:, 1])).all()
-            check_complete(res, with_empty, placements[0], piece_labels[0], boxes=boxes)
+    for crowd in (False, True):
+        with_empty = Instances(torch.cat([empty, inst.masks]), torch.cat([box, inst.boxes]),
+                               torch.cat([inst.labels[:1], inst.labels]),
+                               torch.cat([torch.tensor([crowd]), inst.crowd.bool()]),
+                               torch.cat([torch.tensor([24.0]), inst.area]))  # the polygon's area, as COCO gives it
+        for backend in CPU_BACKENDS:
+            for boxes in ("tight", "keep"):
+                res = run(images, [with_empty], rgba, placements, piece_labels, DropRule(), backend, boxes=boxes)[0]
+                assert bool(res.keep_existing[0]) == crowd, (backend, boxes, crowd)
+                assert ((res.boxes[:, 2] > res.boxes[:, 0]) & (res.boxes[:, 3] > res.boxes[:, 1])).all()
+                if crowd:
+                    assert torch.equal(res.boxes[0], box[0]) and res.iscrowd[0] == 1
+                else:
+                    check_complete(res, with_empty, placements[0], piece_labels[0], boxes=boxes)
 
 
 def test_no_placement_returns_the_inputs_unchanged(train_bank, val_set):

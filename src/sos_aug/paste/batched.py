@@ -66,7 +66,8 @@ def paste_batch(
     order_t = torch.tensor(order, dtype=torch.long, device=images.device)
     n_old = len(occ.old_visible)
     all_masks = occ.rows.index_select(0, order_t)
-    old_boxes = occ.visible_old_boxes if tight else occ.new_boxes  # the former: every existing mask's tight box
+    # tight: every existing mask's tight box; an empty one (a crowd region kept) keeps the box it came with
+    old_boxes = torch.where((occ.after > 0)[:, None], occ.visible_old_boxes, occ.new_boxes) if tight else occ.new_boxes
     all_boxes = torch.cat([old_boxes, occ.visible_boxes]).index_select(0, order_t)
     # untouched instances keep the area they came with (COCO's polygon area)
     untouched = _untouched_area(occ, [inst.area for inst in instances])
@@ -183,8 +184,8 @@ def _occlusion(shape: tuple[int, int, int, int], masks: list[torch.Tensor], boxe
     old_boxes = torch.cat([bx.float() for bx in boxes]) if some else torch.zeros(0, 4, device=device)
     new_boxes = torch.where(touched[:, None], visible_old_boxes, old_boxes)
     old_crowd = torch.cat(crowd).bool() if some else torch.zeros(0, dtype=torch.bool, device=device)
-    # an empty mask is no instance: dropped, never returned with a zero box
-    keep_old = (drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched) & (after > 0)
+    # an empty mask is no instance: dropped (never returned with a zero box), unless a crowd region
+    keep_old = (drop.keep(after, before, old_boxes, new_boxes, old_crowd) | ~touched) & ((after > 0) | old_crowd)
     if stats is None:
         pasted_full, full_boxes = counts_and_boxes(full.flatten(0, 1))
         pasted_visible, visible_boxes = counts_and_boxes(visible.flatten(0, 1))

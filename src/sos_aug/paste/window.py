@@ -130,12 +130,15 @@ def paste_window(
     pasted_full, full_boxes = _as_tensors(full, device)
     pasted_visible, pasted_boxes = _as_tensors(seen, device)
     touched_rows = touched.nonzero().flatten().tolist()
-    # untouched masks are the input's: their tight boxes (also what tells an empty mask, which is no
-    # instance: it is dropped, never returned with a zero box)
+    # untouched masks are the input's: their tight boxes, which also tell an empty mask: no instance,
+    # dropped (never returned with a zero box), unless a crowd region, known then by its box alone
     tight_old = tight_boxes(masks) if len(touched_rows) < n else None
-    new_boxes = tight_old if tight and tight_old is not None else boxes.clone().float()
-    keep_existing = (torch.ones(n, dtype=torch.bool, device=device) if tight_old is None
-                     else tight_old[:, 2] > tight_old[:, 0])
+    new_boxes = boxes.clone().float() if not tight or tight_old is None else tight_old
+    keep_existing = torch.ones(n, dtype=torch.bool, device=device)
+    if tight_old is not None:
+        empty = tight_old[:, 2] <= tight_old[:, 0]
+        keep_existing = ~empty | crowd
+        new_boxes[empty] = boxes[empty].float()
     counts = None if instances.area is not None else count_pixels(masks).to(device)  # once, when not given
     area = instances.area.to(device).float().clone() if counts is None else counts.float()
     if touched_rows:  # full-canvas work, only for the instances a piece covered
