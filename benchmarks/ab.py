@@ -42,16 +42,17 @@ def run_once(tree: Path, scripts: Path, bench: str, args: list[str], out: Path) 
     return json.loads(out.read_text())
 
 
-def timings(report, prefix: str = "") -> dict[str, float]:
-    """Every timing leaf of a benchmark's JSON, by its path: keys naming milliseconds or a rate."""
+def timings(report, prefix: str = "", timed: bool = False) -> dict[str, float]:
+    """Every timing leaf of a benchmark's JSON, by its path: keys naming milliseconds or a rate, or
+    any number in a table under such a key (``"ms_per_image": {"net": 30.7}``)."""
     out: dict[str, float] = {}
     if isinstance(report, dict):
         for key, value in report.items():
             path = f"{prefix}/{key}" if prefix else str(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and kind_of(str(key)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (timed or kind_of(str(key))):
                 out[path] = float(value)
             elif isinstance(value, dict):
-                out.update(timings(value, path))
+                out.update(timings(value, path, timed or kind_of(str(key)) == "time"))
     return out
 
 
@@ -72,7 +73,7 @@ def compare(base: list[dict], head: list[dict], tolerance: float) -> dict:
     for path in sorted(set(base[0]) & set(head[0])):
         b = statistics.median(r[path] for r in base if path in r)
         h = statistics.median(r[path] for r in head if path in r)
-        better_low = kind_of(path.rsplit("/", 1)[-1]) == "time"
+        better_low = kind_of(path.rsplit("/", 1)[-1]) != "rate"
         worse = (h / b - 1) if better_low else (b / h - 1)
         rows[path] = {"base": round(b, 3), "head": round(h, 3), "worse_by": round(worse, 4),
                       "flag": worse > tolerance}

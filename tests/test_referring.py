@@ -173,9 +173,10 @@ def test_exports_read_back(tmp_path, cp, val_set, coco_mini):
     assert all(by_id[r["ann_id"]]["image_id"] == r["image_id"] for r in refs)
 
     pytest.importorskip("mmdet", reason="mmdet not installed: its ODVGDataset round trip is skipped")
-    from mmdet.datasets import ODVGDataset
+    from sos_aug.integrations.mmcv_lite import allow_mmcv_lite
 
-    import sos_aug.integrations.mmdet  # noqa: F401  (lets mmdet import under mmcv-lite, as a config would)
+    allow_mmcv_lite()  # first, as importing the adapter does: mmdet's datasets import under mmcv-lite
+    from mmdet.datasets import ODVGDataset
 
     ds = ODVGDataset(data_root=str(tmp_path), ann_file="odvg.jsonl", data_prefix=dict(img=str(coco_mini / "val2017")),
                      pipeline=[], serialize_data=False, return_classes=True)

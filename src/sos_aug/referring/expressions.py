@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..names import is_person
-from ..ops.color import rgb_to_lab_eager
+from ..ops.color import rgb_to_lab
 from ..ops.masks import count_pixels, tight_boxes
 
 KINDS = ("attribute", "position", "relation", "ordinal", "multi", "no_target")
@@ -100,14 +100,14 @@ def _prototypes(device: torch.device) -> torch.Tensor:
     """The colour terms' prototypes in Lab, (11, 3), computed once per device."""
     if device not in _PROTOTYPES:
         rgb = torch.tensor(list(COLOURS.values()), dtype=torch.uint8, device=device).T.contiguous()
-        _PROTOTYPES[device] = rgb_to_lab_eager(rgb).T.float()
+        _PROTOTYPES[device] = rgb_to_lab(rgb).T.float()
     return _PROTOTYPES[device]
 
 
 def lab_colour_terms(pixels: torch.Tensor) -> torch.Tensor:
     """The index into :data:`COLOURS` of each of (3, N) RGB pixels (uint8 or [0, 1]): the basic
     colour term whose prototype is nearest in Lab."""
-    lab = rgb_to_lab_eager(pixels.contiguous()).T.float()
+    lab = rgb_to_lab(pixels.contiguous()).T.float()
     return torch.cdist(lab, _prototypes(pixels.device)).argmin(1)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import backends
-from ..ops.color import lab_to_rgb_eager, lab_to_rgb_fused, lightness_eager, rgb_to_lab_eager, rgb_to_lab_fused
+from ..ops.color import lab_to_rgb, lightness, rgb_to_lab
 from ..ops.masks import count_pixels, row_owners, stacked_boxes, tight_boxes
 from .batch import RelightBatch, Relighter, by_device, relight_one, to_unit
 
@@ -94,12 +94,12 @@ class ReinhardTransfer:
         rs, ry, rx = ring.nonzero(as_tuple=True)
         img = owner[fs]
         pixels = images[img, :, fy, fx]  # (N, 3): the segments' pixels
-        lab = rgb_to_lab_fused(to_unit(pixels).T)
+        lab = rgb_to_lab(to_unit(pixels).T)
         fg_mean, fg_std, _ = _stats_per_segment(lab, fs, len(segs))
-        bg_mean, bg_std, n_ring = _stats_per_segment(rgb_to_lab_fused(to_unit(plain[owner[rs], :, ry, rx]).T), rs,
+        bg_mean, bg_std, n_ring = _stats_per_segment(rgb_to_lab(to_unit(plain[owner[rs], :, ry, rx]).T), rs,
                                                      len(segs))
         moved = (lab - fg_mean[:, fs]) / fg_std[:, fs] * bg_std[:, fs] + bg_mean[:, fs]
-        rgb = lab_to_rgb_fused(lab + self.strength * (moved - lab)).T  # (N, 3) in [0, 1]
+        rgb = lab_to_rgb(lab + self.strength * (moved - lab)).T  # (N, 3) in [0, 1]
         if images.dtype == torch.uint8:
             rgb = (rgb * 255).round().clamp(0, 255)
         applies = (n_ring >= 8)[fs, None]  # a ring of under 8 pixels: left as it is
@@ -135,7 +135,7 @@ def _lab_pixels(rgb: torch.Tensor, lightness_only: bool = False) -> torch.Tensor
     """(3, n) pixels (uint8 or [0, 1]) -> (3, n) Lab (kornia's, computed by matrix products), or
     (1, n) L alone."""
     x = rgb if rgb.dtype == torch.uint8 else to_unit(rgb)
-    return lightness_eager(x) if lightness_only else rgb_to_lab_eager(x)
+    return lightness(x) if lightness_only else rgb_to_lab(x)
 
 
 def _pixel_index(mask_window: torch.Tensor, win: tuple[slice, slice], width: int) -> torch.Tensor:
@@ -161,7 +161,7 @@ def _get_pixels(image: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _put_pixels(image: torch.Tensor, idx: torch.Tensor, lab: torch.Tensor) -> None:
     """Write (3, n) Lab pixels back as RGB into pixels ``idx`` of a dense (3, H, W) image, in place."""
-    rgb = lab_to_rgb_eager(lab)
+    rgb = lab_to_rgb(lab)
     if image.dtype == torch.uint8:
         rgb = (rgb * 255).round_().clamp_(0, 255)
     rgb = rgb.to(image.dtype)
@@ -264,13 +264,13 @@ def area_rank_weights(areas: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
 
 def blend_pixels(relit: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor, relit_ab: bool) -> torch.Tensor:
     """LabBlend on (N, 3) pixels (uint8 or [0, 1]) with a weight each: the accelerator path, with the
-    elementwise Lab conversions (:func:`rgb_to_lab_fused`, cheaper than kornia's there). Not compiled:
+    elementwise Lab conversions (:func:`~sos_aug.ops.color.rgb_to_lab`, cheaper than kornia's there). Not compiled:
     compiling cost far more than it saved per batch (docs/performance.md).
     Returns the new pixels in ``relit``'s dtype."""
     scale = 255.0 if relit.dtype == torch.uint8 else 1.0
-    lab_r = rgb_to_lab_fused(relit.T.float() / scale)
-    lab_p = rgb_to_lab_fused(plain.T.float() / scale)
+    lab_r = rgb_to_lab(relit.T.float() / scale)
+    lab_p = rgb_to_lab(plain.T.float() / scale)
     L = weight * lab_r[0] + (1 - weight) * lab_p[0]
     ab = lab_r[1:] if relit_ab else lab_p[1:]
-    out = lab_to_rgb_fused(torch.cat([L[None], ab])).T * scale
+    out = lab_to_rgb(torch.cat([L[None], ab])).T * scale
     return (out.round().clamp(0, 255) if relit.dtype == torch.uint8 else out).to(relit.dtype)

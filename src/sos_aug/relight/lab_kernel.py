@@ -4,7 +4,7 @@ The torch path lists the pasted pixels with ``nonzero`` (a wait on the device), 
 and the plain ones, runs ~40 elementwise operations for the two Lab conversions and the way back,
 and scatters the result. Here each program walks its segment's box, tile by tile, and blends just
 the pixels under the segment's mask in registers: one launch, no pixel list, no wait. The same
-conversions as :func:`.color.rgb_to_lab_fused` and :func:`.color.lab_to_rgb_fused` (kornia's
+conversions as :func:`sos_aug.ops.color.rgb_to_lab` and :func:`~sos_aug.ops.color.lab_to_rgb` (kornia's
 constants, float32); on the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 """
 

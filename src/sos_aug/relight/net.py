@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torchvision.ops import roi_align
 
 from ..ops import backends
 from ..ops.backends import compile_off, compiled, once_with_fallback, with_fallback
 from ..ops.buffers import same_size_groups
-from ..ops.color import rgb_to_lab_eager, rgb_to_lab_fused
+from ..ops.color import rgb_to_lab
 from ..ops.masks import mask_01, masked_stats, row_owners, stacked_boxes, tight_boxes
-from ..ops.resize import resize_aa
 from .batch import to_unit
 from .family import (
     GRID,
@@ -77,10 +75,9 @@ class RelightNet(nn.Module):
             return _compiled_forward(self)(context, bf16)
         return self._forward(context, bf16=bf16)
 
-    def _forward(self, context: torch.Tensor, bf16: bool = False, eager: bool = True) -> torch.Tensor:
-        """The forward (convolutions in bfloat16 if ``bf16``), written for eager execution or
-        (``eager=False``) for ``torch.compile``."""
-        stats, encoder_input = _net_inputs(context, eager)
+    def _forward(self, context: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+        """The forward, convolutions in bfloat16 if ``bf16``."""
+        stats, encoder_input = _net_inputs(context)
         alpha = context[:, 3:]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             feats = self.encoder(encoder_input).float()
@@ -153,7 +150,7 @@ def _compiled_forward(net: RelightNet) -> Callable:
     if compile_off():
         return net._forward
     if net not in _FORWARDS:
-        graph = functools.partial(net._forward, eager=False)
+        graph = net._forward
         compiled = torch.compile(graph, dynamic=False, options={"cpp.threads": 1})
 
         def call(context: torch.Tensor, bf16: bool = False) -> torch.Tensor:
@@ -173,12 +170,11 @@ def cpu_has_bf16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
-def _net_inputs(context: torch.Tensor, eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _net_inputs(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the encoder and the head see of (S, 4, INPUT, INPUT) windows: Lab statistics of the
     segment and of its surroundings, and RGB + lightness + alpha planes."""
     rgb, alpha = context[:, :3], context[:, 3:]
-    to_lab = rgb_to_lab_eager if eager else rgb_to_lab_fused  # kornia's Lab, each written for how it runs
-    lab = to_lab(rgb.transpose(0, 1)).transpose(0, 1)
+    lab = rgb_to_lab(rgb, dim=1)
     fg_mean, fg_std = masked_stats(lab, alpha)
     bg_mean, bg_std = masked_stats(lab, 1 - alpha)
     stats = torch.cat([fg_mean, fg_std, bg_mean, bg_std], 1).flatten(1) / 50.0
@@ -202,7 +198,7 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
     """Relight every pasted segment of a :class:`RelightBatch` with ``net``.
 
     On accelerators: one forward for all segments of all images (context windows sampled at INPUT²
-    by ``roi_align``), then the predicted transforms applied to just the segments' pixels in one
+    by :func:`window_samples`), then the predicted transforms applied to just the segments' pixels in one
     pass; images of one size go together and nothing waits on the device per segment. On the CPU,
     where big gathers are slow and small windows stay in cache, window by window."""
     if all(image.device.type == "cpu" for image in batch.images):
@@ -221,8 +217,9 @@ def relight_with_net(net: RelightNet, batch) -> list[torch.Tensor]:
 
 def relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tensor],
                    boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The accelerator path for a (B, 3, H, W) batch: every segment's window in one ``roi_align``
-    and one forward (both in one compiled graph), then one pass over just the segments' pixels."""
+    """The accelerator path for a (B, 3, H, W) batch: every segment's window sampled
+    (:func:`window_samples`) and one forward (both in one compiled graph), then one pass over just
+    the segments' pixels."""
 
     net = replica_on(net, images.device)  # the caller's module stays where it is
     images = images.contiguous()  # what the kernel reads; one layout, one compiled graph
@@ -241,14 +238,10 @@ def relight_group(net: RelightNet, images: torch.Tensor, masks: list[torch.Tenso
 def _group_inputs(images: torch.Tensor, segs: torch.Tensor, owner: torch.Tensor,
                   tight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The net's (S, 4, INPUT, INPUT) inputs for segments ``segs`` ((S, H, W) bool, tight boxes
-    ``tight``) of images ``owner`` of a (B, 3, H, W) batch, windows sampled by ``roi_align``; and
-    their (S, 4) context windows."""
+    ``tight``) of images ``owner`` of a (B, 3, H, W) batch (:func:`window_samples`,
+    :func:`alpha_windows`); and their (S, 4) context windows."""
     ctx = context_boxes(segs, tight)
-    rois = torch.cat([owner[:, None].to(ctx.dtype), ctx], 1)
-    rgb_small = roi_align(images.float(), rois, output_size=INPUT, sampling_ratio=4, aligned=True)
-    if images.dtype == torch.uint8:  # the windows scaled to [0, 1], not the batch: one pass over it fewer
-        rgb_small = rgb_small / 255
-    return torch.cat([rgb_small, alpha_windows(segs, ctx)], 1), ctx
+    return torch.cat([window_samples(images, owner, ctx), alpha_windows(segs, ctx)], 1), ctx
 
 
 def _inputs_then_forward(net: RelightNet, images: torch.Tensor, segs: torch.Tensor, owner: torch.Tensor,
@@ -257,7 +250,7 @@ def _inputs_then_forward(net: RelightNet, images: torch.Tensor, segs: torch.Tens
     """Each segment's parameters (and its context window): :func:`_group_inputs`, then the net
     (eagerly its usual forward; else its forward written for the compiler, in bfloat16 if ``bf16``)."""
     context, ctx = _group_inputs(images, segs, owner, tight)
-    return (net.forward(context) if eager else net._forward(context, bf16, eager=False)), ctx
+    return (net.forward(context) if eager else net._forward(context, bf16)), ctx
 
 
 _GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -321,20 +314,32 @@ def pixel_pass(device: torch.device) -> Callable:
     return once_with_fallback(device.type, compiled("relight_pixels", relight_pixels_torch), relight_pixels_torch)
 
 
-def _small_rgb(rgb: torch.Tensor) -> torch.Tensor:
-    """A context window's RGB at INPUT², antialiased, in the image's dtype (uint8 takes torch's
-    uint8 resize kernel, several times faster on the CPU) or float."""
+def window_samples(images: torch.Tensor, owner: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Each context window ``ctx[s]`` of image ``owner[s]`` of a (B, 3, H, W) batch at INPUT x INPUT,
+    float in [0, 1]: bilinear at each cell's centre, as ``F.interpolate(..., align_corners=False)``
+    resizes the cropped window in training, from four gathers (nothing but the samples is converted)."""
+    pos = torch.arange(INPUT, device=ctx.device, dtype=ctx.dtype) + 0.5
 
-    return resize_aa(rgb if rgb.dtype == torch.uint8 else rgb.float(), INPUT, INPUT)
+    def axis(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        size = (hi - lo).clamp(min=1)  # (S, 1)
+        src = (pos * size / INPUT - 0.5).clamp(min=0)  # in the window, as interpolate clamps it
+        first = src.floor()
+        frac = src - first
+        first = first.clamp(max=size - 1)
+        second = torch.minimum(first + 1, size - 1)
+        return (lo + first).long(), (lo + second).long(), frac
 
+    x0, x1, fx = axis(ctx[:, 0:1], ctx[:, 2:3])  # (S, INPUT)
+    y0, y1, fy = axis(ctx[:, 1:2], ctx[:, 3:4])
+    image = owner.view(-1, 1, 1)
 
-def _unit_windows(windows: list[torch.Tensor]) -> torch.Tensor:
-    """(3, INPUT, INPUT) windows stacked as (S, 3, INPUT, INPUT) float in [0, 1], in one pass when
-    all are uint8 (the usual case)."""
+    def at(ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:  # one gather, in any memory layout
+        return to_unit(images[image, :, ys[:, :, None], xs[:, None, :]]).permute(0, 3, 1, 2)
 
-    if all(w.dtype == torch.uint8 for w in windows):
-        return torch.stack(windows).float().div_(255)
-    return torch.stack([to_unit(w) for w in windows])
+    wx, wy = fx[:, None, None, :], fy[:, None, :, None]
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy
 
 
 def alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
@@ -353,29 +358,27 @@ def alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
 
 
 def relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
-    """The CPU path, window by window: the net sees each context window at INPUT² (antialiased; one
-    forward for the whole batch); the transform runs densely over the segment's box (0-255 scaling
+    """The CPU path, window by window: the net sees each context window at INPUT² as training
+    showed it (:func:`window_samples`; one forward for the whole batch); the transform runs densely
+    over the segment's box (0-255 scaling
     folded into its tables for uint8 images) and only the mask's pixels are written back."""
 
-    jobs, windows, alphas = [], [], []  # (image, mask index, box, context) per segment with pixels
+    jobs, windows = [], []  # (image, mask index, box, context) per segment with pixels; its input
     for b, (image, masks) in enumerate(zip(batch.images, batch.masks)):
         if len(masks) == 0:
             continue
         boxes = tight_boxes(masks) if batch.boxes is None else batch.boxes[b].float()
-        ctx = context_boxes(masks, boxes)
-        alpha = alpha_windows(masks.bool(), ctx)  # all of this image's segments in one gather
-        for k, (box, window) in enumerate(zip(boxes.int().tolist(), ctx.int().tolist())):
-            if box[2] <= box[0]:
-                continue
-            x0, y0, x1, y1 = window
-            windows.append(_small_rgb(image[:, y0:y1, x0:x1]))
-            alphas.append(alpha[k])
-            jobs.append((b, k, box, window))
+        keep = (boxes[:, 2] > boxes[:, 0]).nonzero().flatten()
+        boxes, ctx = boxes[keep], context_boxes(masks, boxes)[keep]
+        # all of this image's windows in a few gathers each
+        windows.append(torch.cat([window_samples(image[None], torch.zeros(len(ctx), dtype=torch.long), ctx),
+                                  alpha_windows(masks[keep].bool(), ctx)], 1))
+        jobs += [(b, k, box, window) for k, box, window in zip(keep.tolist(), boxes.int().tolist(), ctx.int().tolist())]
     out = list(batch.images)
     if not jobs:
         return out
     net = replica_on(net, out[0].device)
-    params = net.forward(torch.cat([_unit_windows(windows), torch.stack(alphas)], 1))
+    params = net.forward(torch.cat(windows))
     tables = {dtype: family_tables(params, 1 / 255, 255) if dtype == torch.uint8 else family_tables(params)
               for dtype in {out[j[0]].dtype for j in jobs}}  # 0-255 images get 0-255 tables
     for b in sorted({j[0] for j in jobs}):

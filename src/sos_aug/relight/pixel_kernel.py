@@ -3,7 +3,7 @@
 The torch pixel pass lists the segments' pixels with ``nonzero`` (a wait on the device, and a third
 of the relight's device time at B=16, 1024²) and gathers and scatters them. Here each program walks
 its segment's box, tile by tile, and transforms and writes just the pixels under the segment's
-mask: one launch, no list of pixels, no wait. Same family as :func:`.family.apply_family_pixels`
+mask: one launch, no list of pixels, no wait. Same family as :func:`.family.apply_family`
 (affine colour matrix, monotone curves, shading grid over the context window), same float32
 arithmetic; on the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 """

@@ -35,7 +35,7 @@ def downsample_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 def lab_stats(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(6,): the Lab mean and std of ``image``'s pixels under ``mask``."""
-    mean, std = masked_stats(rgb_to_lab(image[None]), mask[None, None].float())
+    mean, std = masked_stats(rgb_to_lab(image[None], dim=1), mask[None, None].float())
     return torch.cat([mean, std], 1).flatten()
 
 

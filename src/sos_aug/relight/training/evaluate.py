@@ -42,7 +42,7 @@ def metrics(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dict
     mse = float(err.mean())
     fmse = float(err[:, mask].mean())
     psnr = float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
-    de = delta_e2000(rgb_to_lab(pred[None])[0], rgb_to_lab(truth[None])[0])
+    de = delta_e2000(rgb_to_lab(pred), rgb_to_lab(truth))
     return {"mse": mse, "fmse": fmse, "psnr": psnr, "de2000": float(de[mask].mean())}
 
 

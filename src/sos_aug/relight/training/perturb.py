@@ -50,14 +50,14 @@ def parametric(rgb: torch.Tensor, alpha: torch.Tensor, g: torch.Generator | None
 
 def transfer(rgb: torch.Tensor, alpha: torch.Tensor, ref_stats: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
     """Move the foreground's Lab mean/std ``amount`` (S,) of the way toward ``ref_stats`` (S, 6)."""
-    lab = rgb_to_lab(rgb)
+    lab = rgb_to_lab(rgb, dim=1)
     mean, std = masked_stats(lab, alpha)
     tgt_mean, tgt_std = ref_stats[:, :3, None, None], ref_stats[:, 3:, None, None]
     a = amount.view(-1, 1, 1, 1)
     new_mean = mean + a * (tgt_mean - mean)
     new_std = std * (1 + a * (tgt_std / std.clamp(min=1e-3) - 1))
     moved = (lab - mean) / std.clamp(min=1e-3) * new_std + new_mean
-    out = lab_to_rgb(moved)
+    out = lab_to_rgb(moved, dim=1)
     return rgb * (1 - alpha) + out * alpha
 
 
