@@ -28,6 +28,27 @@ def test_lab_blend_pixel_path_equals_its_window_path(pasted, as_uint8):
         assert torch.equal(pixels[:, ~covered], relit[:, ~covered])
 
 
+@pytest.mark.parametrize("relit_ab", [False, True])
+def test_lab_blend_arithmetic_is_kornias_lab_round_trip(relit_ab):
+    """LabBlend's blend, computed in Lab's f-space, equals converting both sides to Lab with kornia,
+    mixing L, taking a/b from one side and converting back; uint8 pixels as their float values."""
+    import kornia
+
+    from sos_aug.relight.classical import blend_lightness
+
+    g = torch.Generator().manual_seed(0)
+    relit, plain = torch.randint(0, 256, (2, 3, 4000), generator=g, dtype=torch.uint8)
+    weight = torch.rand(4000, generator=g)
+    lab_r, lab_p = (kornia.color.rgb_to_lab(x.float()[:, :, None] / 255)[:, :, 0] for x in (relit, plain))
+    lab = (lab_r if relit_ab else lab_p).clone()
+    lab[0] = weight * lab_r[0] + (1 - weight) * lab_p[0]
+    reference = kornia.color.lab_to_rgb(lab[:, :, None], clip=True)[:, :, 0]
+    assert (blend_lightness(relit, plain, weight, relit_ab) - reference).abs().max() < 1e-4
+    floats = blend_lightness(relit.float() / 255, plain.float() / 255, weight, relit_ab)
+    assert (floats - reference).abs().max() < 1e-4
+    assert (reference - plain.float() / 255).abs().mean() > 0.01  # the blend moved the pixels
+
+
 @pytest.mark.parametrize("as_uint8", [False, True])
 def test_reinhard_pixel_path_equals_its_window_path(pasted, as_uint8):
     """ReinhardTransfer's accelerator path (every segment's ring and statistics at once, elementwise

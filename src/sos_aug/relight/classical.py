@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import backends
-from ..ops.color import lab_to_rgb, lightness, rgb_to_lab
+from ..ops.color import cube_root_knee, encode_srgb, lab_matrices, lab_to_rgb, linear_rgb, rgb_to_lab
 from ..ops.masks import count_pixels, row_owners, stacked_boxes, tight_boxes
 from .batch import RelightBatch, Relighter, by_device, relight_one, to_unit
 
@@ -67,7 +67,7 @@ class ReinhardTransfer:
             fg_mean, fg_std = _stats(lab)
             bg_mean, bg_std = _stats(ref)
             moved = (lab - fg_mean) / fg_std * bg_std + bg_mean
-            _put_pixels(result, inside, lab + self.strength * (moved - lab))
+            _put_pixels(result, inside, lab_to_rgb(lab + self.strength * (moved - lab)))
         return result
 
     def transfer_batched(self, images: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor],
@@ -131,11 +131,9 @@ def _stats_per_segment(px: torch.Tensor, seg: torch.Tensor, n: int) -> tuple[tor
     return mean.T.float(), std.T.float(), count
 
 
-def _lab_pixels(rgb: torch.Tensor, lightness_only: bool = False) -> torch.Tensor:
-    """(3, n) pixels (uint8 or [0, 1]) -> (3, n) Lab (kornia's, computed by matrix products), or
-    (1, n) L alone."""
-    x = rgb if rgb.dtype == torch.uint8 else to_unit(rgb)
-    return lightness(x) if lightness_only else rgb_to_lab(x)
+def _lab_pixels(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, n) pixels (uint8 or [0, 1]) -> (3, n) Lab (kornia's, computed by matrix products)."""
+    return rgb_to_lab(rgb if rgb.dtype == torch.uint8 else to_unit(rgb))
 
 
 def _pixel_index(mask_window: torch.Tensor, win: tuple[slice, slice], width: int) -> torch.Tensor:
@@ -159,9 +157,8 @@ def _get_pixels(image: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return image.reshape(3, -1).gather(1, idx.expand(3, -1))
 
 
-def _put_pixels(image: torch.Tensor, idx: torch.Tensor, lab: torch.Tensor) -> None:
-    """Write (3, n) Lab pixels back as RGB into pixels ``idx`` of a dense (3, H, W) image, in place."""
-    rgb = lab_to_rgb(lab)
+def _put_pixels(image: torch.Tensor, idx: torch.Tensor, rgb: torch.Tensor) -> None:
+    """Write (3, n) RGB pixels in [0, 1] into pixels ``idx`` of a dense (3, H, W) image, in place."""
     if image.dtype == torch.uint8:
         rgb = (rgb * 255).round_().clamp_(0, 255)
     rgb = rgb.to(image.dtype)
@@ -175,10 +172,7 @@ def _blend_lab(result: torch.Tensor, plain: torch.Tensor, idx: torch.Tensor, wei
                relit_ab: bool) -> None:
     """LabBlend of pixels ``idx`` of ``result`` in place, eagerly: L mixed with ``plain``'s by
     ``weight`` (one, or one per pixel), a/b from the relit or the plain pixels."""
-    lab_r = _lab_pixels(_get_pixels(result, idx))
-    lab_p = _lab_pixels(_get_pixels(plain, idx), lightness_only=relit_ab)  # a/b from the relit pixels: L alone
-    L = weight * lab_r[:1] + (1 - weight) * lab_p[:1]
-    _put_pixels(result, idx, torch.cat([L, lab_r[1:] if relit_ab else lab_p[1:]]))
+    _put_pixels(result, idx, blend_lightness(_get_pixels(result, idx), _get_pixels(plain, idx), weight, relit_ab))
 
 
 class LabBlend:
@@ -263,14 +257,29 @@ def area_rank_weights(areas: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
 
 
 def blend_pixels(relit: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor, relit_ab: bool) -> torch.Tensor:
-    """LabBlend on (N, 3) pixels (uint8 or [0, 1]) with a weight each: the accelerator path, with the
-    elementwise Lab conversions (:func:`~sos_aug.ops.color.rgb_to_lab`, cheaper than kornia's there). Not compiled:
-    compiling cost far more than it saved per batch (docs/performance.md).
-    Returns the new pixels in ``relit``'s dtype."""
-    scale = 255.0 if relit.dtype == torch.uint8 else 1.0
-    lab_r = rgb_to_lab(relit.T.float() / scale)
-    lab_p = rgb_to_lab(plain.T.float() / scale)
-    L = weight * lab_r[0] + (1 - weight) * lab_p[0]
-    ab = lab_r[1:] if relit_ab else lab_p[1:]
-    out = lab_to_rgb(torch.cat([L[None], ab])).T * scale
-    return (out.round().clamp(0, 255) if relit.dtype == torch.uint8 else out).to(relit.dtype)
+    """LabBlend on (N, 3) pixels (uint8 or [0, 1]) with a weight each, the accelerator's torch path
+    (:func:`blend_lightness`). Not compiled: compiling cost far more than it saved per batch
+    (docs/performance.md). Returns the new pixels in ``relit``'s dtype."""
+    out = blend_lightness(relit.T, plain.T, weight, relit_ab).T
+    if relit.dtype == torch.uint8:
+        return out.mul_(255).round_().to(torch.uint8)
+    return out.to(relit.dtype)
+
+
+def blend_lightness(relit: torch.Tensor, plain: torch.Tensor, weight: float | torch.Tensor,
+                    relit_ab: bool) -> torch.Tensor:
+    """LabBlend's arithmetic on (3, n) pixels (uint8 or float in [0, 1]): L = w L_relit + (1 - w) L_plain,
+    a/b from the plain (or relit) pixels; new pixels (3, n) in [0, 1]. Computed in Lab's f-space,
+    where keeping a and b while L changes moves f(X), f(Y) and f(Z) by the same amount: the side that
+    gives a/b is converted, the other only to f(Y), and nothing goes through Lab itself (the same
+    values as converting both sides to Lab and back, with fewer passes)."""
+    base, other, w = (relit, plain, 1 - weight) if relit_ab else (plain, relit, weight)
+    base, other = (x if x.dtype == torch.uint8 else to_unit(x) for x in (base, other))
+    lin = linear_rgb(base)
+    m = lab_matrices(lin.dtype, lin.device)
+    f = cube_root_knee(m["to_xyz"] @ lin)  # (3, n): f(X), f(Y), f(Z) of the base
+    f_other = cube_root_knee(m["to_xyz"][1:2] @ linear_rgb(other))  # (1, n): f(Y) of the other
+    f.add_(f_other.sub_(f[1:2]).mul_(w))
+    f[2].clamp_(min=0)
+    xyz = torch.where(f > 0.2068966, f * f * f, f.sub(4 / 29).div_(7.787))
+    return encode_srgb(m["to_rgb"] @ xyz)
