@@ -3,11 +3,14 @@ counted skip that leaves everything else as it was, a bad file is an error that 
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sos_aug import CocoInstances, label_map_from_coco
 from sos_aug.cli import main
@@ -131,3 +134,59 @@ def test_weights_are_saved_atomically_and_load_back(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["w.pt"]  # no temporary left behind
     again = RelightNet.load(path)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), h=st.integers(20, 700), w=st.integers(20, 700),
+       count=st.integers(0, 8), reach=st.floats(0.1, 4.0))
+def test_polygons_rasterised_in_their_boxes_are_the_whole_image_rasterisation(val_ann, seed, h, w, count, reach):
+    """coco.polygon_masks (what the mmdet and detectron2 adapters turn polygons into) gives, bit for
+    bit, pycocotools' rasterisation of each instance over the whole image, on real COCO polygons
+    (several parts per instance) scaled and moved anywhere, partly or wholly outside the image."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from sos_aug.coco import polygon_masks
+
+    polygons = _polygons(val_ann)
+    rng = np.random.default_rng(seed)
+    instances = []
+    for j in rng.integers(0, len(polygons), count):
+        dx, dy = rng.uniform(-300, 700, 2)
+        instances.append([np.asarray(p) * reach + np.tile([dx, dy], len(p) // 2) for p in polygons[j]])
+    got = polygon_masks(instances, h, w)
+    assert got.shape == (count, h, w) and got.dtype == torch.bool
+    for mask, parts in zip(got, instances):
+        whole = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([p.tolist() for p in parts], h, w)))
+        assert torch.equal(mask, torch.from_numpy(whole).bool())
+
+
+def test_every_real_polygon_rasterised_in_its_box_is_the_whole_image_rasterisation(train_ann, val_ann):
+    """Every polygon instance of coco-mini at its own image's size (pycocotools snaps points to a
+    1/5-pixel grid, and moving a point first can round it across a step: the box must not)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from sos_aug.coco import polygon_masks
+
+    checked = 0
+    for ann_file in (train_ann, val_ann):
+        data = json.loads(ann_file.read_text())
+        sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+        for a in data["annotations"]:
+            if not isinstance(a["segmentation"], list):
+                continue
+            h, w = sizes[a["image_id"]]
+            parts = [p for p in a["segmentation"] if len(p) >= 6 and len(p) % 2 == 0]
+            whole = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, h, w)))
+            assert np.array_equal(polygon_masks([parts], h, w)[0].numpy(), whole.astype(bool)), a["id"]
+            checked += 1
+    assert checked > 1000
+
+
+@functools.cache
+def _polygons(val_ann) -> list:
+    anns = json.loads(val_ann.read_text())["annotations"]
+    polygons = [a["segmentation"] for a in anns if isinstance(a["segmentation"], list)]
+    assert any(len(p) > 1 for p in polygons)  # instances of several parts are among them
+    return polygons

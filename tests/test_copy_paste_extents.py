@@ -65,6 +65,38 @@ def test_pastes_stay_in_the_extent_and_box_only_boxes_stand(train_bank, val_set,
             assert (filled[j] & changed).any(), f"box {j} dropped although nothing was pasted over it"
 
 
+def extent_by_definition(image: torch.Tensor) -> tuple[int, int]:
+    """The last row and column holding a pixel unlike the bottom-right one, pixel by pixel."""
+    differs = (image != image[:, -1:, -1:]).any(0)
+    if not differs.any():
+        return tuple(image.shape[-2:])
+    rows, cols = differs.nonzero(as_tuple=True)
+    return int(rows.max()) + 1, int(cols.max()) + 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 70), pad=st.tuples(st.integers(0, 20), st.integers(0, 20)),
+       value=st.integers(0, 255), layout=st.sampled_from(["planar", "channels-last", "float"]),
+       seed=st.integers(0, 2**16), speckle=st.booleans())
+@example(h=10, w=13, pad=(3, 11), value=114, layout="planar", seed=0, speckle=False)  # width 24: read by words
+@example(h=10, w=13, pad=(3, 11), value=114, layout="planar", seed=1, speckle=True)
+def test_the_extent_found_8_pixels_at_a_time_is_the_definitions(h, w, pad, value, layout, seed, speckle):
+    """unpadded_extent (uint8 rows read as 64-bit words where the width allows) agrees with the
+    definition on images with any content: content ending in the padding's colour, one stray pixel
+    of another colour in the padding, every width and memory layout."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.full((3, h + pad[0], w + pad[1]), value, dtype=torch.uint8)
+    image[:, :h, :w] = torch.randint(0, 3, (3, h, w), generator=g, dtype=torch.uint8) + value // 2  # near it
+    if speckle:
+        y, x = (int(torch.randint(0, n, (1,), generator=g)) for n in image.shape[-2:])
+        image[int(torch.randint(0, 3, (1,), generator=g)), y, x] ^= 1
+    if layout == "channels-last":
+        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    elif layout == "float":
+        image = image.float() / 255
+    assert unpadded_extent(image) == extent_by_definition(image)
+
+
 def test_the_extent_is_where_the_padding_begins_and_grows_to_cover_instances(train_bank, val_set):
     image, target = val_set[3]
     h, w = image.shape[-2:]

@@ -81,6 +81,30 @@ def check(before: dict, after: dict) -> None:
     assert changed[covered].float().mean() > 0.5
 
 
+def test_polygons_rasterised_in_their_boxes_are_detectron2s_bitmasks(coco_mini):
+    """What the mapper's polygons become (coco.polygon_masks): BitMasks.from_polygon_masks bit for bit
+    on real COCO polygons scaled (0.1x-4x) and moved, partly or wholly outside the image, several
+    parts per instance."""
+    import json
+
+    from sos_aug.coco import polygon_masks
+
+    anns = json.loads((coco_mini / "annotations" / "instances_val2017.json").read_text())["annotations"]
+    polygons = [a["segmentation"] for a in anns if isinstance(a["segmentation"], list)]
+    assert any(len(p) > 1 for p in polygons)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(50, 700, 2))
+        instances = []
+        for j in rng.integers(0, len(polygons), int(rng.integers(1, 9))):
+            scale, (dx, dy) = rng.uniform(0.1, 4.0), rng.uniform(-300, 600, 2)
+            instances.append([np.asarray(p) * scale + np.tile([dx, dy], len(p) // 2) for p in polygons[j]])
+        masks = PolygonMasks(instances)
+        expected = BitMasks.from_polygon_masks(masks, h, w).tensor
+        assert torch.equal(polygon_masks(masks.polygons, h, w), expected)
+    assert polygon_masks([], 5, 7).shape == (0, 5, 7)
+
+
 def test_mapper_pastes_exactly_after_lsj_with_polygon_annotations(cfg, dicts):
     plain, sos = lsj_mapper(cfg), CopyPasteMapper(cfg, mapper=lsj_mapper(cfg))
     for i in range(4):

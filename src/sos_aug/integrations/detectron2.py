@@ -30,6 +30,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.structures import BitMasks, Boxes, PolygonMasks
 from detectron2.structures import Instances as D2Instances
 
+from ..coco import polygon_masks
 from ..copy_paste import CopyPaste
 from ..segments import PasteSegments
 from .padding import unpadded_extent
@@ -149,9 +150,8 @@ def to_target(image: torch.Tensor, instances: D2Instances, bgr: bool = True) -> 
     target = {"boxes": instances.gt_boxes.tensor.float(), "labels": instances.gt_classes.long()}
     if instances.has("gt_masks"):
         m = instances.gt_masks
-        if isinstance(m, PolygonMasks):
-            m = BitMasks.from_polygon_masks(m, h, w)
-        target["masks"] = m.tensor.to(image.device).bool()
+        masks = polygon_masks(m.polygons, h, w) if isinstance(m, PolygonMasks) else m.tensor.bool()
+        target["masks"] = masks.to(image.device)
     return rgb, target
 
 

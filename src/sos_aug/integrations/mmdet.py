@@ -38,6 +38,7 @@ from mmdet.structures.bbox import HorizontalBoxes  # noqa: E402
 from mmdet.structures.mask import BitmapMasks, PolygonMasks  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
+from ..coco import polygon_masks  # noqa: E402
 from ..copy_paste import CopyPaste  # noqa: E402
 from ..segments import PasteSegments  # noqa: E402
 from .padding import unpadded_extent  # noqa: E402
@@ -132,8 +133,9 @@ def to_target(results: dict, bgr: bool = True) -> tuple[torch.Tensor, dict]:
     masks = results.get("gt_masks")
     if masks is not None:
         if isinstance(masks, PolygonMasks):
-            masks = masks.to_bitmap()
-        target["masks"] = torch.from_numpy(np.asarray(masks.masks)).bool().reshape(len(masks), h, w)
+            target["masks"] = polygon_masks(masks.masks, h, w)
+        else:
+            target["masks"] = torch.from_numpy(np.asarray(masks.masks)).bool().reshape(len(masks), h, w)
     if not (len(labels) == len(ignore) == n and (masks is None or len(target["masks"]) == n)):
         raise ValueError(f"results hold {n} gt_bboxes, {len(labels)} gt_bboxes_labels, {len(ignore)} "
                          f"gt_ignore_flags and {None if masks is None else len(masks)} gt_masks")
