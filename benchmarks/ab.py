@@ -62,7 +62,7 @@ def kind_of(key: str) -> str | None:
         return None
     if "per_s" in key:
         return "rate"
-    if key.startswith("ms") or key.endswith("_ms") or "ms_per" in key or key in ("composite", "refer", "slowdown"):
+    if key.startswith(("ms", "slowdown")) or key.endswith("_ms") or "ms_per" in key or key in ("composite", "refer"):
         return "time"  # (a slowdown, with over without, is lower-is-better too)
     return None
 

@@ -1,6 +1,7 @@
 """What sos_aug costs inside each framework's data pipeline: images/s of one data worker's work
-(load, LSJ to 1024 x 1024, copy-paste, pack) on coco-mini, with and without sos_aug, per framework,
-measured side by side in interleaved rounds (ratios, not absolute times: this machine is noisy).
+(load, LSJ to 1024 x 1024, copy-paste, pack) on coco-mini, without sos_aug, with it, and with it
+relighting as the shipped configs do (net + LabBlend), per framework, measured side by side in
+interleaved rounds (ratios, not absolute times: this machine is noisy).
 
     OMP_NUM_THREADS=1 python benchmarks/integrations.py [--images 24] [--rounds 3] [--json out.json]
 
@@ -25,23 +26,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import coco_mini, machine, train_bank  # noqa: E402
 
 SIZE = 1024
+RELIGHT = ("net", "lab")  # what the shipped configs relight with
 
 
 def torchvision_pipelines(root: Path, bank) -> dict:
     from sos_aug import CocoInstances, CopyPaste, SOSLayout, label_map_from_coco
     from sos_aug.integrations.torchvision import large_scale_jitter
+    from sos_aug.relight.named import make_relighter
 
     ann = root / "annotations" / "instances_train2017.json"
     ds = CocoInstances(ann, root / "train2017")
     lsj = large_scale_jitter(SIZE)
-    cp = CopyPaste(bank, layout=SOSLayout(), num_pastes=(1, 10), label_map=label_map_from_coco(ann))
+    cps = {relight: CopyPaste(bank, layout=SOSLayout(), num_pastes=(1, 10), label_map=label_map_from_coco(ann),
+                              relight=make_relighter(RELIGHT) if relight else None) for relight in (False, True)}
     g = torch.Generator().manual_seed(0)
 
-    def run(i: int, paste: bool):
+    def run(i: int, paste: bool, relight: bool = False):
         image, target = lsj(*ds[i])
-        return cp(image, target, generator=g) if paste else (image, target)
+        return cps[relight](image, target, generator=g) if paste else (image, target)
 
-    return {"without": lambda i: run(i, False), "with": lambda i: run(i, True)}
+    return {"without": lambda i: run(i, False), "with": lambda i: run(i, True),
+            "with_relight": lambda i: run(i, True, True)}
 
 
 def mmdet_pipelines(root: Path, bank) -> dict:
@@ -68,7 +73,9 @@ def mmdet_pipelines(root: Path, bank) -> dict:
 
     without = dataset(head + [dict(type="PackDetInputs")])
     with_sos = dataset(head + [paste, dict(type="PackDetInputs")])
-    return {"without": lambda i: without[i % len(without)], "with": lambda i: with_sos[i % len(with_sos)]}
+    relit = dataset(head + [dict(paste, relight=list(RELIGHT)), dict(type="PackDetInputs")])
+    return {"without": lambda i: without[i % len(without)], "with": lambda i: with_sos[i % len(with_sos)],
+            "with_relight": lambda i: relit[i % len(relit)]}
 
 
 def detectron2_pipelines(root: Path, bank) -> dict:
@@ -94,8 +101,12 @@ def detectron2_pipelines(root: Path, bank) -> dict:
     base = DatasetMapper(cfg, is_train=True, augmentations=augs, image_format="BGR", use_instance_mask=True,
                          instance_mask_format="polygon", recompute_boxes=True)
     sos = CopyPasteMapper(cfg, mapper=base)
+    relit_cfg = cfg.clone()
+    relit_cfg.INPUT.SOS.RELIGHT = list(RELIGHT)
+    relit = CopyPasteMapper(relit_cfg, mapper=base)
     return {"without": lambda i: base(copy.deepcopy(dicts[i % len(dicts)])),
-            "with": lambda i: sos(copy.deepcopy(dicts[i % len(dicts)]))}
+            "with": lambda i: sos(copy.deepcopy(dicts[i % len(dicts)])),
+            "with_relight": lambda i: relit(copy.deepcopy(dicts[i % len(dicts)]))}
 
 
 FRAMEWORKS = {"torchvision": torchvision_pipelines, "mmdet": mmdet_pipelines, "detectron2": detectron2_pipelines}
@@ -129,16 +140,17 @@ def main(argv: list[str] | None = None) -> dict:
     for fns in pipelines.values():  # warm-up: first reads, lazy imports, the bank's index
         for fn in fns.values():
             fn(0)
-    speeds = {name: {"without": [], "with": []} for name in pipelines}
+    speeds = {name: {arm: [] for arm in fns} for name, fns in pipelines.items()}
     for _ in range(args.rounds):
         for name, fns in pipelines.items():
             for arm, fn in fns.items():
                 speeds[name][arm].append(images_per_second(fn, args.images))
     for name, arms in speeds.items():
-        without, with_sos = statistics.median(arms["without"]), statistics.median(arms["with"])
-        report["frameworks"][name] = {"images_per_s_without": round(without, 2),
-                                      "images_per_s_with": round(with_sos, 2),
-                                      "slowdown": round(without / with_sos, 2)}
+        rates = {arm: statistics.median(runs) for arm, runs in arms.items()}
+        report["frameworks"][name] = {
+            **{f"images_per_s_{arm}": round(rate, 2) for arm, rate in rates.items()},
+            "slowdown": round(rates["without"] / rates["with"], 2),
+            "slowdown_relighting": round(rates["without"] / rates["with_relight"], 2)}
     for name, row in report["frameworks"].items():
         print(f"{name:12s} " + ", ".join(f"{k} {v}" for k, v in row.items()))
     if args.json:
