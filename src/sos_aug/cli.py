@@ -175,7 +175,8 @@ def _refer(args) -> int:
     from .referring.dataset import refer_coco
 
     result = refer_coco(args.coco, args.images, args.out, args.bank, args.paste, args.per_kind, args.limit,
-                        args.seed, args.layout, tuple(args.num), progress=not args.quiet, split=args.split)
+                        args.seed, args.layout, tuple(args.num), progress=not args.quiet, split=args.split,
+                        review=args.review)
     print(f"{result['images']} images, expressions by kind: " +
           ", ".join(f"{k}={v}" for k, v in result["expressions"].items()))
     for path in result["files"].values():
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--num", type=int, nargs=2, default=[2, 8], metavar=("LOW", "HIGH"), help="segments per image")
     rf.add_argument("--split", help="the split the exports name (default: train, val or test from the --coco "
                     "file's name, else its stem)")
+    rf.add_argument("--review", type=int, default=0, metavar="N",
+                    help="draw N expressions at random (seeded, spread over kinds) into OUT/review: pictures and "
+                    "review.html, a page to give verdicts on and save them as JSON")
     rf.add_argument("--quiet", action="store_true", help="no progress bar")
     rf.set_defaults(func=_refer)
 

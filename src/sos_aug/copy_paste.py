@@ -262,8 +262,8 @@ class CopyPaste:
             if any("masks" not in t for t in targets):
                 raise ValueError("referring expressions are measured on instance masks; these targets have "
                                  "boxes only (drop referring=, or give masks)")
-            for image, target in zip(out_images, out_targets):
-                target["referring"] = self.refer(image, target, generator)
+            for image, target, before in zip(out_images, out_targets, targets):
+                target["referring"] = self.refer(image, target, generator, before)
         if single:
             return out_images[0], out_targets[0]
         if isinstance(images, torch.Tensor):
@@ -309,17 +309,27 @@ class CopyPaste:
         return ([_uncropped_image(full, out) for full, out in zip(images, out_images)],
                 [_uncropped_target(t, *full.shape[-2:]) for t, full in zip(out_targets, images)])
 
-    def refer(self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None) -> list[dict]:
-        """Verified referring expressions for one output (``referring``), pasted segments named by
-        their bank text's short phrase where it has one."""
+    def refer(self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None,
+              before: Target | None = None) -> list[dict]:
+        """Verified referring expressions for one output (``referring``): pasted segments named by
+        their bank text's short phrase where it has one and judged against their source's size;
+        existing instances against their masks in ``before`` (the input target), where given."""
         labels = target["labels"].tolist()
         names = target.get("names") or [self.label_names.get(int(lab), str(lab)) for lab in labels]
         phrases: list[str | None] = [None] * len(labels)
+        sources: list[tuple[int, int] | None] = [None] * len(labels)
+        originals: list[torch.Tensor | None] = [None] * len(labels)
         pasted = target["is_pasted"].nonzero().flatten().tolist()
-        pointers = self.bank.index["text"][target["pasted_rows"].cpu().numpy()] if pasted else []
-        for row, pointer in zip(pasted, pointers):
-            phrases[row] = self.bank.text(int(pointer)).get("short_phrase")
-        return self.referring(image, target, names, phrases, generator)
+        records = self.bank.index[target["pasted_rows"].cpu().numpy()] if pasted else []
+        for row, record in zip(pasted, records):
+            phrases[row] = self.bank.text(int(record["text"])).get("short_phrase")
+            sources[row] = (int(record["height"]), int(record["width"]))
+        if before is not None and "masks" in before:
+            old = before["masks"].as_subclass(torch.Tensor).bool()
+            existing = (~target["is_pasted"]).nonzero().flatten().tolist()
+            for row, source_row in zip(existing, target["kept_rows"].tolist()):
+                originals[row] = old[source_row]
+        return self.referring(image, target, names, phrases, generator, sources, originals)
 
     def _relight(self, images: list[torch.Tensor], results: list[PasteResult]) -> list[torch.Tensor]:
         """Relight the pasted segments' visible pixels; every other pixel stays bit-identical."""
@@ -360,13 +370,15 @@ class CopyPaste:
             out["names"] = [nm for nm, k in zip(old_names, keep.tolist()) if k] + [
                 segments.names[int(i)] for i in kept_src]
         out["pasted_rows"] = segments.bank_rows[kept_src]
+        out["kept_rows"] = keep.nonzero().flatten()  # the input rows of the existing survivors
         img = res.image
         if isinstance(image, tv_tensors.Image):
             img = tv_tensors.wrap(img, like=image)
         return img, out
 
 
-_INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows", "referring"}
+_INSTANCE_KEYS = {"boxes", "labels", "masks", "iscrowd", "area", "is_pasted", "names", "pasted_rows", "kept_rows",
+                  "referring"}
 
 
 def _instances(target: Target, device: torch.device, hw: tuple[int, int]) -> Instances:

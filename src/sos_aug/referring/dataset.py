@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -15,6 +16,7 @@ from ..coco import CocoInstances
 from ..copy_paste import CopyPaste
 from .export import Sample, write_grounding
 from .expressions import KINDS, Referring
+from .review import Drawn, pick, write_review
 
 
 def split_of(ann_file) -> str:
@@ -26,10 +28,11 @@ def split_of(ann_file) -> str:
 
 
 def refer_coco(ann_file, images_dir, out, bank_path=None, paste=False, per_kind=2, limit=0, seed=0,
-               layout="sos", num=(2, 8), progress=True, split: str | None = None) -> dict:
+               layout="sos", num=(2, 8), progress=True, split: str | None = None, review: int = 0) -> dict:
     """Referring expressions for a COCO-format set as it is (real images only) or after pasting
     (the pasted images written to ``out/images``), exported with :func:`.export.write_grounding`
-    under ``split`` (by default :func:`split_of` the file)."""
+    under ``split`` (by default :func:`split_of` the file); with ``review``, that many of them drawn
+    at random (seeded, spread over kinds) into ``out/review`` (:mod:`.review`)."""
     ds = CocoInstances(ann_file, images_dir, only_annotated=True)
     names = {c["id"]: c["name"] for c in ds.categories}
     referring = Referring(per_kind={k: per_kind for k in KINDS}, vocabulary=sorted(names.values()))
@@ -61,4 +64,21 @@ def refer_coco(ann_file, images_dir, out, bank_path=None, paste=False, per_kind=
     if progress:
         print(f"refer: writing the grounding files to {out} ...", file=sys.stderr, flush=True)
     paths = write_grounding(out, samples, ds.categories, split=split or split_of(ann_file))
-    return {"images": len(samples), "expressions": counts, "files": {k: str(v) for k, v in paths.items()}}
+    files = {k: str(v) for k, v in paths.items()}
+    if review:
+        files["review"] = str(_review(ds, samples, Path(out), review, seed, pasted=cp is not None))
+    return {"images": len(samples), "expressions": counts, "files": files}
+
+
+def _review(ds: CocoInstances, samples: list[Sample], out: Path, n: int, seed: int, pasted: bool) -> Path:
+    """``n`` expressions drawn at random, spread over kinds, as pictures and a review page."""
+    chosen = pick([(i, r) for i, s in enumerate(samples) for r in s.target["referring"]], n, seed)
+    items = []
+    for i, record in chosen:
+        sample = samples[i]
+        if pasted:
+            image = torch.from_numpy(np.array(Image.open(out / sample.file_name).convert("RGB"))).permute(2, 0, 1)
+        else:
+            image = ds[i][0]
+        items.append(Drawn(record, image, sample.target, sample.file_name))
+    return write_review(out / "review", items)

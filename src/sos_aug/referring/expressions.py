@@ -1,17 +1,22 @@
-"""Referring expressions for every augmented image, each verified to denote exactly its targets.
+"""Referring expressions for every augmented image, each verified to denote exactly its targets as
+a person would read it.
 
-The scene is known exactly after pasting, so expressions are written from an attribute model of the
-*visible* instances (category or the segment's SOS short phrase, a basic colour term measured in Lab,
-size among its category, position, relations, ordinals) and each one is kept only if a resolver over
-the same model finds exactly its targets. Crowd regions, ignored instances and instances with too
-few visible pixels are never targets, and since their attributes are unknown they count as matching
-any expression about their category, so nothing that would need them told apart is emitted.
+The scene is known exactly after pasting, so expressions are written from a model of what a person
+sees (:mod:`.scene`: clearly visible instances, their everyday nouns, colour terms, sizes, positions,
+relations), and each is kept only if its targets all *surely* fit its words and nothing else even
+*maybe* does (:mod:`.predicates`, with margins), so no borderline case decides what it denotes.
+Instances a person could confuse with a target but not tell apart (too small, cut off, a crowd
+region) match whatever is said of their category and so block; instances too small to notice are
+never mentioned, but keep their category from being counted. Words that count (ordinals, "both",
+"all the", "the three") are used only where the annotation is likely complete: a small count, no
+crowd region, nothing hidden in the noise, and never for things that come in heaps.
 
 ``CopyPaste(..., referring=Referring())`` adds ``target["referring"]``: a list of records
 ``{"text", "kind", "targets", "intra_class"}`` (``targets``: row indices into the target's
 instances, empty for a no-target expression; ``intra_class``: other instances of the targets'
 category are in the image, so only attributes, positions or relations tell them apart, SOS's SFC/SGC
-case; ``original`` beside ``text`` where a rewrite hook changed it). Exports:
+case; ``anchor``: the row a relation is to; ``original`` beside ``text`` where a rewrite hook
+changed it). Exports:
 :mod:`sos_aug.referring.export`.
 """
 
@@ -24,58 +29,15 @@ from typing import Any
 
 import torch
 
-from ..names import is_person
-from ..ops.color import rgb_to_lab
-from ..ops.masks import count_pixels, tight_boxes
+from . import predicates as P
+from .scene import COLOURS, VISIBLE, Instance, Scene, Visibility, describe
+from .words import HEAPS, NUMBERS, ORDINALS, countable, everyday_name, plural
 
 KINDS = ("attribute", "position", "relation", "ordinal", "multi", "no_target")
-
-# basic colour terms (Berlin & Kay) and an sRGB prototype of each; a pixel takes the nearest in Lab
-COLOURS = {"black": (20, 20, 20), "white": (245, 245, 245), "grey": (128, 128, 128), "red": (200, 30, 30),
-           "orange": (240, 140, 30), "yellow": (240, 220, 40), "green": (50, 150, 60), "blue": (40, 80, 200),
-           "purple": (130, 50, 160), "pink": (240, 150, 190), "brown": (120, 70, 30)}
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]
-IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-             "knife": "knives", "sheep": "sheep", "skis": "skis", "scissors": "scissors", "glasses": "glasses",
-             "shelf": "shelves", "leaf": "leaves", "foot": "feet", "tooth": "teeth", "goose": "geese"}
-
-
-def plural(noun: str) -> str:
-    """English plural of a (possibly multi-word) noun: the last word is inflected."""
-    head, _, last = noun.rpartition(" ")
-    if last in IRREGULAR:
-        out = IRREGULAR[last]
-    elif last.endswith(("s", "x", "z", "ch", "sh")):
-        out = last + "es"
-    elif last.endswith("y") and len(last) > 1 and last[-2] not in "aeiou":
-        out = last[:-1] + "ies"
-    else:
-        out = last + "s"
-    return f"{head} {out}" if head else out
-
-
-@dataclass
-class Instance:
-    """What the resolver knows of one instance: ``eligible`` ones have every attribute measured."""
-
-    index: int
-    category: str
-    eligible: bool
-    noun: str = ""  # the category name, or the segment's short phrase
-    colour: str | None = None  # the dominant basic colour term
-    colours: dict[str, float] = field(default_factory=dict)  # share of the visible pixels per term
-    area: int = 0
-    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    order: int = 0  # paste order: existing instances 0, pasted ones 1, 2, ... (later is in front)
-
-    @property
-    def cx(self) -> float:
-        return (self.box[0] + self.box[2]) / 2
-
-    @property
-    def cy(self) -> float:
-        return (self.box[1] + self.box[3]) / 2
+MAX_COUNT = 5  # categories with more instances than this are never counted in words
+RANK_SIZES = 6.0  # ranked instances are within this area ratio (similar depths: "the third from the left")
+ANCHOR_AREA = 2.0  # relation anchors have this many times the visibility minimum
+ORDINAL_GAP = 0.04  # neighbours in a count from one side are this far apart (share of the width)
 
 
 @dataclass(frozen=True)
@@ -87,136 +49,83 @@ class Spec:
     extreme: str | None = None  # "largest" / "smallest" of its category
     hpos: str | None = None  # "left" / "middle" / "right" third of the image
     vpos: str | None = None  # "top" / "bottom" half
-    relation: str | None = None  # "left of", "right of", "above", "below", "next to", "in front of"
-    anchor: int | None = None  # the instance the relation is to (itself uniquely described by category)
-    ordinal: int | None = None  # k-th of its category from the left (0-based)
+    relation: str | None = None  # one of predicates.RELATIONS
+    anchor: int | None = None  # the instance the relation is to
+    ordinal: int | None = None  # k-th of its category counted from ``side`` (0-based)
+    side: str = "left"
     every: bool = False  # all the instances it matches (multi-target)
 
 
-_PROTOTYPES: dict[torch.device, torch.Tensor] = {}
-
-
-def _prototypes(device: torch.device) -> torch.Tensor:
-    """The colour terms' prototypes in Lab, (11, 3), computed once per device."""
-    if device not in _PROTOTYPES:
-        rgb = torch.tensor(list(COLOURS.values()), dtype=torch.uint8, device=device).T.contiguous()
-        _PROTOTYPES[device] = rgb_to_lab(rgb).T.float()
-    return _PROTOTYPES[device]
-
-
-def lab_colour_terms(pixels: torch.Tensor) -> torch.Tensor:
-    """The index into :data:`COLOURS` of each of (3, N) RGB pixels (uint8 or [0, 1]): the basic
-    colour term whose prototype is nearest in Lab."""
-    lab = rgb_to_lab(pixels.contiguous()).T.float()
-    return torch.cdist(lab, _prototypes(pixels.device)).argmin(1)
-
-
-def colour_shares(image: torch.Tensor, mask: torch.Tensor, max_pixels: int = 1024,
-                  box: Sequence[float] | None = None) -> dict[str, float]:
-    """The share of the mask's visible pixels (evenly subsampled) each basic colour term takes;
-    ``box``, the mask's tight box where known, saves a pass over the whole canvas."""
-    image = image.as_subclass(torch.Tensor)
-    if box is not None:
-        x0, y0, x1, y1 = (int(v) for v in box)
-        image, mask = image[:, y0:y1, x0:x1], mask[y0:y1, x0:x1]
-    step = max(1, int((mask.shape[-2] * mask.shape[-1] / (4 * max_pixels)) ** 0.5))  # a regular grid first
-    image, mask = image[:, ::step, ::step], mask[::step, ::step]
-    pixels = image[:, mask]
-    if pixels.shape[1] > max_pixels:
-        pixels = pixels[:, :: pixels.shape[1] // max_pixels + 1]
-    if pixels.shape[1] == 0:
-        return {}
-    counts = torch.bincount(lab_colour_terms(pixels), minlength=len(COLOURS)).tolist()
-    total = sum(counts)
-    return {name: c / total for name, c in zip(COLOURS, counts) if c}
-
-
-COLOUR_SAYS = 0.25  # an instance "is" a colour when that much of it is
-COLOUR_ABSENT = 0.05  # and a no-target colour takes less than this of every instance of the category
-
-
-def describe(image: torch.Tensor, target: dict, names: Sequence[str], phrases: Sequence[str | None] | None = None,
-             min_pixels: int = 64) -> list[Instance]:
-    """The attribute model of a pasted (or plain) image's instances. ``names[i]`` is instance i's
-    category name; ``phrases[i]`` an optional short phrase used as its noun (SOS's text)."""
-    image = image.as_subclass(torch.Tensor)
-    masks = target["masks"].as_subclass(torch.Tensor).bool()
-    boxes = torch.as_tensor(target["boxes"]).as_subclass(torch.Tensor).float().tolist()
-    crowd = target.get("iscrowd", torch.zeros(len(masks), dtype=torch.long)).bool().tolist()
-    pasted = target.get("is_pasted", torch.zeros(len(masks), dtype=torch.bool)).tolist()
-    areas = count_pixels(masks).tolist()
-    tight = tight_boxes(masks).tolist()  # the target's boxes may be looser (boxes="keep")
-    first_pasted = next((i for i, p in enumerate(pasted) if p), len(pasted))
-    out = []
-    for i in range(len(masks)):
-        eligible = not crowd[i] and areas[i] >= min_pixels
-        noun = (phrases[i] if phrases and phrases[i] else names[i]).strip()
-        inst = Instance(i, names[i], eligible, noun, area=int(areas[i]), box=tuple(boxes[i]),
-                        order=(i - first_pasted + 1) if pasted[i] else 0)
-        if eligible and not (is_person(names[i]) or is_person(noun)):  # people get no colour term
-            inst.colours = colour_shares(image, masks[i], box=tight[i])
-            inst.colour = max(inst.colours, key=inst.colours.get)
-        out.append(inst)
-    return out
-
-
-def _hpos(inst: Instance, width: int) -> str:
-    return ("left", "middle", "right")[min(2, int(3 * inst.cx / width))]
-
-
-def _vpos(inst: Instance, height: int) -> str:
-    return "top" if inst.cy < height / 2 else "bottom"
-
-
-def _related(a: Instance, b: Instance, relation: str) -> bool:
-    """Whether ``a`` stands in ``relation`` to ``b`` (boxes wholly apart, or pasted over it)."""
-    ax1, ay1, ax2, ay2 = a.box
-    bx1, by1, bx2, by2 = b.box
-    if relation == "left of":
-        return ax2 <= bx1
-    if relation == "right of":
-        return ax1 >= bx2
-    if relation == "above":
-        return ay2 <= by1
-    if relation == "below":
-        return ay1 >= by2
-    overlap = min(ax2, bx2) > max(ax1, bx1) and min(ay2, by2) > max(ay1, by1)
-    if relation == "next to":  # side by side: rows overlap, a gap under a quarter of their mean width
-        gap = max(bx1 - ax2, ax1 - bx2)
-        return min(ay2, by2) > max(ay1, by1) and 0 <= gap < 0.25 * ((ax2 - ax1) + (bx2 - bx1)) / 2
-    return relation == "in front of" and overlap and a.order > b.order
-
-
-def resolve(spec: Spec, instances: Sequence[Instance], height: int, width: int) -> set[int]:
-    """Every instance the expression could denote. An ineligible instance of the category (crowd,
-    barely visible) is taken to match whatever is said of it: its attributes are unknown."""
-    members = [x for x in instances if x.category == spec.category]
-    if any(not x.eligible for x in members):
-        unknown = {x.index for x in members if not x.eligible}
-        known = [x for x in members if x.eligible]
-    else:
-        unknown, known = set(), members
-    if spec.colour is not None:  # conservative: any instance that much of this colour matches
-        known = [x for x in known if x.colours.get(spec.colour, 0.0) >= COLOUR_SAYS]
-    if spec.hpos is not None:
-        known = [x for x in known if _hpos(x, width) == spec.hpos]
-    if spec.vpos is not None:
-        known = [x for x in known if _vpos(x, height) == spec.vpos]
-    if spec.relation is not None:
-        anchor = next(x for x in instances if x.index == spec.anchor)
-        known = [x for x in known if x.index != anchor.index and _related(x, anchor, spec.relation)]
-    if spec.extreme is not None and known:
-        if unknown:  # the largest could be one we cannot measure
-            return {x.index for x in known} | unknown
-        pick = max if spec.extreme == "largest" else min
-        best = pick(x.area for x in known)
-        known = [x for x in known if x.area == best]
+def resolve(spec: Spec, scene: Scene) -> set[int]:
+    """Every instance the expression *could* denote: each that maybe fits all of its words. An
+    unclear instance of the category (crowd, small, cut off) fits whatever is said of it."""
+    members = scene.members(spec.category)
+    confused = {x.index for x in scene.confusers(spec.category)}
     if spec.ordinal is not None:
-        if unknown:
-            return {x.index for x in known} | unknown
-        ranked = sorted(known, key=lambda x: (x.cx, x.index))
-        known = [ranked[spec.ordinal]] if spec.ordinal < len(ranked) else []
-    return {x.index for x in known} | unknown
+        ranked = _ordinal_candidates(spec, scene) if counted(spec.category, scene) else {x.index for x in members}
+        return ranked | confused
+    return confused | {x.index for x in members if x.status != VISIBLE or fits(spec, x, scene)[1]}
+
+
+def fits(spec: Spec, x: Instance, scene: Scene) -> P.Truth:
+    """(sure, maybe): whether ``x`` fits every word of ``spec`` (an ordinal's rank aside)."""
+    sure, maybe = True, True
+    checks = []
+    if spec.colour is not None:
+        checks.append(P.colour(x, spec.colour))
+    if spec.hpos is not None:
+        checks.append(P.hpos(x, spec.hpos, scene.width))
+    if spec.vpos is not None:
+        checks.append(P.vpos(x, spec.vpos, scene.height))
+    if spec.extreme is not None:
+        checks.append(P.extreme(x, spec.extreme, scene.members(spec.category)))
+    if spec.relation is not None:
+        anchor = scene.instances[spec.anchor]
+        checks.append((False, False) if anchor.index == x.index else P.related(x, anchor, spec.relation, scene))
+    for s, m in checks:
+        sure, maybe = sure and s, maybe and m
+    return sure, maybe
+
+
+def counted(category: str, scene: Scene, heaps: frozenset[str] = HEAPS) -> bool:
+    """Whether a category's instances may be counted in words: a small number of them, every
+    annotated one clearly visible (none hidden as a speck, cut off or a crowd region), and not a
+    thing that comes in heaps or a plural-only noun."""
+    every = scene.all_of(category)
+    return (0 < len(every) <= MAX_COUNT and all(x.status == VISIBLE for x in every)
+            and countable(every[0].noun, category, heaps) and not scene.confusers(category))
+
+
+def _comparable(members: list[Instance]) -> bool:
+    """Whether instances are of similar apparent size (so at similar depths), as a count from one side
+    needs: a person counts the row of things, not the near one and the far ones together."""
+    areas = [x.area for x in members]
+    return max(areas) <= RANK_SIZES * min(areas)
+
+
+def _ranked(spec: Spec, scene: Scene) -> list[Instance]:
+    members = sorted(scene.members(spec.category), key=lambda x: (x.cx, x.index))
+    return members if spec.side == "left" else members[::-1]
+
+
+def _ordinal_candidates(spec: Spec, scene: Scene) -> set[int]:
+    """The instances that could be k-th from the side: the k-th, and a neighbour whose centre is
+    too close to tell which comes first."""
+    ranked = _ranked(spec, scene)
+    k = spec.ordinal
+    if k >= len(ranked):
+        return set()
+    near = ORDINAL_GAP * scene.width
+    return {y.index for y in ranked if abs(y.cx - ranked[k].cx) < near}
+
+
+def verified(spec: Spec, targets: Sequence[int], scene: Scene) -> bool:
+    """The verification: every target surely fits, and exactly the targets maybe do."""
+    if resolve(spec, scene) != set(targets):
+        return False
+    if spec.ordinal is not None:
+        return True  # the rank is the claim, and resolve has checked it with margins
+    return all(fits(spec, scene.instances[t], scene)[0] for t in targets)
 
 
 @dataclass
@@ -227,7 +136,9 @@ class Referring:
         per_kind: how many expressions of each kind to keep at most per image (kinds in :data:`KINDS`).
         limit: how many expressions per image at most, all kinds together (None: no limit).
         vocabulary: category names a no-target expression may mention (default: those in the image).
-        min_pixels: instances with fewer visible pixels are never targets.
+        visibility: when an instance is clearly visible (:class:`~.scene.Visibility`).
+        names: everyday names for dataset categories, read before :data:`~.words.EVERYDAY`.
+        heaps: categories never counted in words (default :data:`~.words.HEAPS`).
         rewrite: ``text -> text`` (a local LLM, say); the target set travels unchanged and the
             template text is kept as ``original``.
     """
@@ -235,99 +146,153 @@ class Referring:
     per_kind: dict[str, int] = field(default_factory=lambda: {k: 2 for k in KINDS})
     limit: int | None = None
     vocabulary: Sequence[str] = ()
-    min_pixels: int = 64
+    visibility: Visibility = field(default_factory=Visibility)
+    names: dict[str, str] = field(default_factory=dict)
+    heaps: frozenset[str] = HEAPS
     rewrite: Callable[[str], str] | None = None
 
     def __call__(self, image: torch.Tensor, target: dict, names: Sequence[str],
-                 phrases: Sequence[str | None] | None = None,
-                 generator: torch.Generator | None = None) -> list[dict[str, Any]]:
-        h, w = image.shape[-2:]
-        instances = describe(image, target, names, phrases, self.min_pixels)
-        candidates = self.candidates(instances, h, w, generator)
+                 phrases: Sequence[str | None] | None = None, generator: torch.Generator | None = None,
+                 sources: Sequence[tuple[int, int] | None] | None = None,
+                 originals: Sequence[torch.Tensor | None] | None = None) -> list[dict[str, Any]]:
+        """Records for one image. ``names``: each instance's category; ``phrases``: short phrases
+        for pasted segments; ``sources``: a pasted segment's source size (H, W); ``originals``: an
+        existing instance's mask before pasting (both from CopyPaste)."""
+        scene = describe(image, target, names, phrases, sources, originals, self.visibility, self.names)
         records, seen = [], set()
-        for kind, text, spec, targets in candidates:
+        for kind, text, spec, targets in self.candidates(scene, generator):
             if self.limit is not None and len(records) >= self.limit:
                 break
             if text in seen or self.per_kind.get(kind, 0) <= sum(r["kind"] == kind for r in records):
                 continue
-            if resolve(spec, instances, h, w) != set(targets):  # the verification: exactly its targets
+            if not verified(spec, targets, scene):
                 continue
             seen.add(text)
-            same_class = sum(x.category == spec.category for x in instances)
+            same_class = len(scene.members(spec.category))
             record = {"text": text, "kind": kind, "targets": sorted(targets),
                       "intra_class": bool(targets) and same_class > len(targets)}
+            if spec.anchor is not None:
+                record["anchor"] = spec.anchor
             if self.rewrite is not None:
                 record = {**record, "original": text, "text": self.rewrite(text)}
             records.append(record)
         return records
 
-    def candidates(self, instances: list[Instance], h: int, w: int,
-                   g: torch.Generator | None) -> list[tuple[str, str, Spec, list[int]]]:
-        """(kind, text, meaning, intended targets) in a seeded random order, to be verified."""
-        out: list[tuple[str, str, Spec, list[int]]] = []
-        eligible = [x for x in instances if x.eligible]
-        by_cat: dict[str, list[Instance]] = {}
-        for x in instances:
-            by_cat.setdefault(x.category, []).append(x)
-        anchors = [a for a in instances if a.eligible and len(by_cat[a.category]) == 1]  # told by category alone
+    def candidates(self, scene: Scene, g: torch.Generator | None) -> list[tuple[str, str, Spec, list[int]]]:
+        """(kind, text, meaning, intended targets) in a seeded random order (no-target expressions
+        that name a present category before those that name an absent one), to be verified."""
         rng = random.Random(int(torch.randint(2**62, (1,), generator=g)))  # one draw from the caller's generator
-
-        def say(options: list[str]) -> str:
-            return options[rng.randrange(len(options))]
-
-        for x in eligible:
-            c, n = x.category, x.noun
-            many = len(by_cat[c]) > 1
-            if not many:
-                out.append(("attribute", f"the {n}", Spec(c), [x.index]))
-            if x.colour is not None:
-                out.append(("attribute", say([f"the {x.colour} {n}", f"the {n} that is {x.colour}"]),
-                            Spec(c, colour=x.colour), [x.index]))
-            if many:
-                for extreme in ("largest", "smallest"):
-                    out.append(("attribute", say([f"the {extreme} {n}", f"the {n} that is the {extreme}"]),
-                                Spec(c, extreme=extreme), [x.index]))
-                k = sorted(by_cat[c], key=lambda y: (y.cx, y.index)).index(x)
-                if k < len(ORDINALS):
-                    out.append(("ordinal", say([f"the {ORDINALS[k]} {n} from the left",
-                                                f"the {ORDINALS[k]} {n} counting from the left"]),
-                                Spec(c, ordinal=k), [x.index]))
-            hp, vp = _hpos(x, w), _vpos(x, h)
-            where = "in the middle" if hp == "middle" else f"on the {hp}"
-            out.append(("position", say([f"the {n} {where}", f"the {n} {where} of the image"]),
-                        Spec(c, hpos=hp), [x.index]))
-            out.append(("position", say([f"the {n} at the {vp}", f"the {n} near the {vp}"]),
-                        Spec(c, vpos=vp), [x.index]))
-            for anchor in anchors:
-                if anchor.index == x.index:
-                    continue
-                for rel in ("left of", "right of", "above", "below", "next to", "in front of"):
-                    if _related(x, anchor, rel):
-                        words = {"left of": "to the left of", "right of": "to the right of"}.get(rel, rel)
-                        out.append(("relation", say([f"the {n} {words} the {anchor.noun}",
-                                                     f"the {n} that is {words} the {anchor.noun}"]),
-                                    Spec(c, relation=rel, anchor=anchor.index), [x.index]))
-        for c, members in by_cat.items():
-            group = [x for x in members if x.eligible]
-            if len(group) >= 2 and len(group) == len(members):
-                noun = plural(group[0].category)
-                out.append(("multi", say([f"all the {noun}", f"every {group[0].category}", f"the {noun}"]),
-                            Spec(c, every=True), [x.index for x in group]))
-                for hp in ("left", "right"):
-                    side = [x for x in group if _hpos(x, w) == hp]
-                    if 2 <= len(side) < len(NUMBERS):
-                        out.append(("multi", f"the {NUMBERS[len(side)]} {noun} on the {hp}",
-                                    Spec(c, hpos=hp, every=True), [x.index for x in side]))
-        absent = [c for c in self.vocabulary if c not in by_cat]
-        for c in absent:
-            out.append(("no_target", say([f"the {c}", f"the {plural(c)}"]), Spec(c), []))
-        for x in eligible:  # a present category in a colour none of it shows (never people)
-            if x.colour is None:
-                continue
-            free = [col for col in COLOURS
-                    if all(y.colours.get(col, 0.0) < COLOUR_ABSENT for y in by_cat[x.category])]
-            if free and all(y.eligible for y in by_cat[x.category]):
-                col = say(free)
-                out.append(("no_target", f"the {col} {x.noun}", Spec(x.category, colour=col), []))
+        anchors = self._anchors(scene)
+        out = [c for x in scene.instances if x.visible for c in self._about(x, scene, anchors)]
+        out += self._groups(scene, rng)
+        hard = self._near_misses(scene, anchors, rng)
+        absent = [("no_target", f"the {noun}", Spec(c), []) for c, noun in self._absent(scene)]
         rng.shuffle(out)
+        rng.shuffle(hard)
+        rng.shuffle(absent)
+        return out + hard + absent[:1]
+
+    def _about(self, x: Instance, scene: Scene, anchors: list[tuple[Instance, str]]) -> list:
+        """Candidates that single out ``x``: its category alone where that is unique, else the
+        qualifiers that set it apart (colour, size, position, a relation, a rank)."""
+        c, n = x.category, x.noun
+        members = scene.members(c)
+        if len(members) == 1:
+            return [("attribute", f"the {n}", Spec(c), [x.index])]
+        out = []
+        for term in COLOURS:
+            if not x.person and P.colour(x, term)[0]:
+                out.append(("attribute", f"the {term} {n}", Spec(c, colour=term), [x.index]))
+        for which, words in (("largest", ("bigger", "biggest")), ("smallest", ("smaller", "smallest"))):
+            out.append(("attribute", f"the {words[len(members) > 2]} {n}", Spec(c, extreme=which), [x.index]))
+        for side in P.HPOS if len(members) > 2 else ("left", "right"):  # "the middle one" of two is odd
+            where = "in the middle" if side == "middle" else f"on the {side}"
+            out.append(("position", f"the {n} {where}", Spec(c, hpos=side), [x.index]))
+        for side in P.VPOS:
+            out.append(("position", f"the {n} at the {side}", Spec(c, vpos=side), [x.index]))
+        for anchor, phrase in anchors:
+            if anchor.index == x.index or anchor.category == c:
+                continue
+            for rel in P.RELATIONS:
+                if P.related(x, anchor, rel, scene)[0]:
+                    out.append(("relation", f"the {n} {_RELATION_WORDS[rel]} {phrase}",
+                                Spec(c, relation=rel, anchor=anchor.index), [x.index]))
+        if counted(c, scene, self.heaps) and _comparable(members):
+            for side in ("left", "right"):
+                k = _ranked(Spec(c, side=side), scene).index(x)
+                if k == 0:  # of two, "the left one"
+                    text = f"the {side} {n}" if len(members) == 2 else f"the {side}most {n}"
+                elif k < 3 and len(members) > k + 1:  # "the second from the left" of two is the right one
+                    text = f"the {ORDINALS[k]} {n} from the {side}"
+                else:
+                    continue
+                out.append(("ordinal", text, Spec(c, ordinal=k, side=side), [x.index]))
         return out
+
+    def _anchors(self, scene: Scene) -> list[tuple[Instance, str]]:
+        """Instances a relation may be to, each with a phrase that names it alone (its category, or
+        its colour where the category is not unique), verified as any expression is; anchors are
+        clearly large (ANCHOR_AREA times the visibility minimum), since a person looks for them first."""
+        found = []
+        for a in scene.instances:
+            if not a.visible or a.area < ANCHOR_AREA * self.visibility.min_area * scene.height * scene.width:
+                continue
+            count = len(scene.members(a.category))
+            options = [(f"the {a.noun}", Spec(a.category))] if count == 1 else []
+            options += [(f"the {t} {a.noun}", Spec(a.category, colour=t)) for t in COLOURS
+                        if count > 1 and not a.person and P.colour(a, t)[0]]
+            phrase = next((text for text, spec in options if verified(spec, [a.index], scene)), None)
+            if phrase is not None:
+                found.append((a, phrase))
+        return found
+
+    def _groups(self, scene: Scene, rng: random.Random) -> list:
+        """Multi-target candidates: all of a counted category, or those of it on one side."""
+        out = []
+        for c in dict.fromkeys(x.category for x in scene.instances):
+            members = scene.members(c)
+            if len(members) < 2 or not counted(c, scene, self.heaps):
+                continue
+            noun, every = plural(members[0].noun), [x.index for x in members]
+            whole = f"both {noun}" if len(members) == 2 else f"the {NUMBERS[len(members)]} {noun}"
+            out.append(("multi", rng.choice([whole, f"all the {noun}"]) if len(members) > 2 else whole,
+                        Spec(c, every=True), every))
+            for side in ("left", "right"):
+                group = [x.index for x in members if P.hpos(x, side, scene.width)[0]]
+                if 2 <= len(group) < len(members):
+                    out.append(("multi", f"the {NUMBERS[len(group)]} {noun} on the {side}",
+                                Spec(c, hpos=side, every=True), group))
+        return out
+
+    def _near_misses(self, scene: Scene, anchors: list[tuple[Instance, str]], rng: random.Random) -> list:
+        """No-target candidates that name a present category with a colour or a relation none of it
+        has, by a clear margin (gRefCOCO's hard negatives). Not positions: people read "the X on the
+        right" relative to the other Xs (the right one of two), and of a lone X as that X."""
+        out = []
+        for c in dict.fromkeys(x.category for x in scene.instances if x.visible):
+            members = scene.members(c)
+            if any(not x.visible for x in members):
+                continue  # something of it is unclear: any claim about the category could be true
+            n = members[0].noun
+            if not any(x.person for x in members):
+                free = [t for t in COLOURS if all(x.colours.get(t, 0.0) < P.COLOUR_NONE for x in members)]
+                if free:
+                    t = rng.choice(free)
+                    out.append(("no_target", f"the {t} {n}", Spec(c, colour=t), []))
+            for anchor, phrase in anchors:
+                if anchor.category == c:
+                    continue
+                rel = rng.choice(("left of", "right of", "above", "below"))
+                if not any(P.related(x, anchor, rel, scene)[1] for x in members):
+                    out.append(("no_target", f"the {n} {_RELATION_WORDS[rel]} {phrase}",
+                                Spec(c, relation=rel, anchor=anchor.index), []))
+        return out
+
+    def _absent(self, scene: Scene) -> list[tuple[str, str]]:
+        """(category, noun) of vocabulary categories with no instance in the image."""
+        present = {x.category for x in scene.instances}
+        return [(c, everyday_name(c, self.names)) for c in self.vocabulary if c not in present]
+
+
+_RELATION_WORDS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below",
+                   "next to": "next to", "on": "on", "in front of": "in front of"}
