@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     names = {c["id"]: c["name"] for c in ds.categories}
     # images with 8-15 real instances; pasting brings them to about 20
     picks = [i for i in range(len(ds)) if 8 <= len(ds.anns[ds.infos[i]["id"]]) <= 15][: args.images]
-    cp = CopyPaste(bank, num_pastes=(6, 10), label_map=label_map_from_coco(ann))
     per_kind = {k: -(-args.expressions // len(KINDS)) + 1 for k in KINDS}  # a mix of kinds
     referring = Referring(per_kind=per_kind, limit=args.expressions, vocabulary=sorted(names.values()))
+    cp = CopyPaste(bank, num_pastes=(6, 10), label_map=label_map_from_coco(ann), referring=referring)
     g = torch.Generator().manual_seed(0)
     prepared = []
     for i in picks:
@@ -52,15 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     def composite():
         return [cp.paste([im], [t], s, pr) for im, t, s, pr in prepared]
 
-    outputs = [(ims[0], ts[0]) for ims, ts in composite()]
+    outputs = [(ims[0], ts[0], before) for (ims, ts), (_, before, _, _) in zip(composite(), prepared)]
 
-    def refer():
-        counts = []
-        for image, target in outputs:
-            labels = target["labels"].tolist()
-            g = torch.Generator().manual_seed(1)
-            counts.append(len(referring(image, target, [names[int(lab)] for lab in labels], None, g)))
-        return counts
+    def refer():  # as CopyPaste does after pasting: segments' sources and the instances before pasting
+        return [len(cp.refer(image, target, torch.Generator().manual_seed(1), before))
+                for image, target, before in outputs]
 
     times = {"composite": [], "refer": []}
     counts = refer()
@@ -71,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append((time.perf_counter() - t0) / len(prepared) * 1000)
     med = {k: statistics.median(v) for k, v in times.items()}
     report = {"machine": machine(), "images": len(prepared),
-              "instances_per_image": statistics.mean(len(t["labels"]) for _, t in outputs),
+              "instances_per_image": statistics.mean(len(t["labels"]) for _, t, _ in outputs),
               "expressions_per_image": statistics.mean(counts),
               "ms_per_image": {k: round(v, 2) for k, v in med.items()},
               "refer_over_composite": round(med["refer"] / med["composite"], 2)}
