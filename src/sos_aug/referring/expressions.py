@@ -266,7 +266,8 @@ class Referring:
 
     def _near_misses(self, scene: Scene, anchors: list[tuple[Instance, str]], rng: random.Random) -> list:
         """No-target candidates that name a present category with a colour or a relation none of it
-        has, by a clear margin (gRefCOCO's hard negatives). Not positions: people read "the X on the
+        has, by a clear margin (gRefCOCO's hard negatives). Colours only chromatic ones: in dim light
+        a white sink measures grey, and a person still calls it white. Not positions: people read "the X on the
         right" relative to the other Xs (the right one of two), and of a lone X as that X."""
         out = []
         for c in dict.fromkeys(x.category for x in scene.instances if x.visible):
@@ -275,14 +276,14 @@ class Referring:
                 continue  # something of it is unclear: any claim about the category could be true
             n = members[0].noun
             if not any(x.person for x in members):
-                free = [t for t in COLOURS if all(x.colours.get(t, 0.0) < P.COLOUR_NONE for x in members)]
+                free = [t for t in P.CHROMATIC if all(x.colours.get(t, 0.0) < P.COLOUR_NONE for x in members)]
                 if free:
                     t = rng.choice(free)
                     out.append(("no_target", f"the {t} {n}", Spec(c, colour=t), []))
             for anchor, phrase in anchors:
                 if anchor.category == c:
                     continue
-                rel = rng.choice(("left of", "right of", "above", "below"))
+                rel = rng.choice(("left of", "right of"))  # people read "below" loosely: no denials of it
                 if not any(P.related(x, anchor, rel, scene)[1] for x in members):
                     out.append(("no_target", f"the {n} {_RELATION_WORDS[rel]} {phrase}",
                                 Spec(c, relation=rel, anchor=anchor.index), []))

@@ -36,6 +36,8 @@ class Visibility:
         max_upscale: a pasted segment shown larger than this times its source resolution is blurry.
         max_cut: a pasted segment at the image border whose visible box's aspect ratio is this far
             (as a ratio) from its source's is mostly cut off.
+        max_dark: an instance under ``dark_below`` of the image with at least this share of its
+            pixels black shows no shape or detail to make out (a dark blob, a chair in shadow).
     """
 
     min_area: float = 0.004
@@ -43,6 +45,8 @@ class Visibility:
     noticeable: float = 0.0005
     max_upscale: float = 2.0
     max_cut: float = 1.6
+    max_dark: float = 0.85
+    dark_below: float = 0.05
 
 
 @dataclass
@@ -171,10 +175,19 @@ def describe(image: torch.Tensor, target: dict, names: Sequence[str], phrases: S
                         order=(i - first_pasted + 1) if pasted[i] else 0,
                         person=is_person(names[i]) or is_person(noun))
         inst.status = _status(inst, h, w, source, visibility)
-        if inst.visible and not inst.person:  # people get no colour term: over a whole person it reads as skin
-            inst.colours = colour_shares(image, masks[i], box=boxes[i])
+        if inst.visible:
+            colours = colour_shares(image, masks[i], box=boxes[i])
+            if _too_dark(inst, colours, h, w, visibility):
+                inst.status = UNCLEAR
+            elif not inst.person:  # people get no colour term: over a whole person it reads as skin
+                inst.colours = colours
         out.append(inst)
     return Scene(out, h, w, masks, list(originals) if originals is not None else [None] * n)
+
+
+def _too_dark(x: Instance, colours: dict[str, float], h: int, w: int, v: Visibility) -> bool:
+    """A small instance that is nearly all black: a person sees a dark patch, not an object."""
+    return x.area < v.dark_below * h * w and colours.get("black", 0.0) >= v.max_dark
 
 
 def _status(x: Instance, h: int, w: int, source: tuple[int, int] | None, v: Visibility) -> str:
