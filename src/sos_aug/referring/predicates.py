@@ -99,7 +99,7 @@ def related(x: Instance, a: Instance, relation: str, scene: Scene) -> Truth:
     if relation == "on":  # resting on top: above its middle, within its columns, touching it from above
         maybe = (meet or (cols > 0 and y1 >= b0 - 0.05 * scene.height)) and y0 < b1  # objects on it hide it
         sure = (maybe and cols >= 0.6 and x.area <= 0.5 * a.area and y1 <= b0 + 0.5 * a.height
-                and _rests_on(scene.masks[x.index], scene.masks[a.index]) >= 0.3)
+                and _rests_on(scene.masks[x.index], scene.masks[a.index], x.box) >= 0.3)
         return sure, maybe
     if relation == "in front of":  # the target's visible pixels cover the anchor's own
         maybe = meet and (x.order > a.order or x.order == a.order == 0)  # two existing: depth unknown
@@ -111,16 +111,22 @@ def related(x: Instance, a: Instance, relation: str, scene: Scene) -> Truth:
     raise ValueError(f"unknown relation {relation!r}")
 
 
-def _rests_on(top: torch.Tensor, below: torch.Tensor, reach: int = 4) -> float:
-    """The share of ``top``'s columns whose lowest pixel has ``below`` within ``reach`` pixels under it."""
+def _rests_on(top: torch.Tensor, below: torch.Tensor, box: tuple[float, float, float, float],
+              reach: int = 4) -> float:
+    """The share of ``top``'s columns whose lowest pixel has ``below`` within ``reach`` pixels under
+    it; ``box``: ``top``'s tight box (only that window and the ``reach`` rows under it are read)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    h = top.shape[0]
+    y2 = min(h, y1 + reach)
+    top, below = top[y0:y1, x0:x1], below[y0:y2, x0:x1]
     cols = top.any(0).nonzero().flatten()
     if len(cols) == 0:
         return 0.0
-    h = top.shape[0]
-    rows = torch.arange(h, device=top.device)
-    lowest = torch.where(top[:, cols], rows[:, None], -1).amax(0)  # each column's lowest row
+    rows = torch.arange(top.shape[0], device=top.device)
+    lowest = torch.where(top[:, cols], rows[:, None], -1).amax(0)  # each column's lowest row (in the window)
     hits = torch.zeros(len(cols), dtype=torch.bool, device=top.device)
     for d in range(1, reach + 1):
-        r = (lowest + d).clamp(max=h - 1)
-        hits |= below[r, cols] & (lowest + d < h)
+        r = lowest + d
+        inside = r < below.shape[0]
+        hits |= below[r.clamp(max=below.shape[0] - 1), cols] & inside
     return float(hits.float().mean())

@@ -105,6 +105,8 @@ class Scene:
         mean (:data:`~.words.CONFUSABLE`): they fit whatever is said of it."""
         nouns = {x.noun for x in self.instances if x.category == category}
         others = set().union(*(CONFUSABLE.get(n, frozenset()) for n in nouns)) if nouns else set()
+        if not others:
+            return []
         return [x for x in self.instances
                 if x.status != IGNORED and (x.category in others or everyday_name(x.category) in others)]
 
@@ -175,8 +177,8 @@ def describe(image: torch.Tensor, target: dict, names: Sequence[str], phrases: S
                         order=(i - first_pasted + 1) if pasted[i] else 0,
                         person=is_person(names[i]) or is_person(noun))
         inst.status = _status(inst, h, w, source, visibility)
-        if inst.visible:
-            colours = colour_shares(image, masks[i], box=boxes[i])
+        if inst.visible and (not inst.person or inst.area < visibility.dark_below * h * w):
+            colours = colour_shares(image, masks[i], box=boxes[i])  # (a large person needs none)
             if _too_dark(inst, colours, h, w, visibility):
                 inst.status = UNCLEAR
             elif not inst.person:  # people get no colour term: over a whole person it reads as skin
