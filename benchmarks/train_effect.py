@@ -1,7 +1,8 @@
 """Does pasting make a detector better? One model and schedule, several arms and seeds, mask and box
 AP by pycocotools on a held-out split, paired differences with bootstrap intervals.
 
-    python benchmarks/train_effect.py --backbone lite0 --arms none mmdet sos stats --seeds 0 1 2
+    python benchmarks/train_effect.py                        # the pre-registered grid (docs/train_effect.md)
+    python benchmarks/train_effect.py --summary-only --markdown  # its table, from docs/train_effect/lite0
 
 Arms (``--arms``), each pasting into an image with probability ``--paste-p``:
 
@@ -67,6 +68,8 @@ from sos_aug.ops.masks import tight_boxes  # noqa: E402
 from sos_aug.split import split_coco  # noqa: E402
 
 ARMS = ("none", "mmdet", "random", "sos", "stats", "sos_relight", "external", "mmdet_external")
+# the pre-registered grid (docs/train_effect.md), the recommended default (sos_relight) right after none
+GRID_ARMS = ("none", "sos_relight", "mmdet", "stats", "sos", "external", "mmdet_external")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -81,19 +84,19 @@ class Settings:
     classes: list[str]
     percent: float = 10.0
     fold: int = 1
-    steps: int = 800
+    steps: int = 600
     batch: int = 2
-    size: int = 384
-    lr: float = 1e-3
+    size: int = 512
+    lr: float = 3e-4
     warmup: int = 100
-    eval_every: int = 400
+    eval_every: int = 300
     val_limit: int = 0  # 0: every validation image
     fpn_channels: int = 128
     mask_channels: int = 128
     rois_per_image: int = 128  # sampled for the box and mask heads (torchvision: 512)
     proposals: int = 1000  # kept by the RPN in training (torchvision: 2000)
-    backbone: str = "scratch"
-    distinct_photos: bool = False  # drop train photos that are another scale of a validation photo
+    backbone: str = "lite0"
+    distinct_photos: bool = True  # drop train photos that are another scale of a validation photo
 
     def key(self) -> str:
         """A digest of the settings; data paths count by their last two parts, so the same data at
@@ -117,9 +120,9 @@ class Augment:
     of an arm are paired only under the same augmentation."""
 
     paste_p: float = 0.5
-    pastes: tuple[int, int] = (1, 6)
+    pastes: tuple[int, int] = (6, 18)  # as many surviving pastes per pasted image as mmdet's rule (~11-12)
     sampling: str = "uniform"
-    relight_layout: str = "sos"  # the layout of sos_relight and external
+    relight_layout: str = "stats"  # the layout of sos_relight and external: the recommended default
 
     def of(self, arm: str) -> dict:
         """What decides ``arm``'s augmentation (nothing for ``none``)."""
@@ -607,35 +610,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-images", help="its images")
     p.add_argument("--classes", default="window,balcony-fence,vegetation",
                    help="comma-separated category names to train and evaluate; empty: all (default %(default)s)")
-    p.add_argument("--percent", type=float, default=10.0, help="training split: percent of the training file's "
-                   "images, drawn as mmdet's split_coco does (default %(default)s)")
-    p.add_argument("--fold", type=int, default=1, help="split fold (its seed; default %(default)s)")
-    p.add_argument("--distinct-photos", action="store_true",
-                   help="drop training photos that are another scale of a validation photo first")
-    p.add_argument("--backbone", default="scratch", choices=BACKBONES,
+    p.add_argument("--percent", type=float, default=Settings.percent, help="training split: percent of the "
+                   "training file's images, drawn as mmdet's split_coco does (default %(default)s)")
+    p.add_argument("--fold", type=int, default=Settings.fold, help="split fold (its seed; default %(default)s)")
+    p.add_argument("--distinct-photos", action=argparse.BooleanOptionalAction, default=Settings.distinct_photos,
+                   help="drop training photos that are another scale of a validation photo first (default on)")
+    p.add_argument("--backbone", default=Settings.backbone, choices=BACKBONES,
                    help="scratch: GroupNorm ResNet-18 from scratch; lite0: ImageNet EfficientNet-Lite0 "
                    "(default %(default)s)")
-    p.add_argument("--arms", nargs="+", default=["none", "mmdet", "sos"], choices=ARMS)
+    p.add_argument("--arms", nargs="+", default=list(GRID_ARMS), choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", type=int, default=384, help="longer image side in training (default %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--paste-p", type=float, default=0.5, help="probability an image is pasted into")
-    p.add_argument("--pastes", type=int, nargs=2, default=[1, 6], metavar=("LOW", "HIGH"),
-                   help="segments per pasted image for the sos_aug arms and mmdet_external (default 1 6)")
-    p.add_argument("--sampling", default="uniform", choices=["uniform", "category_balanced", "repeat_factor"],
+    p.add_argument("--steps", type=int, default=Settings.steps)
+    p.add_argument("--batch", type=int, default=Settings.batch)
+    p.add_argument("--size", type=int, default=Settings.size,
+                   help="longer image side in training (default %(default)s)")
+    p.add_argument("--lr", type=float, default=Settings.lr, help="AdamW, cosine decay (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=Settings.warmup)
+    p.add_argument("--paste-p", type=float, default=Augment.paste_p, help="probability an image is pasted into")
+    p.add_argument("--pastes", type=int, nargs=2, default=list(Augment.pastes), metavar=("LOW", "HIGH"),
+                   help="segments per pasted image for the sos_aug arms and mmdet_external (default %(default)s)")
+    p.add_argument("--sampling", default=Augment.sampling, choices=["uniform", "category_balanced", "repeat_factor"],
                    help="bank sampling for the sos_aug arms; uniform follows the training set's class "
                    "frequencies (default %(default)s)")
-    p.add_argument("--relight-layout", default="sos", choices=["random", "sos", "stats"],
+    p.add_argument("--relight-layout", default=Augment.relight_layout, choices=["random", "sos", "stats"],
                    help="the layout of sos_relight and external (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=400, help="steps between curve points (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=Settings.eval_every,
+                   help="steps between curve points (default %(default)s)")
     p.add_argument("--val-limit", type=int, default=0, help="evaluate on the first N validation images (0: all)")
     p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--markdown", action="store_true", help="print the summary as a markdown table")
-    p.add_argument("--results", default=str(REPO / "docs" / "train_effect"),
-                   help="where finished results are kept and looked up (default: docs/train_effect)")
+    p.add_argument("--results", default=str(REPO / "docs" / "train_effect" / "lite0"),
+                   help="where finished results are kept and looked up (default: docs/train_effect/lite0)")
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--summary-only", action="store_true", help="summarise the finished runs, train nothing")
     p.add_argument("--diagnose", type=int, metavar="BATCHES", default=0,

@@ -86,7 +86,8 @@ def test_the_mmdet_rule_updates_covered_instances_exactly(coco_mini, val_ann):
 def grid_args(coco_mini, train_ann, val_ann, *extra):
     return te.parse_args(["--train", str(train_ann), "--train-images", str(coco_mini / "train2017"),
                           "--val", str(val_ann), "--val-images", str(coco_mini / "val2017"), "--classes", "",
-                          "--percent", "10", "--size", "128", *extra])
+                          "--percent", "10", "--size", "128", "--backbone", "scratch", "--pastes", "1", "6",
+                          "--no-distinct-photos", *extra])
 
 
 @pytest.mark.slow
