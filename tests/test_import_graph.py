@@ -134,7 +134,7 @@ ABOVE = {
                       "sos_aug.integrations", "sos_aug.cli"],
     "sos_aug.relight": ["sos_aug.relight.training", "sos_aug.copy_paste", "sos_aug.paste", "sos_aug.referring",
                         "sos_aug.integrations", "sos_aug.cli"],
-    "sos_aug.referring.expressions": ["sos_aug.copy_paste", "sos_aug.paste", "sos_aug.relight", "sos_aug.cli"],
+    "sos_aug.referring": ["sos_aug.copy_paste", "sos_aug.paste", "sos_aug.relight", "sos_aug.cli"],
     "sos_aug.copy_paste": ["sos_aug.integrations", "sos_aug.synthesis", "sos_aug.preview", "sos_aug.cli",
                            "sos_aug.relight.training"],
 }

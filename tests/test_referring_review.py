@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sos_aug.referring.dataset import refer_coco
+from sos_aug.refer import refer_coco
 from sos_aug.referring.review import pick
 
 

@@ -172,7 +172,7 @@ def _split(args) -> int:
 
 def _refer(args) -> int:
     say(f"refer: loading torch and reading {args.coco} ...", not args.quiet)
-    from .referring.dataset import refer_coco
+    from .refer import refer_coco
 
     result = refer_coco(args.coco, args.images, args.out, args.bank, args.paste, args.per_kind, args.limit,
                         args.seed, args.layout, tuple(args.num), progress=not args.quiet, split=args.split,

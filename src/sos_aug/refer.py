@@ -1,5 +1,6 @@
 """Referring expressions for a whole COCO-format set, as it is or after pasting, written as the
-grounding files (:mod:`.export`): what ``sos-aug refer`` runs."""
+grounding files (:mod:`.referring.export`): what ``sos-aug refer`` runs. It stands above CopyPaste
+(it pastes first where asked); the referring room below it never imports CopyPaste."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..coco import CocoInstances
-from ..copy_paste import CopyPaste
-from .export import Sample, write_grounding
-from .expressions import KINDS, Referring
-from .review import Drawn, pick, write_review
+from .coco import CocoInstances
+from .copy_paste import CopyPaste
+from .referring.export import Sample, write_grounding
+from .referring.expressions import KINDS, Referring
+from .referring.review import Drawn, pick, write_review
 
 
 def split_of(ann_file) -> str:
