@@ -401,3 +401,22 @@ def test_the_lvis_config_builds_its_dataset_and_pastes_coco_segments_under_lvis_
     assert seen & {"bus_(vehicle)", "car_(automobile)", "doughnut", "sofa", "television_set", "cellular_telephone",
                    "laptop_computer", "wineglass", "flowerpot", "orange_(fruit)", "train_(railroad_vehicle)"} or \
         len(seen) >= 5
+
+
+def test_channel_and_mask_conversions_round_trip_exactly(coco_mini, train_bank):
+    """The adapter's conversions (OpenCV channel swaps, masks viewed as bool) give mmdet's arrays
+    back bit for bit, from planar and channels-last images alike."""
+    from sos_aug.integrations.mmdet import from_target, to_target
+
+    results = dataset(coco_mini, [])[0]
+    bgr, masks = results["img"].copy(), results["gt_masks"].masks.copy()
+    image, target = to_target(results)
+    assert torch.equal(image, torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1))
+    assert torch.equal(target["masks"], torch.from_numpy(masks).bool())
+    target["is_pasted"] = torch.zeros(len(target["labels"]), dtype=torch.bool)
+    for layout in (image, image.contiguous()):  # a channels-last view, and planar
+        out = from_target(dict(results), layout, target)
+        assert np.array_equal(out["img"], bgr) and out["img"].flags["C_CONTIGUOUS"]
+        assert np.array_equal(out["gt_masks"].masks, masks)
+    rgb = from_target(dict(results), image.contiguous(), target, bgr=False)["img"]
+    assert np.array_equal(rgb, bgr[..., ::-1])

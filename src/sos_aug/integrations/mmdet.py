@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import cv2  # mmcv's own dependency: its channel swaps are ~30x numpy's reversed-stride copies
 import numpy as np
 import torch
 
@@ -118,8 +119,7 @@ def to_target(results: dict, bgr: bool = True) -> tuple[torch.Tensor, dict]:
     img = results["img"]
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"SOSCopyPaste needs results['img'] as an (H, W, 3) array, got shape {img.shape}")
-    rgb = img[..., ::-1] if bgr else img
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    image = torch.from_numpy(_swap_channels(img) if bgr else np.ascontiguousarray(img)).permute(2, 0, 1)
     if image.is_floating_point():  # after PhotoMetricDistortion: float in 0-255
         image = (image.float() / 255).clamp_(0, 1)
     h, w = image.shape[-2:]
@@ -135,7 +135,7 @@ def to_target(results: dict, bgr: bool = True) -> tuple[torch.Tensor, dict]:
         if isinstance(masks, PolygonMasks):
             target["masks"] = polygon_masks(masks.masks, h, w)
         else:
-            target["masks"] = torch.from_numpy(np.asarray(masks.masks)).bool().reshape(len(masks), h, w)
+            target["masks"] = _bool_masks(np.asarray(masks.masks)).reshape(len(masks), h, w)
     if not (len(labels) == len(ignore) == n and (masks is None or len(target["masks"]) == n)):
         raise ValueError(f"results hold {n} gt_bboxes, {len(labels)} gt_bboxes_labels, {len(ignore)} "
                          f"gt_ignore_flags and {None if masks is None else len(masks)} gt_masks")
@@ -145,11 +145,13 @@ def to_target(results: dict, bgr: bool = True) -> tuple[torch.Tensor, dict]:
 def from_target(results: dict, image: torch.Tensor, target: dict, bgr: bool = True) -> dict:
     """Write a pasted image and its target back into mmdet's results dict, in its types."""
     old = results["img"]
-    pixels = image.permute(1, 2, 0)
-    if old.dtype != np.uint8:
+    if old.dtype == np.uint8 and image.dtype == torch.uint8:
+        results["img"] = _hwc(image, bgr)
+    else:
+        pixels = image.permute(1, 2, 0)
         pixels = pixels.float() * 255 if image.is_floating_point() else pixels.float()
-    arr = pixels.numpy()
-    results["img"] = np.ascontiguousarray(arr[..., ::-1] if bgr else arr).astype(old.dtype, copy=False)
+        arr = pixels.numpy()
+        results["img"] = np.ascontiguousarray(arr[..., ::-1] if bgr else arr).astype(old.dtype, copy=False)
     results["gt_bboxes"] = HorizontalBoxes(torch.as_tensor(target["boxes"]).float())
     results["gt_bboxes_labels"] = target["labels"].numpy().astype(np.int64)
     results["gt_ignore_flags"] = target["iscrowd"].bool().numpy()
@@ -157,6 +159,32 @@ def from_target(results: dict, image: torch.Tensor, target: dict, bgr: bool = Tr
         results["gt_masks"] = bitmap_masks(target["masks"].view(torch.uint8).numpy())
     results[IS_PASTED_KEY] = target["is_pasted"].numpy()
     return results
+
+
+def _swap_channels(img: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) array with its channels reversed (BGR <-> RGB), new and contiguous."""
+    if img.dtype in (np.uint8, np.float32):
+        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(img[..., ::-1])
+
+
+def _hwc(image: torch.Tensor, bgr: bool) -> np.ndarray:
+    """A (3, H, W) uint8 image, planar or a channels-last view, as mmdet's (H, W, 3) array."""
+    if image.is_contiguous():  # planar: interleave the three planes (reversed for BGR) in one pass
+        planes = list(image.numpy())
+        return cv2.merge(planes[::-1] if bgr else planes)
+    hwc = image.permute(1, 2, 0)
+    if hwc.is_contiguous():  # a channels-last view: already interleaved
+        return _swap_channels(hwc.numpy()) if bgr else hwc.numpy().copy()
+    return np.ascontiguousarray(hwc.numpy()[..., ::-1] if bgr else hwc.numpy())
+
+
+def _bool_masks(masks: np.ndarray) -> torch.Tensor:
+    """BitmapMasks' uint8 0/1 array as bool without a copy (any other array is converted)."""
+    t = torch.from_numpy(masks)
+    if masks.dtype == np.uint8 and masks.size and masks.max() <= 1:
+        return t.view(torch.bool)
+    return t.bool()
 
 
 def bitmap_masks(masks: np.ndarray) -> BitmapMasks:
