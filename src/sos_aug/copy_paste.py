@@ -537,9 +537,24 @@ def _uncropped_image(full: torch.Tensor, pasted: torch.Tensor) -> torch.Tensor:
     """The pasted top-left part back in a copy of the full (padded) image, in its type."""
     if pasted.shape == full.shape:
         return pasted
-    out = full.as_subclass(torch.Tensor).clone()
-    out[:, : pasted.shape[-2], : pasted.shape[-1]] = pasted
+    out = _framed(pasted, full.as_subclass(torch.Tensor))
     return tv_tensors.wrap(out, like=full) if isinstance(full, tv_tensors.Image) else out
+
+
+def _framed(top_left: torch.Tensor, frame: torch.Tensor | None, height: int = 0, width: int = 0) -> torch.Tensor:
+    """A new (..., H, W) tensor holding ``top_left`` in its top-left corner and, around it, the
+    pixels of ``frame`` (zeros where None, at ``height`` x ``width``). Every byte is written once:
+    a clone or a zero fill first would write the top-left twice (a full mask stack at 1024²)."""
+    h, w = top_left.shape[-2:]
+    shape = frame.shape if frame is not None else (*top_left.shape[:-2], height, width)
+    out = top_left.new_empty(shape)
+    out[..., :h, :w] = top_left
+    for rows, cols in ((slice(h, None), slice(None)), (slice(None, h), slice(w, None))):  # bottom, right
+        if frame is None:
+            out[..., rows, cols] = 0
+        else:
+            out[..., rows, cols] = frame[..., rows, cols]
+    return out
 
 
 def _uncropped_target(target: Target, height: int, width: int) -> Target:
@@ -547,8 +562,7 @@ def _uncropped_target(target: Target, height: int, width: int) -> Target:
     if "masks" not in target or tuple(target["masks"].shape[-2:]) == (height, width):
         return target
     masks = target["masks"].as_subclass(torch.Tensor)
-    full = masks.new_zeros((len(masks), height, width))
-    full[:, : masks.shape[-2], : masks.shape[-1]] = masks
+    full = _framed(masks, None, height, width)
     boxes = target["boxes"]
     if isinstance(boxes, tv_tensors.BoundingBoxes):
         boxes = tv_tensors.wrap(boxes, like=boxes, canvas_size=(height, width))
