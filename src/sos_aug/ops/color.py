@@ -62,7 +62,20 @@ def _srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0.04045, x.add(0.055).div_(1.055).log_().mul_(2.4).exp_(), x / 12.92)
 
 
-@functools.cache
+def _memo(fn):
+    """``fn``'s results kept by argument in a plain dict: functools' caches make torch.compile warn
+    (it traces through them anyway)."""
+    store: dict = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        if args not in store:
+            store[args] = fn(*args)
+        return store[args]
+    return cached
+
+
+@_memo
 def _srgb_table(device: torch.device) -> torch.Tensor:
     """:func:`_srgb_to_linear` of the 256 uint8 levels: for uint8 pixels one lookup replaces a
     float conversion, a power and a select."""
@@ -85,7 +98,7 @@ def cube_root_knee(xyz: torch.Tensor) -> torch.Tensor:
     return torch.minimum(xyz.clamp(min=0.008856).log_().div_(3).exp_(), xyz.mul_(7.787).add_(4 / 29))
 
 
-@functools.cache
+@_memo
 def lab_matrices(dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """The conversions' matrices and offsets (white point folded in), made once per dtype and device
     rather than on every call (relighters convert segment by segment); the Triton kernel reads them too."""
