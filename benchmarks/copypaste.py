@@ -23,6 +23,7 @@ installs an import shim for that one module (none of its ops run in CopyPaste).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -85,10 +86,12 @@ def load_images(root: Path, n: int, size: int):
     return out
 
 
-def measure(runners: dict, rounds: int, n_images: int, passes: dict[str, int] | None = None) -> dict:
+def measure(runners: dict, rounds: int, n_images: int, passes: dict[str, int] | None = None,
+            clock=time.perf_counter) -> dict:
     """Per method: median ms/image over ``rounds``, the methods taking turns round after round (a slow
     spell of a noisy machine hits all of them alike), pasted objects per image, and the peak resident
-    memory of its first pass. ``passes`` runs fast methods several times a round for timer resolution."""
+    memory of its first pass. ``passes`` runs fast methods several times a round for timer resolution;
+    ``clock=time.process_time`` counts this process's CPU time only (for a machine shared with other jobs)."""
     passes = passes or {}
     peaks, pasted, times = {}, {}, {name: [] for name in runners}
     for name, fn in runners.items():
@@ -99,10 +102,10 @@ def measure(runners: dict, rounds: int, n_images: int, passes: dict[str, int] | 
     for _ in range(rounds):
         for name, fn in runners.items():
             k = passes.get(name, 1)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(k):
                 fn()
-            times[name].append(1000 * (time.perf_counter() - start) / (k * n_images))
+            times[name].append(1000 * (clock() - start) / (k * n_images))
     out = {}
     for name in runners:
         ms = statistics.median(times[name])
@@ -111,18 +114,22 @@ def measure(runners: dict, rounds: int, n_images: int, passes: dict[str, int] | 
     return out
 
 
-def bench_sos(bank, data, batch: int, num: tuple[int, int], feather: float = 0.0, prefetched: bool = False):
-    """sos_aug's CopyPaste; ``prefetched`` leaves segment fetching and decoding out of the timing, as
-    mmdet's benchmark leaves out loading its source image (both are DataLoader-worker I/O)."""
+def bench_sos(bank, data, batch: int, num: tuple[int, int], feather: float = 0.0, prefetched: int = 0):
+    """sos_aug's CopyPaste; ``prefetched`` > 0 leaves segment fetching and decoding out of the timing,
+    as mmdet's benchmark leaves out loading its source image (both are DataLoader-worker I/O): that
+    many draws are fetched beforehand and each call pastes the next one, since the cost of a paste
+    depends on the segments drawn (their source sizes vary by ~30% from draw to draw here)."""
     cp = CopyPaste(bank, layout=RandomLayout(scale=(0.5, 2.0)), num_pastes=num, feather_sigma=feather)
     g = torch.Generator().manual_seed(0)
     batches = [list(zip(*data[i : i + batch])) for i in range(0, len(data), batch)]
-    fetched = [cp.fetch(len(images), g) for images, _ in batches] if prefetched else None
+    draws = [[cp.fetch(len(images), g) for images, _ in batches] for _ in range(prefetched)]
+    calls = itertools.count()
 
     def run():
         pasted = 0
+        fetched = draws[next(calls) % len(draws)] if draws else None
         for b, (images, targets) in enumerate(batches):
-            segments = fetched[b] if prefetched else None
+            segments = fetched[b] if fetched else None
             _, out = cp(list(images), list(targets), segments=segments, generator=g)
             pasted += sum(int(t["is_pasted"].sum()) for t in out)
         return pasted
@@ -242,6 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="bench_out", help="where the bank is built")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time (a shared machine)")
     add_allocator_flag(p)
     args = p.parse_args(argv)
     allocator = set_allocator(args)
@@ -249,9 +257,10 @@ def main(argv=None) -> int:
     root = coco_mini()
     bank = train_bank(root, Path(args.work))
     data = load_images(root, args.images, args.size)
+    calls = args.repeats + 2  # each pre-fetched call pastes its own draw
     runners = {
         "sos_aug hard alpha, 10/img, B=8": bench_sos(bank, data, 8, (10, 10)),
-        "sos_aug hard alpha, 10/img, segments pre-fetched": bench_sos(bank, data, 8, (10, 10), prefetched=True),
+        "sos_aug hard alpha, 10/img, segments pre-fetched": bench_sos(bank, data, 8, (10, 10), prefetched=calls),
         "sos_aug feathered alpha, 10/img, B=8": bench_sos(bank, data, 8, (10, 10), feather=1.5),
         "output floor: copy image and masks, no pasting": bench_output_floor(data, 10),
     }
@@ -262,11 +271,12 @@ def main(argv=None) -> int:
         runners["mmdet 3.3 CopyPaste"] = mmdet
         runners[f"sos_aug hard alpha, {k}/img (mmdet's count), B=8"] = bench_sos(bank, data, 8, (k, k))
         runners[f"sos_aug hard alpha, {k}/img, segments pre-fetched"] = bench_sos(bank, data, 8, (k, k),
-                                                                                prefetched=True)
+                                                                                prefetched=calls)
         runners["ultralytics CopyPaste flip"] = bench_ultralytics(data, "flip")
         runners["ultralytics CopyPaste mixup"] = bench_ultralytics(data, "mixup")
         passes = {"ultralytics CopyPaste flip": 4, "ultralytics CopyPaste mixup": 4}
-    rows = measure(runners, args.repeats, len(data), passes)
+    rows = measure(runners, args.repeats, len(data), passes,
+                   clock=time.process_time if args.cpu_time else time.perf_counter)
     ref = rows["sos_aug hard alpha, 10/img, B=8"]["images_per_s"]
     print(f"machine: {machine()}; {len(data)} real COCO images at {args.size}x{args.size}, one thread per method; "
           f"allocator: {allocator}")
