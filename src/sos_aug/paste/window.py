@@ -60,6 +60,15 @@ def _zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.bool, device=device)
 
 
+def _stacked(masks: torch.Tensor, k: int) -> torch.Tensor:
+    """(N + k, H, W) bool: the N masks, then k zeroed rows for the pieces. Each byte written once
+    (a zeroed stack would be cleared and then overwritten where the masks go)."""
+    out = torch.empty((len(masks) + k, *masks.shape[1:]), dtype=torch.bool, device=masks.device)
+    out[: len(masks)].view(torch.uint8).copy_(masks.view(torch.uint8))
+    out[len(masks) :].view(torch.uint8).zero_()
+    return out
+
+
 def _compact(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``rows[keep]`` without a new allocation: kept rows slide down in place; returns a view."""
     kept = keep.nonzero().flatten().tolist()
@@ -101,8 +110,7 @@ def paste_window(
     out_image = composite(image, pieces, feather_sigma)
     device = image.device
     n, k = len(masks), len(pieces)
-    all_masks = _zeros((n + k, height, width), device)
-    all_masks[:n].view(torch.uint8).copy_(masks.view(torch.uint8))
+    all_masks = _stacked(masks, k)
     # bool ops run through uint8 views (0/1): several times faster on CPU, same bits
     bytes_ = all_masks.view(torch.uint8)
     touched = torch.zeros(n, dtype=torch.uint8, device=device)
