@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from sos_aug.allocator import keep_freed_memory
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import coco_mini, machine, train_bank  # noqa: E402
 from copypaste import bench_mmdet, bench_sos, load_images, measure  # noqa: E402
@@ -38,6 +40,7 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
 def child(args) -> dict:
     """One process's figures: both methods timed in turns, then one profiled pass of each."""
     torch.set_num_threads(1)
+    keep_freed_memory()  # as in a CopyPasteCollate worker (and benchmarks/copypaste.py)
     root = coco_mini()
     bank = train_bank(root, Path(args.work))
     data = load_images(root, args.images, args.size)
