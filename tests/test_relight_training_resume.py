@@ -107,7 +107,10 @@ def test_ctrl_c_on_the_command_says_how_to_go_on(tmp_path, few_images, coco_mini
     out = tmp_path / "w.pt"
     cmd = [sys.executable, "-m", "sos_aug.cli", "relight", "train", "--coco", str(few_images), "--images",
            str(coco_mini / "train2017"), "--out", str(out), "--minutes", "600"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches the command even where this test runs as a background job, whose shell starts
+    # it with SIGINT ignored (Python then installs no KeyboardInterrupt handler in the child)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while "best=" not in seen and proc.poll() is None:  # the bar's first validation: 25 steps are done
         seen += proc.stderr.read(1)
