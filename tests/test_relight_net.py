@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sos_aug.ops import backends
 from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch, RelightNet, relight
@@ -24,30 +26,67 @@ def test_family_identity_and_net_starts_as_identity(pasted):
     assert sum(p.numel() for p in RelightNet().parameters()) < 1_000_000
 
 
-def test_inference_and_pixel_forms_of_the_family_agree_with_it():
-    """The table form (CPU windows) and the per-pixel form (accelerators) compute apply_family."""
-    from sos_aug.relight.family import GRID, apply_family_pixels, apply_tables, family_tables, shading_weights
+def test_pixel_form_of_the_family_agrees_with_it():
+    """The per-pixel form (accelerators' torch path) computes apply_family."""
+    from sos_aug.relight.family import GRID, apply_family_pixels
 
     g = torch.Generator().manual_seed(3)
     params, rgb = torch.randn(2, N_PARAMS, generator=g) * 0.3, torch.rand(2, 3, 20, 30, generator=g)
-    within = (41, 57, 6, 9)
-    reference = apply_family(params, rgb, within)
-    tables = family_tables(params)
-    for row in range(2):
-        assert torch.allclose(apply_tables(tables, row, rgb[row].clone(), within), reference[row], atol=1e-5)
-    scaled = apply_tables(family_tables(params, 1 / 255, 255), 1, rgb[1] * 255, within) / 255
-    assert torch.allclose(scaled, reference[1], atol=1e-5)
-    # shading weights made for many boxes at once (degenerate sizes too) are each box's own
-    boxes = [(1, 1, 0, 0, 1, 1), (41, 57, 6, 9, 20, 30), (7, 300, 6, 0, 1, 300), (20, 30, 0, 0, 20, 30)]
-    for box, weights in zip(boxes, shading_weights(boxes, params)):
-        part = torch.rand(3, *box[4:], generator=g)
-        expected = apply_family(params[:1], part[None], box[:4])[0]
-        assert torch.allclose(apply_tables(tables, 0, part, box[:4], weights), expected, atol=1e-5)
+    reference = apply_family(params, rgb, (41, 57, 6, 9))
     ys, xs = torch.meshgrid(torch.arange(20), torch.arange(30), indexing="ij")
     uv = torch.stack([(xs + 9) * (GRID - 1) / 56, (ys + 6) * (GRID - 1) / 40], -1).reshape(-1, 2).repeat(2, 1)
     sample = torch.arange(2).repeat_interleave(600)
     pixels = apply_family_pixels(params, rgb.permute(0, 2, 3, 1).reshape(-1, 3), sample, uv.float())
     assert torch.allclose(pixels, reference.permute(0, 2, 3, 1).reshape(-1, 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["planar", "channels-last"])
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_cpu_kernel_applies_the_family_to_mask_pixels_only(dtype, channels_last, seed):
+    """The CPU's compiled loop (:func:`relight_segments`) gives apply_family's values (clipped) on
+    each segment's mask pixels, over random parameters, boxes, masks and context windows (a box at
+    the image's edges too): float within 1e-5, uint8 within one level; every other pixel untouched."""
+    from sos_aug.relight.cpu_kernel import net_coefficients, relight_segments, writable_copy
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = 48, 64
+    image = torch.rand(3, h, w, generator=g)
+    if dtype == torch.uint8:
+        image = (image * 255).round().to(torch.uint8)
+    if channels_last:
+        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    params = torch.randn(3, N_PARAMS, generator=g) * 0.4
+    corners = torch.randint(0, 40, (3, 2), generator=g)
+    boxes = torch.cat([corners, corners + torch.randint(1, 30, (3, 2), generator=g)], 1)
+    boxes[2] = torch.tensor([0, 0, w, h])  # the whole image
+    boxes[:, 2:] = torch.minimum(boxes[:, 2:], torch.tensor([w, h]))
+    grow = torch.randint(0, 12, (3, 4), generator=g) * torch.tensor([-1, -1, 1, 1])
+    ctx = (boxes + grow).clamp(min=0).float()
+    masks = torch.rand(3, h, w, generator=g) > 0.4
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.tolist()):  # pixels in the box only, disjoint
+        inside = torch.zeros(h, w, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        m &= inside
+    masks[1] &= ~masks[0]
+    masks[2] &= ~(masks[0] | masks[1])
+    jobs = torch.cat([torch.arange(3)[:, None], boxes], 1).numpy()
+    out = writable_copy(image)
+    relight_segments(out, masks, jobs, net_coefficients(params, ctx))
+    assert out.stride() == image.stride()
+    unit = image.float() / (255 if dtype == torch.uint8 else 1)
+    covered = masks.any(0)
+    assert torch.equal(out[:, ~covered], image[:, ~covered])
+    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        cx0, cy0, cx1, cy1 = ctx[k].int().tolist()
+        within = (cy1 - cy0, cx1 - cx0, y0 - cy0, x0 - cx0)
+        expected = apply_family(params[k : k + 1], unit[None, :, y0:y1, x0:x1], within)[0].clamp(0, 1)
+        got, on = out[:, y0:y1, x0:x1].float(), masks[k, y0:y1, x0:x1]
+        if dtype == torch.uint8:
+            assert ((got - (expected * 255).round()).abs()[:, on] <= 1).all()
+        else:
+            assert ((got - expected).abs()[:, on] <= 1e-5).all()
 
 
 def constant_net(seed: int = 0) -> RelightNet:
@@ -144,9 +183,9 @@ def test_a_failing_compile_falls_back_to_eager(pasted, no_compiler):
 
 @pytest.mark.parametrize("layout", ["uint8", "uint8 channels-last", "float"])
 def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout, monkeypatch):
-    """``RelightNet(compile_cpu=True)`` (each box in one compiled loop, the net's input features
-    compiled) gives the eager CPU path's pixels (its convolutions kept in float32 here): uint8 within
-    one level, float within 1e-5, and every pixel outside the pasted masks bit-identical."""
+    """``RelightNet(compile_cpu=True)`` (the net's forward compiled, input features fused) gives the
+    eager CPU path's pixels (its convolutions kept in float32 here): uint8 within one level, float
+    within 1e-5, and every pixel outside the pasted masks bit-identical."""
     monkeypatch.setenv("SOS_AUG_CPU_BF16", "0")
     batch = pasted[0]
     images = batch.images
@@ -162,8 +201,7 @@ def test_compiled_cpu_path_relights_like_the_eager_one(pasted, layout, monkeypat
         warnings.simplefilter("always")
         compiled = relight(net, batch)
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
-    assert backends.COMPILED["cpu:box"] is not net_module.relight_box  # the compiled paths ran
-    assert net_module._FORWARDS[net] != net._forward
+    assert net_module._FORWARDS[net] != net._forward  # the compiled forward ran
     for a, b, plain, masks in zip(relight(RelightNet.pretrained(), batch), compiled, images, batch.masks):
         covered = masks.any(0)
         assert torch.equal(b[:, ~covered], plain[:, ~covered])
@@ -199,8 +237,8 @@ def test_bfloat16_convolutions_relight_like_float32_ones(pasted, as_uint8, monke
 
 
 def test_alpha_windows_sample_each_mask_at_its_cells_centres(pasted):
-    """The alpha windows (one gather over contiguous masks, indexing otherwise) are each mask sampled
-    at the centres of INPUT x INPUT cells over its context window."""
+    """The alpha windows (one gather over contiguous masks, indexing otherwise; all masks or chosen
+    rows) are each mask sampled at the centres of INPUT x INPUT cells over its context window."""
     from sos_aug.relight.net import INPUT, alpha_windows, context_boxes
 
     masks = pasted[0].masks[0]
@@ -208,6 +246,9 @@ def test_alpha_windows_sample_each_mask_at_its_cells_centres(pasted):
     windows = alpha_windows(masks, ctx)
     strided = masks.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
     assert not strided.is_contiguous() and torch.equal(alpha_windows(strided, ctx), windows)
+    rows = torch.tensor([len(masks) - 1, 0])  # a subset, sampled without copying it out
+    assert torch.equal(alpha_windows(masks, ctx[rows], rows), windows[rows])
+    assert torch.equal(alpha_windows(strided, ctx[rows], rows), windows[rows])
     centres = (torch.arange(INPUT, dtype=ctx.dtype) + 0.5) / INPUT  # in the windows' float32, as sampled
     for k, (x0, y0, x1, y1) in enumerate(ctx):
         ys = (y0 + centres * (y1 - y0)).long().clamp(max=masks.shape[1] - 1)

@@ -583,10 +583,11 @@ class CopyPasteCollate:
     freed memory for the next batch instead of handing each batch fresh pages);
     ``keep_freed_memory=False`` leaves the workers' allocator alone.
 
-    Relighters that compile their CPU code (``compile_cpu=True``) are compiled here, when the
-    collate is made (:func:`sos_aug.relight.batch.warm_up`, seconds): workers forked from this
-    process (Linux's default) then inherit the compiled code instead of compiling it in every worker
-    and every epoch. ``warm_up=False`` skips that.
+    The relighters' compiled CPU code (the net's and LabBlend's pixel loops; the net's forward
+    with ``compile_cpu=True``) is compiled here, when the collate is made
+    (:func:`sos_aug.relight.batch.warm_up`; seconds, or less where numba's cache has it): workers
+    forked from this process (Linux's default) then inherit it instead of compiling it in every
+    worker and every epoch. ``warm_up=False`` skips that.
     """
 
     def __init__(self, copy_paste: CopyPaste, collate_fn: Callable | None = None, defer: bool = False,

@@ -76,7 +76,7 @@ def _memo(fn):
 
 
 @_memo
-def _srgb_table(device: torch.device) -> torch.Tensor:
+def srgb_table(device: torch.device) -> torch.Tensor:
     """:func:`_srgb_to_linear` of the 256 uint8 levels: for uint8 pixels one lookup replaces a
     float conversion, a power and a select."""
     return _srgb_to_linear(torch.arange(256, dtype=torch.float32, device=device) / 255)
@@ -85,7 +85,7 @@ def _srgb_table(device: torch.device) -> torch.Tensor:
 def linear_rgb(rgb: torch.Tensor) -> torch.Tensor:
     """(3, ...) RGB, uint8 (by lookup) or float in [0, 1], as (3, n) linear light."""
     if rgb.dtype == torch.uint8:  # index_select with int32 indices beats take with int64 ones
-        flat, table = rgb.reshape(3, -1), _srgb_table(rgb.device)
+        flat, table = rgb.reshape(3, -1), srgb_table(rgb.device)
         if flat.T.is_contiguous():  # pixels gathered interleaved: looked up in memory order, no transpose
             return table.index_select(0, flat.T.reshape(-1).int()).view(-1, 3).T
         return table.index_select(0, flat.reshape(-1).int()).view(3, -1)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..ops.backends import compile_off
 from ..ops.buffers import same_size_groups
 
 Relighter = Callable[["RelightBatch"], list]
@@ -80,14 +79,15 @@ _WARM_UP_BOXES = ((0, 0, 23, 37), (60, 110, 41, 29), (110, 17, 31, 53), (150, 21
 
 
 def warm_up(relighters, threads: int = 1) -> None:
-    """Compile here, once, what ``relighters`` compile on the CPU (those with ``compile_cpu``), by
-    relighting a small synthetic uint8 batch with torch at ``threads`` threads, as DataLoader
-    workers run (compiled code is guarded on the thread count): workers forked afterwards inherit
-    the compiled code instead of each compiling it again, every epoch. Does nothing where no
-    relighter compiles or ``SOS_AUG_COMPILE=0``."""
+    """Compile here, once, what ``relighters`` compile on the CPU (the compiled pixel loops of the
+    net and LabBlend; the net's forward where ``compile_cpu``), by relighting a small synthetic
+    uint8 batch with torch at ``threads`` threads, as DataLoader workers run (compiled torch code is
+    guarded on the thread count): workers forked afterwards inherit the compiled code instead of
+    each compiling it again, every epoch. Only the steps that say so (``compiles_cpu_code``) run;
+    a chain without any does nothing."""
 
-    chain = as_chain(relighters)
-    if compile_off() or not any(getattr(step, "compile_cpu", False) for step in chain):
+    chain = [step for step in as_chain(relighters) if getattr(step, "compiles_cpu_code", False)]
+    if not chain:
         return
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 200, 260), dtype=torch.uint8, generator=g)

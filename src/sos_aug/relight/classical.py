@@ -7,12 +7,14 @@ pixels under pasted masks may change; :func:`relight` enforces that after each s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..ops import backends
 from ..ops.color import cube_root_knee, encode_srgb, lab_matrices, lab_to_rgb, linear_rgb, rgb_to_lab
 from ..ops.masks import count_pixels, row_owners, stacked_boxes, tight_boxes
 from .batch import RelightBatch, Relighter, by_device, relight_one, to_unit
+from .cpu_kernel import lab_blend_segments, writable_copy
 
 
 def _windows(masks: torch.Tensor, grow: int | torch.Tensor = 0,
@@ -168,13 +170,6 @@ def _put_pixels(image: torch.Tensor, idx: torch.Tensor, rgb: torch.Tensor) -> No
         image.view(3, -1).scatter_(1, idx.expand(3, -1), rgb)
 
 
-def _blend_lab(result: torch.Tensor, plain: torch.Tensor, idx: torch.Tensor, weight: float | torch.Tensor,
-               relit_ab: bool) -> None:
-    """LabBlend of pixels ``idx`` of ``result`` in place, eagerly: L mixed with ``plain``'s by
-    ``weight`` (one, or one per pixel), a/b from the relit or the plain pixels."""
-    _put_pixels(result, idx, blend_lightness(_get_pixels(result, idx), _get_pixels(plain, idx), weight, relit_ab))
-
-
 class LabBlend:
     """SOS's mask-area-weighted blending in Lab.
 
@@ -186,6 +181,8 @@ class LabBlend:
     the unrelit composite's colour, as SOS's released code does; ``"relit"`` takes the relighter's.
     Used alone (nothing relit yet), the relit image is :class:`ReinhardTransfer`'s.
     """
+
+    compiles_cpu_code = True  # its CPU pixel loop: warm_up compiles it
 
     def __init__(self, ab: str = "plain", fallback: Relighter | None = None):
         if ab not in ("relit", "plain"):
@@ -205,16 +202,18 @@ class LabBlend:
         return by_device(relit_images, batch.plain, batch.masks, self.blend_windows, self.blend_batched, batch.boxes)
 
     def blend_windows(self, relit: torch.Tensor, plain: torch.Tensor, masks: torch.Tensor,
-                       boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """The CPU path: the pixels under all of an image's masks (found window by window) through
-        Lab and back at once."""
-        result = relit.clone()
+                      boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """The CPU path: each segment's pixels (found in its box) blended in one compiled loop
+        (:func:`.cpu_kernel.lab_blend_segments`)."""
+        result = writable_copy(relit)
         segments = [(k, win) for k, win in enumerate(_windows(masks, boxes=boxes)) if win is not None]
+        if not segments:
+            return result
         weights = self.weights(count_pixels(masks))[[k for k, _ in segments]]  # those segments' weights
-        idx = [_pixel_index(masks[k][win], win, relit.shape[-1]) for k, win in segments]
-        if idx:
-            per_pixel = weights.repeat_interleave(torch.tensor([len(i) for i in idx]))
-            _blend_lab(result, plain, torch.cat(idx), per_pixel, self.ab == "relit")
+        jobs = np.array([(k, xs.start, ys.start, xs.stop, ys.stop) for k, (ys, xs) in segments], dtype=np.int64)
+        base, other = (relit, plain) if self.ab == "relit" else (plain, relit)
+        share = (1 - weights) if self.ab == "relit" else weights  # the share of ``other``'s L
+        lab_blend_segments(result, base, other, masks.bool(), jobs, share.numpy())
         return result
 
     def blend_batched(self, relit: torch.Tensor, plain: torch.Tensor, masks: list[torch.Tensor],

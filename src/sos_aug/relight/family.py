@@ -9,11 +9,6 @@ family is what the oracle and the teacher distillation fit.
 
 from __future__ import annotations
 
-import functools
-import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 
 KNOTS = 8  # curve segments per channel
@@ -49,114 +44,20 @@ def apply_family(params: torch.Tensor, rgb: torch.Tensor,
     return x * torch.exp(shade)
 
 
-@dataclass
-class FamilyTables:
-    """The family's parameters as lookup tables, built once for all segments of a batch, so that
-    applying one segment's transform is only passes over its pixels (see :func:`apply_tables`)."""
-
-    matrix: torch.Tensor  # (S, 3, 3) colour matrix, times KNOTS and the input scale
-    bias: torch.Tensor  # (S, 3, 1, 1) times KNOTS
-    per_t: torch.Tensor  # (S, 3 * KNOTS) curve slope per unit of t = x * KNOTS, times the output scale
-    intercept: torch.Tensor  # (S, 3 * KNOTS) curve value at t = 0 of each piece, times the output scale
-    grid: torch.Tensor  # (S, GRID, GRID) log shading
-    pieces: torch.Tensor  # (S, 3 * KNOTS) int64: per_t and intercept of each piece, the two float32s side by side
-
-
-def family_tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float = 1.0) -> FamilyTables:
-    """Tables for :func:`apply_tables`: ``rgb * scale_in`` is the input and the output comes
-    ``* scale_out`` (1/255 and 255 for 0-255 pixels), folded in here instead of passes over pixels."""
-    matrix, bias, per_t, intercept, grid = _tables(params, scale_in, scale_out)
-    pieces = torch.stack([per_t, intercept], -1).contiguous().view(torch.int64).squeeze(-1)
-    return FamilyTables(matrix, bias, per_t, intercept, grid, pieces)
-
-
-def _tables(params: torch.Tensor, scale_in: float = 1.0, scale_out: float = 1.0) -> tuple[torch.Tensor, ...]:
-    """:class:`FamilyTables`' fields, as a plain tuple (what compiled code traces most simply)."""
+def family_tables(params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The family's parameters as per-segment tables, for pixel-by-pixel application: colour matrix
+    and bias (times KNOTS), each curve piece's slope per unit of t = x * KNOTS and its value at
+    t = 0 (S, 3 * KNOTS), and the log shading grid."""
     s = params.shape[0]
-    matrix = (torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :9].view(s, 3, 3)) * scale_in
+    matrix = torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :9].view(s, 3, 3)
     # curves on t = x * K: f(t) = knots[i] + (t - i) * slope[i] / K = intercept[i] + t * slope[i] / K
     slope = torch.exp(params[:, N_AFFINE : N_AFFINE + N_CURVE].view(s, 3, KNOTS).clamp(-4, 4))
     knots = torch.cat([torch.zeros_like(slope[..., :1]), torch.cumsum(slope, -1) / KNOTS], -1)
     steps = torch.arange(KNOTS, device=params.device, dtype=params.dtype)
     per_t = slope / KNOTS
-    intercept = (knots[..., :KNOTS] - steps * per_t) * scale_out
-    return (matrix * KNOTS, params[:, 9:12].reshape(s, 3, 1, 1) * KNOTS, (per_t * scale_out).reshape(s, -1),
+    intercept = knots[..., :KNOTS] - steps * per_t
+    return (matrix * KNOTS, params[:, 9:12].reshape(s, 3, 1, 1) * KNOTS, per_t.reshape(s, -1),
             intercept.reshape(s, -1), params[:, N_AFFINE + N_CURVE :].reshape(s, GRID, GRID))
-
-
-@torch.no_grad()
-def apply_tables(tables: FamilyTables, row: int, rgb: torch.Tensor, within: tuple[int, int, int, int] | None = None,
-                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Segment ``row``'s transform on (3, h, w) ``rgb`` (the segment's box, any dtype and strides:
-    read once into a float buffer, unless it is one already), returned as (3, h, w) float in the
-    tables' scales; same values as :func:`apply_family`. Every pixel of the box is transformed:
-    dense passes over a box cost less than gathering and scattering just the mask's pixels.
-    ``weights``: the box's shading weights from :func:`shading_weights`, if made already."""
-    h, w = rgb.shape[-2:]
-    if weights is None:
-        weights = shading_weights([(h, w, 0, 0, h, w) if within is None else (*within, h, w)], tables.grid)[0]
-    shade = (weights[0] @ tables.grid[row] @ weights[1].T).exp_()
-    x = torch.addmm(tables.bias[row].view(3, 1), tables.matrix[row], rgb.float().reshape(3, -1)).view(-1)
-    idx = x.view(3, -1).clamp(0, KNOTS - 1).int().add_(_curve_offsets(rgb.device)).view(-1)  # trunc = floor
-    # each pixel's piece (slope, intercept) in one gather of 8-byte pairs: one pass fewer than two gathers
-    piece = tables.pieces[row].index_select(0, idx).view(torch.float32).view(-1, 2)
-    return torch.addcmul(piece[:, 1], piece[:, 0], x).view(3, -1).mul_(shade.view(1, -1)).view(3, h, w)
-
-
-@functools.cache
-def _curve_offsets(device: torch.device) -> torch.Tensor:
-    """(3, 1) int32: where each channel's curve pieces start in a row of the tables (made once)."""
-    return torch.arange(0, 3 * KNOTS, KNOTS, device=device, dtype=torch.int32).view(3, 1)
-
-
-def shading_weights(boxes: Sequence[tuple[int, int, int, int, int, int]],
-                    like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For boxes (full_h, full_w, y0, x0, h, w), each the (h, w) part at (y0, x0) of a (full_h,
-    full_w) window, the (h, GRID) and (w, GRID) weights that spread the shading grid bilinearly over
-    the window (corners aligned); all boxes in a few passes, since per box these dozen tiny
-    operations cost more than multiplying the box's pixels."""
-    lengths = [n for box in boxes for n in box[4:]]
-    starts = [start for box in boxes for start in box[2:4]]
-    scales = [(GRID - 1) / max(full - 1, 1) for box in boxes for full in box[:2]]
-    offsets = [0] + list(itertools.accumulate(lengths))[:-1]
-    count = torch.tensor(lengths, device=like.device)
-
-    def per_position(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, device=like.device, dtype=like.dtype).repeat_interleave(count)
-
-    pos = torch.arange(sum(lengths), device=like.device, dtype=like.dtype)
-    pos = pos.add_(per_position([s - o for s, o in zip(starts, offsets)])).mul_(per_position(scales))
-    parts = _lerp_weights(pos).split(lengths)
-    return list(zip(parts[0::2], parts[1::2]))
-
-
-def _shade(grid: torch.Tensor, full_h: int, full_w: int, y0: int, x0: int, h: int, w: int) -> torch.Tensor:
-    """(h, w) multiplicative shading: the (GRID, GRID) log grid spread over a (full_h, full_w) window
-    (corners aligned), bilinearly, at its part from (y0, x0), exponentiated."""
-    weights = _lerp_weights(torch.cat([_grid_positions(full_h, y0, h, grid), _grid_positions(full_w, x0, w, grid)]))
-    return (weights[:h] @ grid @ weights[h:].T).exp_()
-
-
-def box_pass(window: torch.Tensor, mask: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor,
-             per_t: torch.Tensor, intercept: torch.Tensor, grid: torch.Tensor,
-             full_h: int, full_w: int, y0: int, x0: int, hi: float) -> torch.Tensor:
-    """:func:`apply_tables` (one segment's rows of the tables, unpacked) written for ``torch.compile``
-    to fuse into one loop over the box: curves in their hinge form (no gathers) and the (h, w)
-    ``mask`` given as uint8 0/1 and applied by arithmetic (bool loads do not vectorise on CPU). Returns
-    the box's new pixels in ``window``'s dtype, clamped to [0, hi] (rounded for uint8)."""
-    h, w = window.shape[-2:]
-    shade = _shade(grid, full_h, full_w, y0, x0, h, w)
-    px = window.float()
-    t = (matrix[:, 0, None, None] * px[0] + matrix[:, 1, None, None] * px[1] + matrix[:, 2, None, None] * px[2]
-         + bias[:, None, None])
-    # piece k of a continuous piecewise-linear curve adds (slope_k - slope_k-1) * max(t - k, 0)
-    curve = intercept[:, 0, None, None] + per_t[:, 0, None, None] * t
-    for k in range(1, KNOTS):
-        curve = curve + (per_t[:, k, None, None] - per_t[:, k - 1, None, None]) * (t - k).clamp(min=0)
-    out = (curve * shade).clamp(0, hi)
-    if window.dtype == torch.uint8:
-        out = out.round()
-    return (px + (out - px) * mask.float()).to(window.dtype)
 
 
 def _grid_positions(full: int, start: int, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -177,7 +78,7 @@ def apply_family_pixels(params: torch.Tensor, rgb: torch.Tensor, sample: torch.T
     ``sample`` (N,) into ``params`` (S, P), and its position ``uv`` (N, 2) = (x, y) in shading-grid
     units (0..GRID-1 across the context window, as ``align_corners=True``). One pass over just the
     pixels that change, whatever their number of segments: the batched path on accelerators."""
-    matrix, bias, per_t, intercept, _ = _tables(params)
+    matrix, bias, per_t, intercept, _ = family_tables(params)
     t = (matrix[sample] * rgb[:, None, :]).sum(-1) + bias[sample, :, 0, 0]  # x * K; not a batched 3x3 matmul
     curve = (sample * 3)[:, None] + torch.arange(3, device=rgb.device)  # (N, 3): which of the S * 3 curves
     piece = curve * KNOTS + t.clamp(0, KNOTS - 1).long()  # truncation = floor here

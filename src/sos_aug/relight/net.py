@@ -16,6 +16,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,19 +24,10 @@ from ..ops import backends
 from ..ops.backends import compile_off, compiled, once_with_fallback, with_fallback
 from ..ops.buffers import same_size_groups
 from ..ops.color import rgb_to_lab
-from ..ops.masks import mask_01, masked_stats, row_owners, stacked_boxes, tight_boxes
+from ..ops.masks import masked_stats, row_owners, stacked_boxes, tight_boxes
 from .batch import to_unit
-from .family import (
-    GRID,
-    KNOTS,
-    N_PARAMS,
-    FamilyTables,
-    apply_family_pixels,
-    apply_tables,
-    box_pass,
-    family_tables,
-    shading_weights,
-)
+from .cpu_kernel import net_coefficients, relight_segments, writable_copy
+from .family import GRID, N_PARAMS, apply_family_pixels
 
 INPUT = 64  # the net sees each context window at INPUT x INPUT
 CONTEXT = 2.0  # the context window is the segment's box grown this much
@@ -48,6 +40,8 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 class RelightNet(nn.Module):
     """Predicts relighting parameters per segment; call it as a relighter on a :class:`RelightBatch`."""
+
+    compiles_cpu_code = True  # its CPU pixel loop (and forward, with compile_cpu): warm_up compiles them
 
     def __init__(self, width: int = 32, compile_cpu: bool = False):
         super().__init__()
@@ -351,85 +345,46 @@ def resized_windows(image: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     return to_unit(torch.cat(crops))
 
 
-def alpha_windows(segs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+def alpha_windows(segs: torch.Tensor, ctx: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Each segment's mask over its context window at INPUT², sampled at each cell's centre (what a
-    bilinear resize thresholded at 0.5, as in training, gives, without resizing the window)."""
+    bilinear resize thresholded at 0.5, as in training, gives, without resizing the window).
+    ``rows``: which masks of ``segs`` the windows ``ctx`` belong to (default: all, in order), so
+    that a subset is sampled without copying it out first."""
     steps = (torch.arange(INPUT, device=segs.device, dtype=ctx.dtype) + 0.5) / INPUT
     size = ctx[:, 2:] - ctx[:, :2]
     h, w = segs.shape[-2:]
     xs = (ctx[:, :1] + steps * size[:, :1]).long().clamp(max=w - 1)  # (S, INPUT)
     ys = (ctx[:, 1:2] + steps * size[:, 1:2]).long().clamp(max=h - 1)
-    s = torch.arange(len(segs), device=segs.device)[:, None, None]
+    s = (torch.arange(len(segs), device=segs.device) if rows is None else rows)[:, None, None]
     if not segs.is_contiguous():
         return segs[s, ys[:, :, None], xs[:, None, :]][:, None].float()
     flat = (s * (h * w) + ys[:, :, None] * w + xs[:, None, :]).view(-1)  # one gather, cheaper than indexing
-    return segs.view(-1).view(torch.uint8).index_select(0, flat).view(len(segs), 1, INPUT, INPUT).float()
+    return segs.view(-1).view(torch.uint8).index_select(0, flat).view(len(s), 1, INPUT, INPUT).float()
 
 
 def relight_windows(net: RelightNet, batch) -> list[torch.Tensor]:
-    """The CPU path, window by window: the net sees each context window at INPUT² as training
-    showed it (:func:`resized_windows`; one forward for the whole batch); the transform runs densely
-    over the segment's box (0-255 scaling
-    folded into its tables for uint8 images) and only the mask's pixels are written back."""
+    """The CPU path: the net sees each context window at INPUT² as training showed it
+    (:func:`resized_windows`; one forward for the whole batch), then each image's segments are relit
+    in one compiled loop over just their mask's pixels (:func:`.cpu_kernel.relight_segments`)."""
 
-    jobs, windows = [], []  # (image, mask index, box, context) per segment with pixels; its input
+    jobs, windows, contexts = [], [], []  # (image, mask index, box) per segment with pixels; its input
     for b, (image, masks) in enumerate(zip(batch.images, batch.masks)):
         if len(masks) == 0:
             continue
         boxes = tight_boxes(masks) if batch.boxes is None else batch.boxes[b].float()
         keep = (boxes[:, 2] > boxes[:, 0]).nonzero().flatten()
         boxes, ctx = boxes[keep], context_boxes(masks, boxes)[keep]
-        windows.append(torch.cat([resized_windows(image, ctx), alpha_windows(masks[keep].bool(), ctx)], 1))
-        jobs += [(b, k, box, window) for k, box, window in zip(keep.tolist(), boxes.int().tolist(), ctx.int().tolist())]
+        windows.append(torch.cat([resized_windows(image, ctx), alpha_windows(masks.bool(), ctx, keep)], 1))
+        contexts.append(ctx)
+        jobs += [(b, k, *box) for k, box in zip(keep.tolist(), boxes.int().tolist())]
     out = list(batch.images)
     if not jobs:
         return out
     net = replica_on(net, out[0].device)
-    params = net.forward(torch.cat(windows))
-    tables = {dtype: family_tables(params, 1 / 255, 255) if dtype == torch.uint8 else family_tables(params)
-              for dtype in {out[j[0]].dtype for j in jobs}}  # 0-255 images get 0-255 tables
-    for b in sorted({j[0] for j in jobs}):
-        out[b] = out[b].clone()
-    weights = shading_weights([(cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0, by1 - by0, bx1 - bx0)
-                               for _, _, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1) in jobs], params)
-    fused = once_with_fallback("cpu:box", _fused_box, relight_box) if net.compile_cpu else None
-    for row, (b, k, (bx0, by0, bx1, by1), (cx0, cy0, cx1, cy1)) in enumerate(jobs):
-        view = out[b][:, by0:by1, bx0:bx1]  # the segment's box; only its mask's pixels change
-        mask = batch.masks[b][k, by0:by1, bx0:bx1]
-        within = (cy1 - cy0, cx1 - cx0, by0 - cy0, bx0 - cx0)
-        small_box = by1 - by0 < 2 or bx1 - bx0 < 2  # size-1 dims would each cost the compiler a new kernel
-        if fused is None or small_box:
-            relight_box(tables[view.dtype], row, view, within, mask, weights[row])
-        else:
-            fused(tables[view.dtype], row, view, within, mask)
+    coeffs = net_coefficients(net.forward(torch.cat(windows)), torch.cat(contexts))
+    table = np.array(jobs, dtype=np.int64)
+    for b in np.unique(table[:, 0]).tolist():
+        rows = table[:, 0] == b
+        out[b] = writable_copy(out[b])
+        relight_segments(out[b], batch.masks[b].bool(), np.ascontiguousarray(table[rows, 1:]), coeffs[rows])
     return out
-
-
-def relight_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
-                 mask: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """A segment's box relit eagerly (:func:`apply_tables`), in place: only ``mask``'s pixels change.
-    The box is worked on planar (apply_tables' layout): a channels-last image's box is copied out
-    and back, cheaper than blending into its interleaved pixels."""
-    box = view.contiguous()
-    relit = apply_tables(tables, row, box, within, weights)
-    if box.dtype == torch.uint8:
-        # rounded values through int32 (torch's float -> uint8 conversion is slower), blended in
-        # uint8: box + (new - box) * mask is exact even though the difference wraps modulo 256
-        new = relit.clamp_(0, 255).round_().int().to(torch.uint8)
-        box.add_(new.sub_(box).mul_(mask))
-    else:  # blended by arithmetic (finite after the clamp): cheaper than torch.where here
-        box = relit.clamp_(0, 1).sub_(box).mul_(mask).add_(box)
-    if box.data_ptr() != view.data_ptr():
-        view.copy_(box)
-
-
-def _fused_box(tables: FamilyTables, row: int, view: torch.Tensor, within: tuple[int, int, int, int],
-               mask: torch.Tensor) -> None:
-    """:func:`relight_box` through the compiled :func:`~.family.box_pass` (one fused loop per box)."""
-    # contiguous inputs (cheap copies of the box): the fused loop vectorises along rows, and one layout
-    # keeps the compiler from specialising on strides (channels-last images come from torchvision's
-    # uint8 resize; a box that spans the image makes row strides equal widths)
-    hi = 255.0 if view.dtype == torch.uint8 else 1.0
-    view.copy_(compiled("box_pass", box_pass)(view.contiguous(), mask_01(mask), tables.matrix[row],
-                                          tables.bias[row].view(3), tables.per_t[row].view(3, KNOTS),
-                                          tables.intercept[row].view(3, KNOTS), tables.grid[row], *within, hi))
