@@ -10,12 +10,14 @@ import torch
 from sos_aug.relight import LabBlend, ReinhardTransfer, RelightBatch
 
 
+@pytest.mark.parametrize("ab", ["plain", "relit"])
 @pytest.mark.parametrize("as_uint8", [False, True])
-def test_lab_blend_pixel_path_equals_its_window_path(pasted, as_uint8):
-    """LabBlend's accelerator path (all pasted pixels of a batch at once, elementwise Lab) against
-    its CPU path (Lab by matrix products): float within 1e-4, uint8 within one level."""
+def test_lab_blend_pixel_path_equals_its_window_path(pasted, as_uint8, ab):
+    """LabBlend's accelerator path (all pasted pixels of a batch at once, torch's Lab) against its
+    CPU path (compiled loops, powers written out): float within 1e-4, uint8 within one level, with
+    a/b from either side."""
     batch = pasted[0]
-    blend = LabBlend()
+    blend = LabBlend(ab=ab)
     g = torch.Generator().manual_seed(0)
     for image, masks in zip(batch.images, batch.masks):
         relit = (image * 0.8 + 0.1 * torch.rand(image.shape, generator=g)).clamp(0, 1)  # something to blend toward
@@ -83,7 +85,8 @@ def test_reinhard_pixel_path_equals_its_window_path(pasted, as_uint8):
 def test_classical_cpu_paths_read_and_write_channels_last_images(pasted, relighter):
     """The classical CPU paths gather and write pixels straight in the images' memory: channels-last
     uint8 images (what torchvision's uint8 resize returns) come out exactly as planar ones do, and
-    stay channels-last; given the masks' tight boxes (as CopyPaste passes them), the same again."""
+    stay channels-last; composites and plain images in different layouts, and given the masks'
+    tight boxes (as CopyPaste passes them), the same again."""
     batch = pasted[0]
     plain = [(im * 255).round().to(torch.uint8) for im in batch.images]
     relit = [(im.float() * 0.8).to(torch.uint8) for im in plain]  # the composite differs from the plain image
@@ -95,6 +98,8 @@ def test_classical_cpu_paths_read_and_write_channels_last_images(pasted, relight
 
     planar_out = relighter(RelightBatch(relit, plain, batch.masks, relit=True))
     interleaved_out = relighter(RelightBatch(interleaved(relit), interleaved(plain), batch.masks, relit=True))
+    mixed = relighter(RelightBatch(interleaved(relit), plain, batch.masks, relit=True))  # layouts differ
+    assert all(torch.equal(a, b) for a, b in zip(planar_out, mixed))
     with_boxes = relighter(RelightBatch(relit, plain, batch.masks, [tight_boxes(m) for m in batch.masks],
                                         relit=True))
     for a, b, c, before, masks in zip(planar_out, interleaved_out, with_boxes, relit, batch.masks):

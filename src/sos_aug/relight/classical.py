@@ -206,10 +206,14 @@ class LabBlend:
         """The CPU path: each segment's pixels (found in its box) blended in one compiled loop
         (:func:`.cpu_kernel.lab_blend_segments`)."""
         result = writable_copy(relit)
-        segments = [(k, win) for k, win in enumerate(_windows(masks, boxes=boxes)) if win is not None]
+        windows = _windows(masks, boxes=boxes)
+        segments = [(k, win) for k, win in enumerate(windows) if win is not None]
         if not segments:
             return result
-        weights = self.weights(count_pixels(masks))[[k for k, _ in segments]]  # those segments' weights
+        inside = masks.numpy()
+        areas = torch.tensor([0 if win is None else int(np.count_nonzero(inside[k][win]))
+                              for k, win in enumerate(windows)])
+        weights = self.weights(areas)[[k for k, _ in segments]]  # those segments' weights (counted in their boxes)
         jobs = np.array([(k, xs.start, ys.start, xs.stop, ys.stop) for k, (ys, xs) in segments], dtype=np.int64)
         base, other = (relit, plain) if self.ab == "relit" else (plain, relit)
         share = (1 - weights) if self.ab == "relit" else weights  # the share of ``other``'s L

@@ -76,6 +76,17 @@ def _exp2(y):
 
 
 @_inline
+def _cbrt(t):
+    """The cube root of a positive normal float32 (relative error < 5e-7), without a division or a
+    library call: 1 / cbrt(t) guessed from the bits (3% off), three Newton steps, then t / cbrt(t)²."""
+    r = _bits_float(np.int32(np.int32(0x54A23300) - np.int32(np.float32(_float_bits(t)) * np.float32(1 / 3))))
+    third = t * np.float32(1 / 3)
+    for _ in range(3):
+        r = r * (np.float32(4 / 3) - third * (r * r * r))
+    return t * r * r
+
+
+@_inline
 def _decode(c):
     """An sRGB value in [0, 1] as linear light."""
     c = min(max(c, np.float32(0.0)), np.float32(1.0))
@@ -87,7 +98,8 @@ def _decode(c):
 @_inline
 def _encode(lin):
     """Linear light -> sRGB in [0, 1], clipped."""
-    curve = np.float32(1.055) * _exp2(_log2(max(lin, np.float32(0.0031308))) * np.float32(1 / 2.4)) - np.float32(0.055)
+    root = _cbrt(max(lin, np.float32(0.0031308)))
+    curve = np.float32(1.055) * root * np.sqrt(np.sqrt(root)) - np.float32(0.055)  # lin ** (1/3 + 1/12)
     line = lin * np.float32(12.92)
     return min(max(curve if lin > np.float32(0.0031308) else line, np.float32(0.0)), np.float32(1.0))
 
@@ -95,8 +107,7 @@ def _encode(lin):
 @_inline
 def _lab_f(t):
     """Lab's f: the cube root above the knee, the line below it (their minimum, as the torch path)."""
-    root = _exp2(_log2(max(t, np.float32(0.008856))) * np.float32(1 / 3))
-    return min(root, t * np.float32(7.787) + np.float32(4 / 29))
+    return min(_cbrt(max(t, np.float32(0.008856))), t * np.float32(7.787) + np.float32(4 / 29))
 
 
 @_inline

@@ -45,10 +45,10 @@ class RelightNet(nn.Module):
 
     def __init__(self, width: int = 32, compile_cpu: bool = False):
         super().__init__()
-        # CPU path: the forward and each box's relighting compiled by torch.compile (together ~15-20%
-        # less relighting time here), once per process (CopyPasteCollate compiles it in the training
-        # process; forked workers inherit it); accelerators always compile their forward and pixel
-        # pass (in the training process, once)
+        # CPU path: the pixels always go through numba-compiled loops (relight/cpu_kernel.py);
+        # compile_cpu also compiles the forward with torch.compile, once per process
+        # (CopyPasteCollate compiles it in the training process; forked workers inherit it);
+        # accelerators always compile their forward and pixel pass (in the training process, once)
         self.compile_cpu = compile_cpu
         w = width
         self.encoder = nn.Sequential(_block(5, w), _block(w, 2 * w), _block(2 * w, 3 * w), _block(3 * w, 4 * w))
