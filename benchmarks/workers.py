@@ -49,7 +49,8 @@ class TimedRelighter:
 
     def __init__(self, relighter):
         self.relighter, self.ms_per_image = relighter, []
-        self.compiles_cpu_code = getattr(relighter, "compiles_cpu_code", False)  # what CopyPasteCollate's warm-up looks at
+        # what CopyPasteCollate's warm-up looks at
+        self.compiles_cpu_code = getattr(relighter, "compiles_cpu_code", False)
 
     def __call__(self, batch):
         start = time.perf_counter()
