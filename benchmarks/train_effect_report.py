@@ -12,6 +12,11 @@ import numpy as np
 import torch
 
 BASELINES = ("none", "mmdet")
+# effects that one change between two arms isolates: (arm, against, what the difference measures)
+CONTRASTS = (("sos_relight", "stats", "relighting (net + LabBlend), same layout and bank"),
+             ("external", "sos_relight", "segments from outside the labelled images, same recipe"),
+             ("external", "mmdet_external", "the default against mmdet's rule, both pasting the external images"),
+             ("stats", "sos", "DatasetStatsLayout against SOSLayout, no relighting"))
 HEADLINE = ("bbox_AP", "segm_AP", "bbox_AP50", "segm_AP50")
 COLOURS = {"none": "black", "mmdet": "tab:orange", "random": "tab:grey", "sos": "tab:green", "stats": "tab:blue",
            "sos_relight": "tab:purple", "external": "tab:red", "mmdet_external": "tab:brown", "real": "black"}
@@ -50,21 +55,28 @@ def summarize(results: list[dict], aug_keys: dict[str, str], draws: int = 1000, 
             row["test"] = {"file": tests[0]["file"], "seeds": len(tests),
                            **{k: _mean_std([t[k] for t in tests]) for k in ("bbox_AP", "segm_AP")}}
         for base in BASELINES:
-            if arm == base or base not in by_arm:
-                continue
-            common = sorted(set(runs) & set(by_arm[base]))
-            if not common:
-                continue
-            for k in ("bbox_AP", "segm_AP"):
-                diffs = [runs[sd]["metrics"][k] - by_arm[base][sd]["metrics"][k] for sd in common]
-                cell = {"mean": round(float(np.mean(diffs)), 2), "per_seed": [round(d, 2) for d in diffs],
-                        "seeds": len(common)}
-                kind = k.split("_")[0]
-                if aps.get((arm, kind)) is not None and aps.get((base, kind)) is not None:
-                    cell["ci95"] = _paired_interval(aps[(arm, kind)], aps[(base, kind)], common, rng)
-                row[f"{k}_vs_{base}"] = cell
+            if arm != base and base in by_arm:
+                row.update(_differences(arm, base, by_arm, aps, rng))
         summary[arm] = row
-    return {"arms": summary, "left_out": left_out, "bootstrap_draws": draws}
+    contrasts = [{"arm": arm, "against": base, "measures": what, **_differences(arm, base, by_arm, aps, rng)}
+                 for arm, base, what in CONTRASTS if arm in by_arm and base in by_arm]
+    return {"arms": summary, "contrasts": contrasts, "left_out": left_out, "bootstrap_draws": draws}
+
+
+def _differences(arm: str, base: str, by_arm: dict, aps: dict, rng: np.random.Generator) -> dict:
+    """``arm`` minus ``base`` in box and mask AP over the seeds both finished: mean, per seed, and
+    the 95% interval of the joint bootstrap (where both kept their match records)."""
+    common = sorted(set(by_arm[arm]) & set(by_arm[base]))
+    out = {}
+    for k in ("bbox_AP", "segm_AP") if common else ():
+        diffs = [by_arm[arm][sd]["metrics"][k] - by_arm[base][sd]["metrics"][k] for sd in common]
+        cell = {"mean": round(float(np.mean(diffs)), 2), "per_seed": [round(d, 2) for d in diffs],
+                "seeds": len(common)}
+        kind = k.split("_")[0]
+        if aps.get((arm, kind)) is not None and aps.get((base, kind)) is not None:
+            cell["ci95"] = _paired_interval(aps[(arm, kind)], aps[(base, kind)], common, rng)
+        out[f"{k}_vs_{base}"] = cell
+    return out
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -136,6 +148,12 @@ def markdown_table(summary: dict, order: tuple[str, ...] | None = None) -> str:
                      f"{diff(r.get('segm_AP_vs_none'))} | {diff(r.get('segm_AP_vs_mmdet'))} | "
                      f"{diff(r.get('bbox_AP_vs_none'))} | {diff(r.get('bbox_AP_vs_mmdet'))} | "
                      f"{r['pasted_per_pasted_image'] or '-'} | {r['minutes_per_run']} |")
+    if summary.get("contrasts"):
+        lines += ["", "| effect | arm - against | seeds | mask AP [95%] | box AP [95%] |", "|---|---|---:|---:|---:|"]
+        for c in summary["contrasts"]:
+            mask, box = c.get(f"segm_AP_vs_{c['against']}"), c.get(f"bbox_AP_vs_{c['against']}")
+            seeds = mask["seeds"] if mask else 0
+            lines.append(f"| {c['measures']} | {c['arm']} - {c['against']} | {seeds} | {diff(mask)} | {diff(box)} |")
     return "\n".join(lines)
 
 

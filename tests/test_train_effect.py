@@ -116,7 +116,10 @@ def test_every_arm_trains_and_a_rerun_skips_finished_runs(tmp_path, coco_mini, t
     assert "segm_AP_vs_mmdet" in summary["arms"]["stats"] and not summary["left_out"]
     assert json.loads(json.dumps(summary)) == summary
     table = report.markdown_table(summary).splitlines()
-    assert len(table) == 2 + len(te.ARMS) and table[2].startswith("| none | 1 |")
+    assert len(table) == 2 + len(te.ARMS) + 3 + len(report.CONTRASTS) and table[2].startswith("| none | 1 |")
+    assert [(c["arm"], c["against"]) for c in summary["contrasts"]] == [c[:2] for c in report.CONTRASTS]
+    assert all(f"segm_AP_vs_{c['against']}" in c for c in summary["contrasts"])
+    assert table[-1].startswith(f"| {report.CONTRASTS[-1][2]} | stats - sos | 1 |")
     assert before.keys() == {p for p in results_dir.glob("*.json")}
     # another augmentation for one arm: its old run is left out of the summary, and said to be
     other = te.Augment(**{**aug.__dict__, "pastes": (1, 1)})
