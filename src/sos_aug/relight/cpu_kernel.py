@@ -3,8 +3,9 @@ and LabBlend, segment by segment.
 
 Eager torch runs each as ~20-40 passes over a segment's pixels, each a full read and write of
 arrays larger than the cache. Here a segment's pixels are listed and read once (uint8 linearised
-by lookup), transformed in one loop that LLVM vectorises (powers and exponentials from exp2/log2
-written out, curves in hinge form, no gathers or array loads in it), and written back once, in
+by lookup), transformed in one loop that LLVM vectorises (cube roots by Newton steps, other powers
+and exponentials from exp2/log2, all written out; curves in hinge form; no gathers, calls or array
+loads in it), and written back once, in
 either memory layout of the image: channels-last (torchvision's uint8 resize returns those) or
 planar. Same arithmetic as the torch paths (:func:`.family.apply_family`,
 :func:`.classical.blend_lightness`) in float32; rounded uint8 pixels agree within one level.
@@ -112,6 +113,7 @@ def _lab_f(t):
 
 @_inline
 def _lab_f_inverse(f):
+    """The inverse of :func:`_lab_f`: the cube above the knee, the line below it."""
     cube = f * f * f
     line = (f - np.float32(4 / 29)) * np.float32(1 / 7.787)
     return cube if f > np.float32(0.2068966) else line
