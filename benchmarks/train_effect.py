@@ -694,7 +694,9 @@ def main(argv: list[str] | None = None) -> dict:
         results_dir.mkdir(parents=True, exist_ok=True)
         report.plot_curves([r for r in results if r.get("aug_key") == aug.key(r["arm"])], results_dir / "curves.png")
     text = json.dumps(summary, indent=1)
-    print(report.markdown_table(summary) if args.markdown else text)
+    tables = (report.markdown_table(summary) + "\n\nMask AP per class (mean over seeds):\n\n"
+              + report.per_class_table(summary))
+    print(tables if args.markdown else text)
     if args.json:
         Path(args.json).write_text(text)
     return summary
