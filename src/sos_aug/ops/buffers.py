@@ -34,6 +34,12 @@ def consecutive_base(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_subclass(torch.Tensor).as_strided((total,), (1,))
 
 
+def channels_last(image: torch.Tensor) -> bool:
+    """Whether a (3, H, W) image is channels-last (interleaved) in memory: torchvision's uint8
+    resize returns those; CPU relighting reads and writes either layout in place."""
+    return image.stride() == (1, 3 * image.shape[2], 3)
+
+
 def same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of images that can be stacked into one batch: same shape, dtype and device."""
     groups: dict[tuple, list[int]] = {}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..ops import backends
+from ..ops.buffers import channels_last
 from ..ops.color import cube_root_knee, encode_srgb, lab_matrices, lab_to_rgb, linear_rgb, rgb_to_lab
 from ..ops.masks import count_pixels, row_owners, stacked_boxes, tight_boxes
 from .batch import RelightBatch, Relighter, by_device, relight_one, to_unit
@@ -145,15 +146,10 @@ def _pixel_index(mask_window: torch.Tensor, win: tuple[slice, slice], width: int
     return (ys + win[0].start) * width + xs + win[1].start
 
 
-def _interleaved(image: torch.Tensor) -> bool:
-    """Whether a (3, H, W) image is channels-last in memory (torchvision's uint8 resize returns those)."""
-    return image.stride() == (1, 3 * image.shape[2], 3)
-
-
 def _get_pixels(image: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(3, n) values of pixels ``idx`` (flat y * W + x) of a (3, H, W) image, planar or channels-last,
     gathered straight from its memory (no copy of a window first)."""
-    if _interleaved(image):
+    if channels_last(image):
         return image.permute(1, 2, 0).reshape(-1, 3).index_select(0, idx).T
     # planar: one gather over the three channel rows (cheaper than index_select along dim 1)
     return image.reshape(3, -1).gather(1, idx.expand(3, -1))
@@ -164,7 +160,7 @@ def _put_pixels(image: torch.Tensor, idx: torch.Tensor, rgb: torch.Tensor) -> No
     if image.dtype == torch.uint8:
         rgb = (rgb * 255).round_().clamp_(0, 255)
     rgb = rgb.to(image.dtype)
-    if _interleaved(image):
+    if channels_last(image):
         image.permute(1, 2, 0).view(-1, 3).index_copy_(0, idx, rgb.T)
     else:  # one scatter over the three channel rows (cheaper than index_copy_ along dim 1)
         image.view(3, -1).scatter_(1, idx.expand(3, -1), rgb)

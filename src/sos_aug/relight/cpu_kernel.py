@@ -20,6 +20,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
+from ..ops.buffers import channels_last
 from ..ops.color import lab_matrices, srgb_table
 from .family import GRID, KNOTS, family_tables
 
@@ -302,19 +303,17 @@ def _blend_all(base, new, n, w, m):
 def _flat(image: torch.Tensor) -> tuple[np.ndarray, int, int]:
     """A (3, H, W) CPU image's memory as a flat NumPy view, with its pixel and channel strides:
     channels-last (3, 1) or planar (1, H * W); other layouts are an error (callers clone into one)."""
-    _, h, w = image.shape
-    if image.stride() == (1, 3 * w, 3):
+    if channels_last(image):
         return image.permute(1, 2, 0).reshape(-1).numpy(), 3, 1
     if image.is_contiguous():
-        return image.reshape(-1).numpy(), 1, h * w
+        return image.reshape(-1).numpy(), 1, image.shape[1] * image.shape[2]
     raise ValueError(f"image strides {image.stride()}: neither channels-last nor planar")
 
 
 def writable_copy(image: torch.Tensor) -> torch.Tensor:
     """A copy of a (3, H, W) image that :func:`_flat` reads: its own layout if that is channels-last
     or planar, else planar."""
-    keeps = image.is_contiguous() or image.stride() == (1, 3 * image.shape[2], 3)
-    return image.clone() if keeps else image.contiguous().clone()
+    return image.clone() if image.is_contiguous() or channels_last(image) else image.contiguous()
 
 
 def net_coefficients(params: torch.Tensor, ctx: torch.Tensor) -> np.ndarray:
